@@ -1,0 +1,5 @@
+import sys
+
+from embedpipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,234 @@
+"""The ``embedpipe`` command: one subcommand per stage, plus run/compile for pipelines.
+
+Every stage flag overrides the same key of the ``--config`` TOML file; a flag
+left out keeps the file's value (or the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from embedpipe import __version__
+from embedpipe.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("embedpipe")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # --flag-name
+    key: str  # section.key in the config file
+    type: Callable[[str], Any] | None
+    help: str
+
+
+def _bool_flag(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
+INGEST_FLAGS = (
+    Flag("--rows-per-shard", "ingest.rows_per_shard", int, "images per Parquet shard"),
+    Flag("--row-group-rows", "ingest.row_group_rows", int, "images per Parquet row group"),
+    Flag("--workers", "ingest.workers", int, "decoding processes (0: one per core)"),
+    Flag("--strip-components", "ingest.strip_components", int, "leading path parts to drop"),
+)
+CATALOG_FLAGS = (
+    Flag("--num-train", "catalog.num_train", int, "exact train images per concept"),
+    Flag("--train-fraction", "catalog.train_fraction", float, "train share per concept (0.2)"),
+    Flag("--seed", "catalog.seed", int, "seed of the per-concept shuffles (42)"),
+    Flag("--relative", "catalog.relative", None, "JSON paths relative to the source root"),
+)
+SPLIT_FLAGS = (
+    Flag("--concept-frac", "split.concept_frac", float, "share of concepts for training (0.65)"),
+    Flag(
+        "--min-concepts-threshold",
+        "split.min_concepts_threshold",
+        int,
+        "split only categories with at least this many concepts (3)",
+    ),
+    Flag(
+        "--test-sample-frac",
+        "split.test_sample_frac",
+        float,
+        "share of a training concept's test images moved to training (1.0)",
+    ),
+    Flag("--max-test-images", "split.max_test_images", int, "cap on those images (200)"),
+    Flag("--seed", "split.seed", int, "seed of the concept selection (23)"),
+)
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config; flags override it")
+    for flag in flags:
+        dest = flag.key.replace(".", "__")
+        if flag.type is None:
+            parser.add_argument(flag.name, dest=dest, action="store_const", const=True,
+                                help=flag.help)
+        else:
+            parser.add_argument(flag.name, dest=dest, type=flag.type, help=flag.help)
+
+
+def _settings(args: argparse.Namespace, flags: Sequence[Flag] = ()) -> Settings:
+    overrides = {flag.key: getattr(args, flag.key.replace(".", "__")) for flag in flags}
+    return load_settings(args.config, overrides)
+
+
+def _print_result(result: Any) -> None:
+    print(json.dumps(asdict(result), indent=2, sort_keys=True))
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from embedpipe.ingest import ingest_images
+
+    settings = _settings(args, INGEST_FLAGS)
+    _print_result(ingest_images(args.sources, args.out, settings.ingest))
+
+
+def cmd_catalog(args: argparse.Namespace) -> None:
+    from embedpipe.catalog import build_catalog
+
+    settings = _settings(args, CATALOG_FLAGS)
+    _print_result(build_catalog(args.images, args.out, settings.catalog))
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    from embedpipe.splits import create_concept_splits
+
+    settings = _settings(args, SPLIT_FLAGS)
+    _print_result(create_concept_splits(args.catalog, args.out, settings.split))
+
+
+def cmd_demo_data(args: argparse.Namespace) -> None:
+    from embedpipe.demo_data import DemoSpec, generate_demo_dataset
+
+    spec = DemoSpec(
+        categories=args.categories,
+        concepts=args.concepts,
+        images=args.images,
+        size=args.size,
+        seed=args.seed,
+    )
+    manifest = generate_demo_dataset(args.out, spec)
+    print(f"wrote {manifest['files']} files to {args.out} "
+          f"({len(manifest['exact_duplicates'])} exact and "
+          f"{len(manifest['near_duplicates'])} near duplicates, "
+          f"{len(manifest['corrupt'])} corrupt files planted)")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from embedpipe.pipelines.local import run_locally
+
+    settings = _settings(args)
+    outputs = run_locally(args.pipeline, settings)
+    print(f"pipeline {args.pipeline} succeeded; outputs:")
+    for name, uri in outputs.items():
+        print(f"  {name}: {uri}")
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from embedpipe.pipelines.compile import compile_pipelines
+
+    settings = _settings(args)
+    for path in compile_pipelines(settings, args.out or settings.global_.build_dir):
+        print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from embedpipe.pipelines import PIPELINE_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog="embedpipe",
+        description="Turn folders, tar archives or s3:// prefixes of images into catalogs, "
+        "splits and (in later stages) trained embedding models, as Kubeflow pipelines.",
+    )
+    parser.add_argument("--version", action="version", version=f"embedpipe {__version__}")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ingest = commands.add_parser(
+        "ingest",
+        help="images (folders, tar archives, s3:// prefixes) -> Parquet image shards",
+        description="Read images laid out <category>/<concept>/<image> or "
+        "<split>/<category>/<concept>/<image> and write Parquet shards. Unreadable "
+        "images are listed in rejected.parquet and skipped.",
+    )
+    ingest.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="folder, .tar/.tar.gz archive or s3://bucket/prefix")
+    ingest.add_argument("--out", required=True, metavar="URI", help="output dataset folder")
+    _add_flags(ingest, INGEST_FLAGS)
+    ingest.set_defaults(handler=cmd_ingest)
+
+    catalog = commands.add_parser(
+        "catalog",
+        help="image shards -> train/test catalog (Parquet + PerVA JSON)",
+        description="Keep explicit train/test folders, or split each concept with "
+        "--num-train (exact) or --train-fraction, seeded.",
+    )
+    catalog.add_argument("images", metavar="IMAGES", help="dataset written by `ingest`")
+    catalog.add_argument("--out", required=True, metavar="URI", help="output catalog folder")
+    _add_flags(catalog, CATALOG_FLAGS)
+    catalog.set_defaults(handler=cmd_catalog)
+
+    split = commands.add_parser(
+        "split",
+        help="catalog -> concept-level train/val splits",
+        description="Hold out whole concepts for validation, per category, seeded.",
+    )
+    split.add_argument("catalog", metavar="CATALOG", help="dataset written by `catalog`")
+    split.add_argument("--out", required=True, metavar="URI", help="output splits folder")
+    _add_flags(split, SPLIT_FLAGS)
+    split.set_defaults(handler=cmd_split)
+
+    demo = commands.add_parser(
+        "demo-data",
+        help="generate a small deterministic dataset with planted duplicates and corrupt files",
+    )
+    demo.add_argument("out", metavar="OUT", help="output folder (or s3:// prefix)")
+    demo.add_argument("--categories", type=int, default=4, help="shape families (4)")
+    demo.add_argument("--concepts", type=int, default=5, help="objects per category (5)")
+    demo.add_argument("--images", type=int, default=20, help="views per object (20)")
+    demo.add_argument("--size", type=int, default=128, help="image side in pixels (128)")
+    demo.add_argument("--seed", type=int, default=0, help="generator seed (0)")
+    demo.set_defaults(handler=cmd_demo_data)
+
+    run = commands.add_parser(
+        "run",
+        help="run a pipeline on this machine through kfp.local",
+        description="Runs the real KFP pipeline with kfp.local's SubprocessRunner; "
+        "artifacts go under [global].pipeline_root.",
+    )
+    run.add_argument("pipeline", choices=PIPELINE_NAMES)
+    run.add_argument("--config", metavar="FILE", required=True, help="TOML config")
+    run.set_defaults(handler=cmd_run)
+
+    compile_ = commands.add_parser("compile", help="compile every pipeline to IR YAML")
+    compile_.add_argument("--config", metavar="FILE", help="TOML config (images, defaults)")
+    compile_.add_argument("--out", metavar="DIR", help="output folder ([global].build_dir)")
+    compile_.set_defaults(handler=cmd_compile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.handler(args)
+    except ConfigError as error:
+        print(f"embedpipe: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        log.debug("failed", exc_info=True)
+        print(f"embedpipe {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

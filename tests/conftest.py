@@ -1,0 +1,121 @@
+"""Shared fixtures: real generated images, real tar archives, a real S3 endpoint on loopback."""
+
+import io
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from embedpipe import storage
+from embedpipe.config import CatalogSettings, IngestSettings, SplitSettings
+from embedpipe.demo_data import DemoSpec, generate_demo_dataset
+
+
+def jpeg_bytes(colour=(200, 30, 30), size=(40, 30), quality=90) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def png_bytes(colour=(30, 200, 30), size=(24, 36)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for relative, data in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def flat_tree(root: Path, categories=2, concepts=3, images=6) -> Path:
+    """<category>/<concept>/<image>, every image distinct."""
+    files = {}
+    for c in range(categories):
+        for k in range(concepts):
+            for i in range(images):
+                colour = (40 * c + 10, 30 * k + 20, 9 * i + 5)
+                files[f"cat{c}/concept{k}/img{i:02d}.jpg"] = jpeg_bytes(colour)
+    return write_tree(root, files)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo") / "data"
+    generate_demo_dataset(str(root), DemoSpec())
+    return root
+
+
+@pytest.fixture
+def one_worker() -> IngestSettings:
+    return IngestSettings(workers=1)
+
+
+@pytest.fixture(scope="session")
+def demo_images(demo_dir, tmp_path_factory) -> str:
+    from embedpipe.ingest import ingest_images
+
+    out = tmp_path_factory.mktemp("demo-images") / "images"
+    ingest_images([str(demo_dir)], str(out), IngestSettings(workers=1))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def demo_catalog(demo_images, tmp_path_factory) -> str:
+    from embedpipe.catalog import build_catalog
+
+    out = tmp_path_factory.mktemp("demo-catalog") / "catalog"
+    build_catalog(demo_images, str(out), CatalogSettings())
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def default_split_settings() -> SplitSettings:
+    return SplitSettings()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real HTTP S3 endpoint (moto) on 127.0.0.1, and the AWS variables pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                                             "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(
+        AWS_ENDPOINT_URL_S3=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint) -> str:
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    return name
+
+
+def upload_tree(root: Path, bucket: str, prefix: str) -> str:
+    client = storage.s3_client()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(root).as_posix()}"
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+    return f"s3://{bucket}/{prefix}"
