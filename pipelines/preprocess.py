@@ -16,7 +16,11 @@ def build_pipeline(settings: Settings):
     """The pipeline, with every stage default taken from ``settings`` explicitly."""
     parts = build_components(settings.images.data_image)
     ingest_cfg, catalog_cfg, split_cfg = settings.ingest, settings.catalog, settings.split
-    outputs = NamedTuple("Outputs", images=Dataset, catalog=Dataset, splits=Dataset)
+
+    class Outputs(NamedTuple):
+        images: Dataset
+        catalog: Dataset
+        splits: Dataset
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Images -> Parquet shards -> catalog -> splits")
     def preprocess(
@@ -35,7 +39,7 @@ def build_pipeline(settings: Settings):
         test_sample_frac: float = split_cfg.test_sample_frac,
         max_test_images: int = split_cfg.max_test_images,
         split_seed: int = split_cfg.seed,
-    ) -> outputs:
+    ) -> Outputs:
         ingest_task = parts.ingest(
             sources=sources,
             rows_per_shard=rows_per_shard,
@@ -61,7 +65,7 @@ def build_pipeline(settings: Settings):
             max_test_images=max_test_images,
             seed=split_seed,
         )
-        return outputs(
+        return Outputs(
             images=ingest_task.outputs["images"],
             catalog=catalog_task.outputs["catalog"],
             splits=split_task.outputs["splits"],

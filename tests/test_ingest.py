@@ -34,9 +34,11 @@ def make_tar(path: Path, members: dict[str, bytes], mode="w") -> Path:
 
 
 def test_flat_folder_rows_follow_the_data_contract(tmp_path, one_worker):
-    files = {"mugs/red_mug/a.jpg": jpeg_bytes((200, 0, 0), (40, 30)),
-             "mugs/red_mug/b.png": png_bytes((0, 200, 0), (24, 36)),
-             "mugs/blue_mug/c.JPG": jpeg_bytes((0, 0, 200), (50, 20))}
+    files = {
+        "mugs/red_mug/a.jpg": jpeg_bytes((200, 0, 0), (40, 30)),
+        "mugs/red_mug/b.png": png_bytes((0, 200, 0), (24, 36)),
+        "mugs/blue_mug/c.JPG": jpeg_bytes((0, 0, 200), (50, 20)),
+    }
     root = write_tree(tmp_path / "src", files)
     result = ingest_images([str(root)], str(tmp_path / "out"), one_worker)
     table = datasets.read_table(str(tmp_path / "out"), "images")
@@ -49,8 +51,10 @@ def test_flat_folder_rows_follow_the_data_contract(tmp_path, one_worker):
         assert row["image_id"] == hashlib.sha256(data).hexdigest()
         assert (row["category"], row["concept"]) == tuple(relative.split("/")[:2])
         assert row["split"] is None
-    assert (by_source[str(root / "mugs/blue_mug/c.JPG")]["width"],
-            by_source[str(root / "mugs/blue_mug/c.JPG")]["height"]) == (50, 20)
+    assert (
+        by_source[str(root / "mugs/blue_mug/c.JPG")]["width"],
+        by_source[str(root / "mugs/blue_mug/c.JPG")]["height"],
+    ) == (50, 20)
 
 
 def test_demo_dataset_corrupt_files_are_reported_not_fatal(demo_dir, tmp_path, one_worker):
@@ -107,8 +111,7 @@ def test_rewrite_removes_stale_shards(demo_dir, tmp_path, one_worker):
 @pytest.mark.parametrize("mode,suffix", [("w", ".tar"), ("w:gz", ".tar.gz")])
 def test_tar_archives_give_the_same_images_as_the_folder(tmp_path, one_worker, mode, suffix):
     root = flat_tree(tmp_path / "src")
-    members = {p.relative_to(root).as_posix(): p.read_bytes()
-               for p in sorted(root.rglob("*.jpg"))}
+    members = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.jpg"))}
     archive = make_tar(tmp_path / f"images{suffix}", members, mode)
     from_dir = ingest_images([str(root)], str(tmp_path / "dir"), one_worker)
     from_tar = ingest_images([str(archive)], str(tmp_path / "tar"), one_worker)
@@ -144,8 +147,7 @@ def test_unsafe_tar_members_are_rejected_and_never_written(tmp_path, one_worker)
 
 
 def test_truncated_archive_keeps_what_was_read(tmp_path, one_worker):
-    members = {f"cat/concept/{i:02d}.jpg": jpeg_bytes((i * 20, 0, 0), (64, 64))
-               for i in range(10)}
+    members = {f"cat/concept/{i:02d}.jpg": jpeg_bytes((i * 20, 0, 0), (64, 64)) for i in range(10)}
     archive = make_tar(tmp_path / "full.tar", members)
     data = archive.read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
@@ -179,8 +181,9 @@ def test_tar_archive_on_s3_is_streamed(tmp_path, bucket, one_worker):
 
 
 def test_image_without_a_concept_folder_is_a_layout_error_naming_it(tmp_path, one_worker):
-    root = write_tree(tmp_path / "src", {"cat/concept/a.jpg": jpeg_bytes(),
-                                         "cat/loose.jpg": jpeg_bytes()})
+    root = write_tree(
+        tmp_path / "src", {"cat/concept/a.jpg": jpeg_bytes(), "cat/loose.jpg": jpeg_bytes()}
+    )
     with pytest.raises(LayoutError, match=r"cat/loose\.jpg: image is not in the expected"):
         ingest_images([str(root)], str(tmp_path / "out"), one_worker)
 

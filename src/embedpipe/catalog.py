@@ -91,8 +91,10 @@ def build_catalog(images_uri: str, out_uri: str, config: CatalogSettings) -> Cat
     sources, splits = columns["source"], columns["split"]
     with_split = sum(split is not None for split in splits)
     if 0 < with_split < len(splits):
-        example_with = next(s for s, split in zip(sources, splits) if split is not None)
-        example_without = next(s for s, split in zip(sources, splits) if split is None)
+        example_with = next(
+            s for s, split in zip(sources, splits, strict=True) if split is not None
+        )
+        example_without = next(s for s, split in zip(sources, splits, strict=True) if split is None)
         raise CatalogError(
             f"{images_uri}: mixed layouts: {with_split} images sit in split folders "
             f"(e.g. {example_with}) and {len(splits) - with_split} do not "
@@ -102,7 +104,7 @@ def build_catalog(images_uri: str, out_uri: str, config: CatalogSettings) -> Cat
     train_name = manifest.get("split_dirnames", ["train"])[0]
 
     groups: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
-    for index, key in enumerate(zip(columns["category"], columns["concept"])):
+    for index, key in enumerate(zip(columns["category"], columns["concept"], strict=True)):
         groups[key].append(index)
     assigned: dict[int, str] = {}
     for key, indices in groups.items():
@@ -152,8 +154,13 @@ def build_catalog(images_uri: str, out_uri: str, config: CatalogSettings) -> Cat
 def perva_layout(catalog: pa.Table, splits: tuple[str, ...] = ("train", "test")) -> dict:
     """``{category: {concept: {"train": [paths], "test": [paths]}}}`` from catalog rows."""
     layout: dict = {}
-    rows = zip(*(catalog.column(name).to_pylist() for name in ("category", "concept", "split")))
-    for path, (category, concept, split) in zip(catalog.column("path").to_pylist(), rows):
+    rows = zip(
+        *(catalog.column(name).to_pylist() for name in ("category", "concept", "split")),
+        strict=True,
+    )
+    for path, (category, concept, split) in zip(
+        catalog.column("path").to_pylist(), rows, strict=True
+    ):
         entry = layout.setdefault(category, {}).setdefault(concept, {s: [] for s in splits})
         if split in entry:
             entry[split].append(path)

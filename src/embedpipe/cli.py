@@ -68,8 +68,9 @@ def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
     for flag in flags:
         dest = flag.key.replace(".", "__")
         if flag.type is None:
-            parser.add_argument(flag.name, dest=dest, action="store_const", const=True,
-                                help=flag.help)
+            parser.add_argument(
+                flag.name, dest=dest, action="store_const", const=True, help=flag.help
+            )
         else:
             parser.add_argument(flag.name, dest=dest, type=flag.type, help=flag.help)
 
@@ -115,10 +116,12 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     manifest = generate_demo_dataset(args.out, spec)
-    print(f"wrote {manifest['files']} files to {args.out} "
-          f"({len(manifest['exact_duplicates'])} exact and "
-          f"{len(manifest['near_duplicates'])} near duplicates, "
-          f"{len(manifest['corrupt'])} corrupt files planted)")
+    print(
+        f"wrote {manifest['files']} files to {args.out} "
+        f"({len(manifest['exact_duplicates'])} exact and "
+        f"{len(manifest['near_duplicates'])} near duplicates, "
+        f"{len(manifest['corrupt'])} corrupt files planted)"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -148,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         "splits and (in later stages) trained embedding models, as Kubeflow pipelines.",
     )
     parser.add_argument("--version", action="version", version=f"embedpipe {__version__}")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ingest = commands.add_parser(
@@ -159,8 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "<split>/<category>/<concept>/<image> and write Parquet shards. Unreadable "
         "images are listed in rejected.parquet and skipped.",
     )
-    ingest.add_argument("sources", nargs="+", metavar="SOURCE",
-                        help="folder, .tar/.tar.gz archive or s3://bucket/prefix")
+    ingest.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="folder, .tar/.tar.gz archive or s3://bucket/prefix",
+    )
     ingest.add_argument("--out", required=True, metavar="URI", help="output dataset folder")
     _add_flags(ingest, INGEST_FLAGS)
     ingest.set_defaults(handler=cmd_ingest)
@@ -217,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         args.handler(args)
     except ConfigError as error:

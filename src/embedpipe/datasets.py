@@ -41,9 +41,7 @@ def _file_sha256(path: str) -> str:
 
 
 def _compression_for(schema: pa.Schema) -> dict[str, str]:
-    return {
-        name: ("none" if name in NO_COMPRESSION_COLUMNS else "zstd") for name in schema.names
-    }
+    return {name: ("none" if name in NO_COMPRESSION_COLUMNS else "zstd") for name in schema.names}
 
 
 class DatasetWriter:

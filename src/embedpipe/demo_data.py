@@ -80,8 +80,15 @@ def _shape_mask(shape: str, size: int) -> Image.Image:
         draw.rectangle((0, size * 0.35, size - 1, size * 0.65), fill=255)
     elif shape == "arrow":
         draw.polygon(
-            [(0, c - r * 0.3), (c, c - r * 0.3), (c, 0), (size - 1, c), (c, size - 1),
-             (c, c + r * 0.3), (0, c + r * 0.3)],
+            [
+                (0, c - r * 0.3),
+                (c, c - r * 0.3),
+                (c, 0),
+                (size - 1, c),
+                (c, size - 1),
+                (c, c + r * 0.3),
+                (0, c + r * 0.3),
+            ],
             fill=255,
         )
     else:
@@ -183,12 +190,17 @@ def generate_demo_dataset(out_uri: str, spec: DemoSpec | None = None) -> dict:
             if k_index == 1:
                 smaller = image.resize((spec.size * 9 // 10,) * 2, Image.Resampling.BILINEAR)
                 brighter = ImageEnhance.Brightness(smaller).enhance(1.06)
-                near = put(f"test/{shape}/{concept}/{concept}_near.jpg", _encode(brighter, "JPEG", 70))
+                near = put(
+                    f"test/{shape}/{concept}/{concept}_near.jpg", _encode(brighter, "JPEG", 70)
+                )
                 planted["near_duplicates"].append([original, near])
 
     first_shape, first_concept = SHAPES[0], concept_names(0, spec.concepts)[0]
     folder = f"test/{first_shape}/{first_concept}"
-    some_jpeg = _encode(render_image(first_shape, first_concept, spec.size, np.random.default_rng(spec.seed)), "JPEG")
+    some_jpeg = _encode(
+        render_image(first_shape, first_concept, spec.size, np.random.default_rng(spec.seed)),
+        "JPEG",
+    )
     junk = np.random.default_rng(spec.seed).integers(0, 256, 2048, dtype=np.uint8).tobytes()
     for name, data, reason in (
         ("truncated.jpg", some_jpeg[: len(some_jpeg) * 6 // 10], "truncated JPEG"),

@@ -100,7 +100,9 @@ class _RowBuffer:
     def add(self, member: Member, data: bytes, image_id: str, width: int, height: int) -> None:
         placement = member.placement
         values = (image_id, data, member.source, placement.category, placement.concept)
-        for name, value in zip(IMAGES_SCHEMA.names, (*values, placement.split, width, height)):
+        for name, value in zip(
+            IMAGES_SCHEMA.names, (*values, placement.split, width, height), strict=True
+        ):
             self.columns[name].append(value)
 
     def drain(self) -> pa.RecordBatch:
@@ -130,9 +132,13 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
     executor, workers = _executor(config.workers)
     window = workers * CHUNKS_IN_FLIGHT_PER_WORKER
     progress = tqdm(desc="ingest", unit="img", disable=None)
-    with executor, progress, datasets.DatasetWriter(
-        out_uri, IMAGES_SCHEMA, IMAGES_KIND, config.rows_per_shard, config.row_group_rows
-    ) as writer:
+    with (
+        executor,
+        progress,
+        datasets.DatasetWriter(
+            out_uri, IMAGES_SCHEMA, IMAGES_KIND, config.rows_per_shard, config.row_group_rows
+        ) as writer,
+    ):
         in_flight: collections.deque = collections.deque()
 
         def collect(chunk: list[tuple[Member, bytes | None]], future: Future) -> None:
@@ -195,7 +201,7 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
 
 
 def _write_rejected(out_uri: str, rejected: list[tuple[str, str]]) -> None:
-    columns = list(zip(*rejected)) if rejected else [[], []]
-    table = pa.table(dict(zip(REJECTED_SCHEMA.names, columns)), schema=REJECTED_SCHEMA)
+    columns = list(zip(*rejected, strict=True)) if rejected else [[], []]
+    table = pa.table(dict(zip(REJECTED_SCHEMA.names, columns, strict=True)), schema=REJECTED_SCHEMA)
     with storage.atomic_output(storage.join(out_uri, REJECTED_NAME)) as path:
         pq.write_table(table, path)

@@ -138,7 +138,7 @@ class SourceReader:
     def _tar_members(self, archive: str) -> Iterator[Member]:
         with storage.open_input(archive) as stream:
             try:
-                tar = tarfile.open(fileobj=stream, mode="r|*")
+                tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (closed below)
             except tarfile.TarError as error:
                 raise LayoutError(f"{archive}: not a readable tar archive: {error}") from error
             with tar:

@@ -72,7 +72,9 @@ def create_concept_splits(catalog_uri: str, out_uri: str, config: SplitSettings)
     columns = {name: catalog.column(name).to_pylist() for name in catalog.schema.names}
     catalog_split, paths = columns["split"], columns["path"]
     concepts_by_category: dict[str, dict[str, list[int]]] = collections.defaultdict(dict)
-    for index, (category, concept) in enumerate(zip(columns["category"], columns["concept"])):
+    for index, (category, concept) in enumerate(
+        zip(columns["category"], columns["concept"], strict=True)
+    ):
         concepts_by_category[category].setdefault(concept, []).append(index)
 
     concept_split = [""] * catalog.num_rows
@@ -128,7 +130,8 @@ def create_concept_splits(catalog_uri: str, out_uri: str, config: SplitSettings)
     datasets.write_table(out_uri, table, SPLITS_KIND)
 
     concept_counts = collections.Counter(
-        (c, k, s) for c, k, s in zip(columns["category"], columns["concept"], concept_split)
+        (c, k, s)
+        for c, k, s in zip(columns["category"], columns["concept"], concept_split, strict=True)
     )
     image_counts = collections.Counter(split)
     result = SplitResult(
@@ -146,7 +149,7 @@ def create_concept_splits(catalog_uri: str, out_uri: str, config: SplitSettings)
 def render_report(table: pa.Table, metadata: dict) -> str:
     """A Markdown table per category: concepts and images on each side of the split."""
     counts = collections.Counter(
-        zip(*(table.column(name).to_pylist() for name in ("category", "split")))
+        zip(*(table.column(name).to_pylist() for name in ("category", "split")), strict=True)
     )
     lines = [
         f"# Concept splits (seed {metadata['seed']}, concept_frac {metadata['concept_frac']})",

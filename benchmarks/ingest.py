@@ -1,0 +1,164 @@
+"""Ingest throughput and peak memory: `embedpipe ingest` against a plain Python loop.
+
+Generates N rendered JPEGs laid out <category>/<concept>/<image> (and a tar of
+them), then times, each in a fresh process so peak memory is its own:
+
+- baseline: a loop that opens each file with PIL (decoding it, so corrupt
+  files would be caught as ingest catches them), hashes it, appends the row
+  to a list and builds one pyarrow table written to Parquet at the end;
+- embedpipe ingest from the folder, and from the tar.
+
+Usage: python benchmarks/ingest.py [--images 10000] [--small 2000] [--workdir .bench/ingest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from embedpipe.demo_data import COLOURS, SHAPES, concept_names, render_image
+from embedpipe.seeding import derived_seed
+
+FOLDERS = [
+    (shape, concept) for c, shape in enumerate(SHAPES) for concept in concept_names(c, len(COLOURS))
+]
+
+
+def generate(root: Path, count: int, size: int) -> None:
+    """``count`` rendered JPEGs spread round-robin over 8 categories x 8 concepts."""
+    if (root / ".complete").exists():
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    for i in range(count):
+        shape, concept = FOLDERS[i % len(FOLDERS)]
+        directory = root / shape / concept
+        directory.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(derived_seed(0, shape, concept, str(i)))
+        image = render_image(shape, concept, size, rng)
+        image.save(directory / f"{i:05d}.jpg", "JPEG", quality=90)
+    (root / ".complete").write_text(str(count))
+
+
+def make_tar(root: Path, archive: Path) -> None:
+    if archive.exists():
+        return
+    partial = archive.with_suffix(".partial")
+    with tarfile.open(partial, "w") as tar:
+        for path in sorted(root.rglob("*.jpg")):
+            tar.add(path, arcname=path.relative_to(root).as_posix())
+    partial.rename(archive)
+
+
+def baseline(source: Path, out: Path) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rows = []
+    for path in sorted(source.rglob("*.jpg")):
+        data = path.read_bytes()
+        with Image.open(path) as image:
+            image.load()
+            width, height = image.size
+        category, concept = path.parent.parent.name, path.parent.name
+        rows.append(
+            {
+                "image_id": hashlib.sha256(data).hexdigest(),
+                "image": data,
+                "source": str(path),
+                "category": category,
+                "concept": concept,
+                "width": width,
+                "height": height,
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return len(rows)
+
+
+def embedpipe_ingest(source: Path, out: Path) -> int:
+    from embedpipe.config import IngestSettings
+    from embedpipe.ingest import ingest_images
+
+    return ingest_images([str(source)], str(out), IngestSettings()).images
+
+
+def measure(mode: str, source: Path, out: Path) -> dict:
+    """Run one measurement in a fresh interpreter; return its figures."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, __file__, "--measure", mode, str(source), str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(mode: str, source: str, out: str) -> None:
+    started = time.perf_counter()
+    run = baseline if mode == "baseline" else embedpipe_ingest
+    images = run(Path(source), Path(out))
+    seconds = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"images": images, "seconds": seconds, "peak_mb": peak_mb}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--small", type=int, default=2_000)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--workdir", default=".bench/ingest")
+    parser.add_argument("--measure", nargs=3, metavar=("MODE", "SOURCE", "OUT"))
+    args = parser.parse_args()
+    if args.measure:
+        child(*args.measure)
+        return
+
+    work = Path(args.workdir)
+    print(
+        f"cpus: {os.cpu_count()}; generating {args.images} and {args.small} JPEGs "
+        f"({args.size}px) under {work} ...",
+        flush=True,
+    )
+    big, small = work / f"images-{args.images}", work / f"images-{args.small}"
+    generate(big, args.images, args.size)
+    generate(small, args.small, args.size)
+    make_tar(big, work / f"images-{args.images}.tar")
+
+    results = {
+        "baseline (PIL loop -> pyarrow table), folder": measure("baseline", big, work / "out-b"),
+        "embedpipe ingest, folder": measure("embedpipe", big, work / "out-d"),
+        "embedpipe ingest, tar": measure(
+            "embedpipe", work / f"images-{args.images}.tar", work / "out-t"
+        ),
+    }
+    base_rate = None
+    print(f"\n{'run':48s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'x baseline':>10s}")
+    for name, figures in results.items():
+        rate = figures["images"] / figures["seconds"]
+        base_rate = base_rate or rate
+        print(
+            f"{name:48s} {figures['images']:7d} {figures['seconds']:8.2f} {rate:9.0f} "
+            f"{rate / base_rate:10.2f}"
+        )
+
+    print("\npeak memory of the ingesting process (MiB):")
+    print(f"{'images':>8s} {'embedpipe':>10s} {'baseline':>10s}")
+    for source in (small, big):
+        count = int((source / ".complete").read_text())
+        ours = measure("embedpipe", source, work / "out-m")["peak_mb"]
+        theirs = measure("baseline", source, work / "out-mb")["peak_mb"]
+        print(f"{count:8d} {ours:10.0f} {theirs:10.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from embedpipe import datasets
+from embedpipe.cli import main
+
+COMMANDS = ["ingest", "catalog", "split", "demo-data", "run", "compile"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: embedpipe " + command in capsys.readouterr().out
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(command in out for command in COMMANDS)
+
+
+def test_version_via_python_dash_m():
+    done = subprocess.run(
+        [sys.executable, "-m", "embedpipe", "--version"], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.startswith("embedpipe 0.1.0")
+
+
+def test_stage_commands_chain_and_flags_override_the_config(demo_dir, tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text("[ingest]\nworkers = 1\nrows_per_shard = 100\n[catalog]\nnum_train = 3\n")
+    assert (
+        main(
+            [
+                "ingest",
+                str(demo_dir),
+                "--out",
+                str(tmp_path / "i"),
+                "--config",
+                str(config),
+                "--rows-per-shard",
+                "200",
+            ]
+        )
+        == 0
+    )
+    ingest = json.loads(capsys.readouterr().out)
+    assert (ingest["images"], ingest["rejected"], ingest["shards"]) == (408, 3, 3)
+    assert (
+        main(
+            [
+                "catalog",
+                str(tmp_path / "i"),
+                "--out",
+                str(tmp_path / "c"),
+                "--config",
+                str(config),
+                "--num-train",
+                "2",
+                "--relative",
+            ]
+        )
+        == 0
+    )
+    catalog = json.loads(capsys.readouterr().out)
+    assert catalog["train_images"] == 2 * 20
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert saved["config"]["num_train"] == 2 and saved["config"]["relative"] is True
+    assert (
+        main(
+            [
+                "split",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "s"),
+                "--concept-frac",
+                "0.4",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["train_concepts"] == 2 * 4
+    assert datasets.read_manifest(str(tmp_path / "s"))["kind"] == "splits"
+
+
+def test_errors_name_the_problem_and_exit_non_zero(tmp_path, capsys):
+    assert main(["ingest", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]) == 1
+    assert "absent: source does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[ingest]\nworkers = -1\n")
+    assert main(["ingest", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(bad)]) == 2
+    assert "[ingest].workers" in capsys.readouterr().err
+
+
+def test_demo_data_command(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "demo-data",
+                str(tmp_path / "d"),
+                "--categories",
+                "2",
+                "--concepts",
+                "2",
+                "--images",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert "2 exact and 2 near duplicates, 3 corrupt" in capsys.readouterr().out
+    assert (
+        len(list(Path(tmp_path / "d").rglob("*.jpg")))
+        + len(list(Path(tmp_path / "d").rglob("*.png")))
+        == 2 * 2 * 4 + 2 + 2 + 3
+    )
