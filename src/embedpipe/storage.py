@@ -60,7 +60,7 @@ def join(base: str, *parts: str) -> str:
 def normalize(uri: str) -> str:
     """Absolute local paths; S3 URIs without a trailing slash."""
     if is_s3(uri):
-        return uri.rstrip("/") if uri.rstrip("/") != S3_SCHEME.rstrip("/") else uri
+        return S3_SCHEME + uri[len(S3_SCHEME) :].rstrip("/")
     return os.path.abspath(os.path.expanduser(uri))
 
 
