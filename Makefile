@@ -36,6 +36,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 bench: $(STAMP) ## run the benchmarks (prints figures; not part of the tests)
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/taxonomy.py
 
 compile: $(STAMP) ## compile every pipeline to IR YAML under build/
 	$(BIN)/embedpipe compile --config $(CONFIG)

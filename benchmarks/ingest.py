@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
+import harness
 import numpy as np
 
 from embedpipe.demo_data import COLOURS, SHAPES, concept_names, render_image
@@ -95,20 +91,13 @@ def embedpipe_ingest(source: Path, out: Path) -> int:
 
 
 def measure(mode: str, source: Path, out: Path) -> dict:
-    """Run one measurement in a fresh interpreter; return its figures."""
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, __file__, "--measure", mode, str(source), str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return harness.measure(__file__, mode, source, out)
 
 
 def child(mode: str, source: str, out: str) -> None:
-    started = time.perf_counter()
     run = baseline if mode == "baseline" else embedpipe_ingest
-    images = run(Path(source), Path(out))
-    seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"images": images, "seconds": seconds, "peak_mb": peak_mb}))
+    harness.report(lambda: run(Path(source), Path(out)))
 
 
 def main() -> None:
@@ -144,10 +133,10 @@ def main() -> None:
     base_rate = None
     print(f"\n{'run':48s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'x baseline':>10s}")
     for name, figures in results.items():
-        rate = figures["images"] / figures["seconds"]
+        rate = figures["items"] / figures["seconds"]
         base_rate = base_rate or rate
         print(
-            f"{name:48s} {figures['images']:7d} {figures['seconds']:8.2f} {rate:9.0f} "
+            f"{name:48s} {figures['items']:7d} {figures['seconds']:8.2f} {rate:9.0f} "
             f"{rate / base_rate:10.2f}"
         )
 

@@ -10,7 +10,11 @@ from embedpipe.pipelines import pipeline_module
 
 
 def run_locally(name: str, settings: Settings) -> dict[str, str]:
-    """Run pipeline ``name`` to completion; return its output artifacts' URIs."""
+    """Run pipeline ``name`` to completion; return every output artifact's URI.
+
+    Keys are ``task/output``: conditional steps (taxonomy) have no pipeline-level
+    output, so the run folder is read for what each task wrote.
+    """
     from kfp import local
 
     module = pipeline_module(name)
@@ -23,4 +27,18 @@ def run_locally(name: str, settings: Settings) -> dict[str, str]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
         task = pipeline(**arguments)
-    return {output: artifact.uri for output, artifact in task.outputs.items()}
+    run_dir = os.path.dirname(os.path.dirname(next(iter(task.outputs.values())).uri))
+    return task_outputs(run_dir)
+
+
+def task_outputs(run_dir: str) -> dict[str, str]:
+    """``task/output`` -> path for everything kfp.local wrote under one run folder."""
+    found = {}
+    for task in sorted(os.listdir(run_dir)):
+        task_dir = os.path.join(run_dir, task)
+        if not os.path.isdir(task_dir):
+            continue
+        for output in sorted(os.listdir(task_dir)):
+            if output != "executor_output.json":
+                found[f"{task}/{output}"] = os.path.join(task_dir, output)
+    return found

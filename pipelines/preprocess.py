@@ -1,4 +1,4 @@
-"""preprocess: ingest -> catalog -> concept splits."""
+"""preprocess: ingest -> catalog -> concept splits, and taxonomy when a table is given."""
 
 from typing import NamedTuple
 
@@ -16,6 +16,7 @@ def build_pipeline(settings: Settings):
     """The pipeline, with every stage default taken from ``settings`` explicitly."""
     parts = build_components(settings.images.data_image)
     ingest_cfg, catalog_cfg, split_cfg = settings.ingest, settings.catalog, settings.split
+    taxonomy_cfg = settings.taxonomy
 
     class Outputs(NamedTuple):
         images: Dataset
@@ -39,6 +40,17 @@ def build_pipeline(settings: Settings):
         test_sample_frac: float = split_cfg.test_sample_frac,
         max_test_images: int = split_cfg.max_test_images,
         split_seed: int = split_cfg.seed,
+        taxonomy_table: str = taxonomy_cfg.table,
+        taxonomy_name_column: str = taxonomy_cfg.name_column,
+        taxonomy_side_table: str = taxonomy_cfg.side_table,
+        taxonomy_side_table_key: str = taxonomy_cfg.side_table_key,
+        taxonomy_kingdom: str = taxonomy_cfg.kingdom,
+        taxonomy_split_mode: str = taxonomy_cfg.split_mode,
+        taxonomy_test_fraction: float = taxonomy_cfg.test_fraction,
+        taxonomy_val_fraction: float = taxonomy_cfg.val_fraction,
+        taxonomy_min_images_per_species: int = taxonomy_cfg.min_images_per_species,
+        taxonomy_keep_genus_in_train: bool = taxonomy_cfg.keep_genus_in_train,
+        taxonomy_seed: int = taxonomy_cfg.seed,
     ) -> Outputs:
         ingest_task = parts.ingest(
             sources=sources,
@@ -65,6 +77,21 @@ def build_pipeline(settings: Settings):
             max_test_images=max_test_images,
             seed=split_seed,
         )
+        with dsl.If(taxonomy_table != "", name="taxonomy-table-given"):
+            parts.taxonomy(
+                images=ingest_task.outputs["images"],
+                table=taxonomy_table,
+                name_column=taxonomy_name_column,
+                side_table=taxonomy_side_table,
+                side_table_key=taxonomy_side_table_key,
+                kingdom=taxonomy_kingdom,
+                split_mode=taxonomy_split_mode,
+                test_fraction=taxonomy_test_fraction,
+                val_fraction=taxonomy_val_fraction,
+                min_images_per_species=taxonomy_min_images_per_species,
+                keep_genus_in_train=taxonomy_keep_genus_in_train,
+                seed=taxonomy_seed,
+            )
         return Outputs(
             images=ingest_task.outputs["images"],
             catalog=catalog_task.outputs["catalog"],

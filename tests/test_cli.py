@@ -8,7 +8,7 @@ import pytest
 from embedpipe import datasets
 from embedpipe.cli import main
 
-COMMANDS = ["ingest", "catalog", "split", "demo-data", "run", "compile"]
+COMMANDS = ["ingest", "catalog", "split", "taxonomy", "demo-data", "run", "compile"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -123,3 +123,35 @@ def test_demo_data_command(tmp_path, capsys):
         + len(list(Path(tmp_path / "d").rglob("*.png")))
         == 2 * 2 * 4 + 2 + 2 + 3
     )
+
+
+def test_taxonomy_command(tmp_path, capsys):
+    from gbif import write_images, write_table
+
+    root = write_images(tmp_path / "src", per_name=2)
+    assert main(["ingest", str(root), "--out", str(tmp_path / "i"), "--workers", "1"]) == 0
+    capsys.readouterr()
+    table = write_table(tmp_path / "Taxon.tsv")
+    assert main(["taxonomy", str(tmp_path / "i"), "--out", str(tmp_path / "t")]) == 2
+    assert "give --table" in capsys.readouterr().err
+    args = [
+        "taxonomy",
+        str(tmp_path / "i"),
+        "--out",
+        str(tmp_path / "t"),
+        "--table",
+        str(table),
+        "--kingdom",
+        "Animalia",
+        "--split-mode",
+        "images",
+        "--test-fraction",
+        "0.5",
+        "--keep-genus-in-train",
+        "false",
+    ]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["known_names"], result["train_images"], result["test_images"]) == (10, 10, 10)
+    saved = json.loads((tmp_path / "t" / "config.json").read_text())["config"]
+    assert saved["keep_genus_in_train"] is False and saved["kingdom"] == "Animalia"

@@ -62,6 +62,25 @@ SPLIT_FLAGS = (
     Flag("--seed", "split.seed", int, "seed of the concept selection (23)"),
 )
 
+TAXONOMY_FLAGS = (
+    Flag("--table", "taxonomy.table", str, "GBIF/Darwin Core taxon TSV (path or s3://)"),
+    Flag("--name-column", "taxonomy.name_column", str, "column with species names (concept)"),
+    Flag("--side-table", "taxonomy.side_table", str, "Parquet/CSV holding the name column"),
+    Flag("--side-table-key", "taxonomy.side_table_key", str, "join key: image_id or source"),
+    Flag("--kingdom", "taxonomy.kingdom", str, "resolve names within this kingdom only"),
+    Flag("--split-mode", "taxonomy.split_mode", str, "species (hold out species) or images"),
+    Flag("--test-fraction", "taxonomy.test_fraction", float, "held-out share (0.2)"),
+    Flag("--val-fraction", "taxonomy.val_fraction", float, "validation share (0.0)"),
+    Flag("--min-images-per-species", "taxonomy.min_images_per_species", int, "(1)"),
+    Flag(
+        "--keep-genus-in-train",
+        "taxonomy.keep_genus_in_train",
+        _bool_flag,
+        "true/false: a genus never loses all its species to held-out splits (true)",
+    ),
+    Flag("--seed", "taxonomy.seed", int, "seed of the taxon split (42)"),
+)
+
 
 def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config; flags override it")
@@ -103,6 +122,16 @@ def cmd_split(args: argparse.Namespace) -> None:
 
     settings = _settings(args, SPLIT_FLAGS)
     _print_result(create_concept_splits(args.catalog, args.out, settings.split))
+
+
+def cmd_taxonomy(args: argparse.Namespace) -> None:
+    from embedpipe.taxonomy.stage import build_taxonomy
+
+    settings = _settings(args, TAXONOMY_FLAGS)
+    if not settings.taxonomy.table:
+        raise ConfigError("taxonomy: give --table or set [taxonomy].table")
+    config = settings.taxonomy
+    _print_result(build_taxonomy(args.images, config.table, args.out, config))
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -193,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", required=True, metavar="URI", help="output splits folder")
     _add_flags(split, SPLIT_FLAGS)
     split.set_defaults(handler=cmd_split)
+
+    taxonomy = commands.add_parser(
+        "taxonomy",
+        help="species names -> accepted taxa, rank keys, taxon splits, captions",
+        description="Resolve each image's species name against a GBIF/Darwin Core taxon "
+        "table (synonyms to accepted names) and write species ids, the taxonomic tree, "
+        "integer keys per rank, taxon-aware splits and per-split indexes with captions.",
+    )
+    taxonomy.add_argument("images", metavar="IMAGES", help="dataset written by `ingest`")
+    taxonomy.add_argument("--out", required=True, metavar="URI", help="output folder")
+    _add_flags(taxonomy, TAXONOMY_FLAGS)
+    taxonomy.set_defaults(handler=cmd_taxonomy)
 
     demo = commands.add_parser(
         "demo-data",

@@ -10,7 +10,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -86,6 +93,26 @@ class SplitSettings(Section):
     seed: int = 23
 
 
+class TaxonomySettings(Section):
+    table: str = Field("", description="GBIF/Darwin Core taxon TSV; empty: no taxonomy step")
+    name_column: str = Field("concept", description="column holding the species name")
+    side_table: str = Field("", description="Parquet/CSV with the name column, joined per image")
+    side_table_key: Literal["image_id", "source"] = "image_id"
+    kingdom: str = Field("", description="resolve names in this kingdom only (homonyms)")
+    split_mode: Literal["species", "images"] = "species"
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    min_images_per_species: int = Field(1, ge=1)
+    keep_genus_in_train: bool = True
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> TaxonomySettings:
+        if self.test_fraction + self.val_fraction >= 1.0:
+            raise ValueError("test_fraction + val_fraction must be below 1")
+        return self
+
+
 class Settings(Section):
     global_: GlobalSettings = Field(default_factory=GlobalSettings, alias="global")
     paths: PathsSettings = Field(default_factory=PathsSettings)
@@ -93,6 +120,7 @@ class Settings(Section):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     split: SplitSettings = Field(default_factory=SplitSettings)
+    taxonomy: TaxonomySettings = Field(default_factory=TaxonomySettings)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -124,6 +124,8 @@ class DatasetWriter:
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Publish the manifest, then drop shards of earlier writes. Call last."""
+        if not self.shards and self._writer is None:
+            self._open_shard()  # an empty dataset still has one shard, so it has a schema
         self.seal()
         manifest = {
             "kind": self.kind,
@@ -204,3 +206,16 @@ def save_config(out_uri: str, stage: str, config: Any) -> None:
     """Save the resolved stage config beside its output."""
     payload = {"stage": stage, "config": config.model_dump(mode="json")}
     storage.write_json(storage.join(storage.normalize(out_uri), CONFIG_NAME), payload)
+
+
+def finish_bundle(out_uri: str, kind: str, parts: list[str], extra: dict[str, Any]) -> None:
+    """Mark a folder of several datasets and files complete: its manifest comes last."""
+    manifest = {
+        "kind": kind,
+        "embedpipe_version": __version__,
+        "rows": 0,
+        "shards": [],
+        "parts": parts,
+        **extra,
+    }
+    storage.write_json(storage.join(storage.normalize(out_uri), MANIFEST_NAME), manifest)

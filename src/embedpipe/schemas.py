@@ -5,6 +5,7 @@ import pyarrow as pa
 IMAGES_KIND = "images"
 CATALOG_KIND = "catalog"
 SPLITS_KIND = "splits"
+TAXONOMY_KIND = "taxonomy"
 
 IMAGES_SCHEMA = pa.schema(
     [
