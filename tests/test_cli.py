@@ -152,6 +152,10 @@ def test_taxonomy_command(tmp_path, capsys):
     ]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert (result["known_names"], result["train_images"], result["test_images"]) == (10, 10, 10)
+    assert (result["known_names"], result["train_images"], result["test_images"]) == (
+        11,
+        11,
+        11,
+    )  # Agathis montana: the wasp
     saved = json.loads((tmp_path / "t" / "config.json").read_text())["config"]
     assert saved["keep_genus_in_train"] is False and saved["kingdom"] == "Animalia"
