@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install embedpipe with pinned dependencies
 
-demo: $(STAMP) ## generate the demo dataset and run the preprocess pipeline through kfp.local
+demo: $(STAMP) ## generate the demo dataset, run the preprocess and mine pipelines through kfp.local
 	$(BIN)/embedpipe demo-data $(DEMO_DIR)/data
 	$(BIN)/embedpipe run preprocess --config $(CONFIG)
+	$(BIN)/embedpipe run mine --config $(CONFIG)
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest
@@ -37,6 +38,8 @@ format: $(STAMP) ## apply ruff fixes and formatting
 bench: $(STAMP) ## run the benchmarks (prints figures; not part of the tests)
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/taxonomy.py
+	$(BIN)/python benchmarks/embed.py
+	$(BIN)/python benchmarks/dedup.py
 
 compile: $(STAMP) ## compile every pipeline to IR YAML under build/
 	$(BIN)/embedpipe compile --config $(CONFIG)

@@ -21,29 +21,7 @@ import tarfile
 from pathlib import Path
 
 import harness
-import numpy as np
-
-from embedpipe.demo_data import COLOURS, SHAPES, concept_names, render_image
-from embedpipe.seeding import derived_seed
-
-FOLDERS = [
-    (shape, concept) for c, shape in enumerate(SHAPES) for concept in concept_names(c, len(COLOURS))
-]
-
-
-def generate(root: Path, count: int, size: int) -> None:
-    """``count`` rendered JPEGs spread round-robin over 8 categories x 8 concepts."""
-    if (root / ".complete").exists():
-        return
-    shutil.rmtree(root, ignore_errors=True)
-    for i in range(count):
-        shape, concept = FOLDERS[i % len(FOLDERS)]
-        directory = root / shape / concept
-        directory.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(derived_seed(0, shape, concept, str(i)))
-        image = render_image(shape, concept, size, rng)
-        image.save(directory / f"{i:05d}.jpg", "JPEG", quality=90)
-    (root / ".complete").write_text(str(count))
+from harness import generate
 
 
 def make_tar(root: Path, archive: Path) -> None:

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from kfp import dsl
 
 from embedpipe.components.catalog import catalog
+from embedpipe.components.dedup import dedup
+from embedpipe.components.embed import embed
 from embedpipe.components.ingest import ingest
+from embedpipe.components.mine import combine, list_categories, mine, to_hf
 from embedpipe.components.split import split
 from embedpipe.components.taxonomy import taxonomy
 
@@ -24,14 +27,32 @@ class Components:
     catalog: dsl.base_component.BaseComponent
     split: dsl.base_component.BaseComponent
     taxonomy: dsl.base_component.BaseComponent
+    dedup: dsl.base_component.BaseComponent
+    embed: dsl.base_component.BaseComponent
+    list_categories: dsl.base_component.BaseComponent
+    mine: dsl.base_component.BaseComponent
+    mine_gpu: dsl.base_component.BaseComponent
+    combine: dsl.base_component.BaseComponent
+    to_hf: dsl.base_component.BaseComponent
 
 
-def build_components(data_image: str) -> Components:
-    # The image already has embedpipe and kfp installed: no pip install at start-up.
-    component = functools.partial(dsl.component, base_image=data_image, install_kfp_package=False)
+def build_components(data_image: str, gpu_image: str) -> Components:
+    """Data stages on the slim data image, model stages on the GPU image.
+
+    The images already hold embedpipe and kfp: nothing is pip-installed at start-up.
+    """
+    data = functools.partial(dsl.component, base_image=data_image, install_kfp_package=False)
+    gpu = functools.partial(dsl.component, base_image=gpu_image, install_kfp_package=False)
     return Components(
-        ingest=component(ingest),
-        catalog=component(catalog),
-        split=component(split),
-        taxonomy=component(taxonomy),
+        ingest=data(ingest),
+        catalog=data(catalog),
+        split=data(split),
+        taxonomy=data(taxonomy),
+        dedup=data(dedup),
+        embed=gpu(embed),
+        list_categories=data(list_categories),
+        mine=data(mine),  # CPU faiss in the data image,
+        mine_gpu=gpu(mine),  # or faiss-gpu in the GPU image when GPUs are asked for
+        combine=data(combine),
+        to_hf=data(to_hf),
     )

@@ -4,7 +4,10 @@
 import importlib
 from types import ModuleType
 
-PIPELINE_MODULES = {"preprocess": "embedpipe.pipelines.preprocess"}
+PIPELINE_MODULES = {
+    "preprocess": "embedpipe.pipelines.preprocess",
+    "mine": "embedpipe.pipelines.mine",
+}
 PIPELINE_NAMES = tuple(PIPELINE_MODULES)
 
 

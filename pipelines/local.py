@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
+from embedpipe import storage
 from embedpipe.config import Settings
 from embedpipe.pipelines import pipeline_module
 
@@ -28,7 +29,19 @@ def run_locally(name: str, settings: Settings) -> dict[str, str]:
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
         task = pipeline(**arguments)
     run_dir = os.path.dirname(os.path.dirname(next(iter(task.outputs.values())).uri))
-    return task_outputs(run_dir)
+    outputs = task_outputs(run_dir)
+    storage.write_json(_latest_path(settings, name), outputs)
+    return outputs
+
+
+def _latest_path(settings: Settings, name: str) -> str:
+    return os.path.join(os.path.abspath(settings.global_.pipeline_root), f"latest-{name}.json")
+
+
+def latest_outputs(settings: Settings, name: str) -> dict[str, str] | None:
+    """The outputs of the last successful local run of pipeline ``name``, if any."""
+    path = _latest_path(settings, name)
+    return storage.read_json(path) if os.path.exists(path) else None
 
 
 def task_outputs(run_dir: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""preprocess: ingest -> catalog -> concept splits, and taxonomy when a table is given."""
+"""preprocess: ingest -> catalog -> splits -> dedup -> embed, and taxonomy when a table is given."""
 
 from typing import NamedTuple
 
@@ -8,20 +8,23 @@ from kfp.dsl import Dataset
 from embedpipe import storage
 from embedpipe.components import build_components
 from embedpipe.config import ConfigError, Settings
+from embedpipe.models.registry import get_entry
 
 PIPELINE_NAME = "embedpipe-preprocess"
 
 
 def build_pipeline(settings: Settings):
     """The pipeline, with every stage default taken from ``settings`` explicitly."""
-    parts = build_components(settings.images.data_image)
+    parts = build_components(settings.images.data_image, settings.images.gpu_image)
     ingest_cfg, catalog_cfg, split_cfg = settings.ingest, settings.catalog, settings.split
-    taxonomy_cfg = settings.taxonomy
+    taxonomy_cfg, dedup_cfg, embed_cfg = settings.taxonomy, settings.dedup, settings.embed
+    model_spec = get_entry(embed_cfg.model, settings.models).model_dump_json()
 
     class Outputs(NamedTuple):
         images: Dataset
         catalog: Dataset
         splits: Dataset
+        embeddings: Dataset
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Images -> Parquet shards -> catalog -> splits")
     def preprocess(
@@ -51,6 +54,21 @@ def build_pipeline(settings: Settings):
         taxonomy_min_images_per_species: int = taxonomy_cfg.min_images_per_species,
         taxonomy_keep_genus_in_train: bool = taxonomy_cfg.keep_genus_in_train,
         taxonomy_seed: int = taxonomy_cfg.seed,
+        dedup_hash: str = dedup_cfg.hash,
+        dedup_hash_size: int = dedup_cfg.hash_size,
+        dedup_max_distance: int = dedup_cfg.max_distance,
+        dedup_workers: int = dedup_cfg.workers,
+        dedup_drop: str = dedup_cfg.drop,
+        dedup_report_groups: int = dedup_cfg.report_groups,
+        embed_model_spec: str = model_spec,
+        embed_weights: str = embed_cfg.weights,
+        embed_tokenizer_dir: str = embed_cfg.tokenizer_dir,
+        embed_batch_size: int = embed_cfg.batch_size,
+        embed_num_workers: int = embed_cfg.num_workers,
+        embed_device: str = embed_cfg.device,
+        embed_precision: str = embed_cfg.precision,
+        embed_normalize: bool = embed_cfg.normalize,
+        embed_draft_decode: bool = embed_cfg.draft_decode,
     ) -> Outputs:
         ingest_task = parts.ingest(
             sources=sources,
@@ -77,6 +95,32 @@ def build_pipeline(settings: Settings):
             max_test_images=max_test_images,
             seed=split_seed,
         )
+        dedup_task = parts.dedup(
+            images=ingest_task.outputs["images"],
+            splits=split_task.outputs["splits"],
+            hash=dedup_hash,
+            hash_size=dedup_hash_size,
+            max_distance=dedup_max_distance,
+            workers=dedup_workers,
+            drop=dedup_drop,
+            report_groups=dedup_report_groups,
+        )
+        embed_task = parts.embed(
+            images=ingest_task.outputs["images"],
+            select=dedup_task.outputs["kept"],
+            model_spec=embed_model_spec,
+            weights=embed_weights,
+            tokenizer_dir=embed_tokenizer_dir,
+            batch_size=embed_batch_size,
+            num_workers=embed_num_workers,
+            device=embed_device,
+            precision=embed_precision,
+            normalize=embed_normalize,
+            draft_decode=embed_draft_decode,
+        )
+        if embed_cfg.accelerator_type:
+            embed_task.set_accelerator_type(embed_cfg.accelerator_type)
+            embed_task.set_accelerator_limit(embed_cfg.accelerator_limit)
         with dsl.If(taxonomy_table != "", name="taxonomy-table-given"):
             parts.taxonomy(
                 images=ingest_task.outputs["images"],
@@ -96,6 +140,7 @@ def build_pipeline(settings: Settings):
             images=ingest_task.outputs["images"],
             catalog=catalog_task.outputs["catalog"],
             splits=split_task.outputs["splits"],
+            embeddings=embed_task.outputs["embeddings"],
         )
 
     return preprocess

@@ -5,6 +5,10 @@ import os
 import uuid
 from pathlib import Path
 
+# No model hub is reachable here: fail at once instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import pytest
 from PIL import Image
 
@@ -126,3 +130,26 @@ def upload_tree(root: Path, bucket: str, prefix: str) -> str:
             key = f"{prefix}/{path.relative_to(root).as_posix()}"
             client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
     return f"s3://{bucket}/{prefix}"
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_entry():
+    """A 2-layer open_clip model (7.5M parameters) registered as data, as users would."""
+    from embedpipe.models.registry import ModelEntry
+
+    return ModelEntry(
+        name="tiny",
+        library="open_clip",
+        architecture="embedpipe-tiny",
+        embed_dim=64,
+        image_size=64,
+        text=True,
+        open_clip_config=TINY_OPEN_CLIP,
+    )

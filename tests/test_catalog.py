@@ -146,3 +146,20 @@ def test_perva_layout_ignores_unused_rows(demo_images, tmp_path):
     result = build_catalog(demo_images, str(tmp_path / "c"), CatalogSettings(num_train=1))
     layout = perva_layout(datasets.read_table(result.out_uri, "catalog"))
     assert all(len(entry["train"]) == 1 for c in layout.values() for entry in c.values())
+
+
+def test_custom_split_folder_names_reach_the_catalog(tmp_path):
+    files = {
+        f"{split}/cat/concept/{split}{i}.jpg": jpeg_bytes(
+            (i * 30, 90, 20 if split == "tr" else 200)
+        )
+        for split in ("tr", "te")
+        for i in range(3)
+    }
+    root = write_tree(tmp_path / "src", files)
+    settings = IngestSettings(workers=1, split_dirnames=("tr", "te"))
+    ingest_images([str(root)], str(tmp_path / "images"), settings)
+    result = build_catalog(str(tmp_path / "images"), str(tmp_path / "c"), CatalogSettings())
+    assert (result.mode, result.train_images, result.test_images) == ("explicit", 3, 3)
+    for row in catalog_rows(result.out_uri):
+        assert row["split"] == {"tr": "train", "te": "test"}[Path(row["source"]).parts[-4]]

@@ -8,7 +8,19 @@ import pytest
 from embedpipe import datasets
 from embedpipe.cli import main
 
-COMMANDS = ["ingest", "catalog", "split", "taxonomy", "demo-data", "run", "compile"]
+COMMANDS = [
+    "ingest",
+    "catalog",
+    "split",
+    "taxonomy",
+    "dedup",
+    "embed",
+    "embed-text",
+    "models",
+    "demo-data",
+    "run",
+    "compile",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -159,3 +171,63 @@ def test_taxonomy_command(tmp_path, capsys):
     )  # Agathis montana: the wasp
     saved = json.loads((tmp_path / "t" / "config.json").read_text())["config"]
     assert saved["keep_genus_in_train"] is False and saved["kingdom"] == "Animalia"
+
+
+def test_models_dedup_and_embed_commands(demo_images, tmp_path, capsys):
+    from conftest import TINY_OPEN_CLIP
+
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:3] == ["name", "library", "architecture"]
+    assert any(line.split()[0] == "clip_rn50x64" and "128" in line.split() for line in listing)
+    assert (
+        main(
+            [
+                "dedup",
+                demo_images,
+                "--out",
+                str(tmp_path / "d"),
+                "--drop",
+                "duplicates",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    dedup = json.loads(capsys.readouterr().out)
+    assert (dedup["groups"], dedup["dropped"], dedup["kept"]) == (8, 8, 400)
+    config = tmp_path / "m.toml"
+    inline = json.dumps(TINY_OPEN_CLIP).replace('":', '" =')
+    config.write_text(
+        '[models.tiny]\nlibrary = "open_clip"\narchitecture = "embedpipe-tiny"\n'
+        f"embed_dim = 64\nimage_size = 64\ntext = true\nopen_clip_config = {inline}\n"
+    )
+    common = [
+        "--config",
+        str(config),
+        "--model",
+        "tiny",
+        "--weights",
+        "random",
+        "--num-workers",
+        "0",
+    ]
+    assert (
+        main(
+            [
+                "embed",
+                demo_images,
+                "--out",
+                str(tmp_path / "e"),
+                "--select",
+                str(tmp_path / "d" / "kept"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["embedded"] == 400  # one row per group kept
+    (tmp_path / "p.txt").write_text("a photo of a box\na photo of a star\n")
+    assert main(["embed-text", str(tmp_path / "p.txt"), "--out", str(tmp_path / "t"), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["embedded"] == 2

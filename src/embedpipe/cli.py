@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -81,6 +82,45 @@ TAXONOMY_FLAGS = (
     Flag("--seed", "taxonomy.seed", int, "seed of the taxon split (42)"),
 )
 
+DEDUP_FLAGS = (
+    Flag("--hash", "dedup.hash", str, "phash, dhash, whash or colorhash (phash)"),
+    Flag("--hash-size", "dedup.hash_size", int, "hash side: bits = size^2 (8)"),
+    Flag("--max-distance", "dedup.max_distance", int, "Hamming bits for near duplicates (6)"),
+    Flag("--workers", "dedup.workers", int, "hashing processes (0: one per core)"),
+    Flag("--drop", "dedup.drop", str, "none, duplicates or leaking (none)"),
+    Flag("--report-groups", "dedup.report_groups", int, "groups shown in the HTML report"),
+)
+EMBED_FLAGS = (
+    Flag("--model", "embed.model", str, "registry name (see `embedpipe models`)"),
+    Flag("--weights", "embed.weights", str, '"random", a local dir/file, s3:// or hub id'),
+    Flag("--tokenizer-dir", "embed.tokenizer_dir", str, "local tokenizer (hub-tokenizer models)"),
+    Flag("--batch-size", "embed.batch_size", int, "images per forward pass (64)"),
+    Flag("--num-workers", "embed.num_workers", int, "DataLoader decoding processes (1)"),
+    Flag("--device", "embed.device", str, "auto, cpu, cuda or cuda:N"),
+    Flag("--precision", "embed.precision", str, "auto (bf16 on GPU), fp32, bf16 or fp16"),
+    Flag("--normalize", "embed.normalize", _bool_flag, "true/false: L2-normalise (true)"),
+    Flag("--draft-decode", "embed.draft_decode", _bool_flag, "true/false: JPEG draft decoding"),
+)
+
+MINE_FLAGS = (
+    Flag("--top-k", "mine.top_k", int, "hard negatives per query (3)"),
+    Flag(
+        "--query-splits",
+        "mine.query_splits",
+        lambda v: tuple(v.split(",")),
+        "comma-separated splits of the queries (train)",
+    ),
+    Flag(
+        "--candidate-splits",
+        "mine.candidate_splits",
+        lambda v: tuple(v.split(",")),
+        "comma-separated splits negatives come from (train)",
+    ),
+    Flag("--index", "mine.index", str, "auto, flat, ivf or hnsw (auto)"),
+    Flag("--exact-max", "mine.exact_max", int, "auto: exact search up to this many candidates"),
+    Flag("--gpu", "mine.gpu", _bool_flag, "true/false: faiss GPU when available (true)"),
+)
+
 
 def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config; flags override it")
@@ -132,6 +172,70 @@ def cmd_taxonomy(args: argparse.Namespace) -> None:
         raise ConfigError("taxonomy: give --table or set [taxonomy].table")
     config = settings.taxonomy
     _print_result(build_taxonomy(args.images, config.table, args.out, config))
+
+
+def cmd_dedup(args: argparse.Namespace) -> None:
+    from embedpipe.dedup import find_duplicates
+
+    settings = _settings(args, DEDUP_FLAGS)
+    result = find_duplicates(args.images, args.out, settings.dedup, args.splits, args.kept)
+    _print_result(result)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from embedpipe.embed import embed_images
+    from embedpipe.models.registry import get_entry
+
+    settings = _settings(args, EMBED_FLAGS)
+    entry = get_entry(settings.embed.model, settings.models)
+    _print_result(embed_images(args.images, args.out, settings.embed, entry, args.select))
+
+
+def cmd_embed_text(args: argparse.Namespace) -> None:
+    from embedpipe.embed import embed_texts
+    from embedpipe.models.registry import get_entry
+
+    settings = _settings(args, EMBED_FLAGS)
+    entry = get_entry(settings.embed.model, settings.models)
+    _print_result(embed_texts(args.texts, args.out, settings.embed, entry, args.column))
+
+
+def cmd_mine(args: argparse.Namespace) -> None:
+    from embedpipe import storage
+    from embedpipe.mine import list_categories, mine_category
+
+    settings = _settings(args, MINE_FLAGS)
+    categories = args.category or list_categories(args.metadata)
+    results = []
+    for category in categories:
+        out = args.out if len(categories) == 1 else storage.join(args.out, category)
+        results.append(mine_category(args.metadata, args.embeddings, category, out, settings.mine))
+    print(json.dumps([asdict(r) for r in results], indent=2, sort_keys=True))
+
+
+def cmd_combine(args: argparse.Namespace) -> None:
+    from embedpipe.combine import combine_negatives
+
+    _print_result(combine_negatives(args.inputs, args.out, args.num_samples, args.seed))
+
+
+def cmd_to_hf(args: argparse.Namespace) -> None:
+    from embedpipe.hf_export import export_to_hf
+
+    rows = export_to_hf(args.negatives, args.images, args.out, args.max_positives, args.seed)
+    print(json.dumps({"out_uri": args.out, "rows": rows}))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from embedpipe.models.registry import listing_rows, load_registry  # no torch import
+
+    settings = _settings(args)
+    header = ["name", "library", "architecture", "weights", "dim", "input", "B200 batch", "towers"]
+    rows = [header, *listing_rows(load_registry(settings.models))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -235,6 +339,93 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(taxonomy, TAXONOMY_FLAGS)
     taxonomy.set_defaults(handler=cmd_taxonomy)
 
+    dedup = commands.add_parser(
+        "dedup",
+        help="perceptual-hash duplicates, cross-split leakage report, optional drop",
+        description="Group exact (same content hash) and near (perceptual hash within "
+        "--max-distance bits) duplicates, report groups that span splits per category, "
+        "write an HTML report and the kept selection.",
+    )
+    dedup.add_argument("images", metavar="IMAGES", help="dataset written by `ingest`")
+    dedup.add_argument(
+        "--splits",
+        metavar="URI",
+        help="dataset written by `split` or `catalog` (splits for the leakage report)",
+    )
+    dedup.add_argument("--out", required=True, metavar="URI", help="output folder")
+    dedup.add_argument("--kept", metavar="URI", help="write the kept selection here (OUT/kept)")
+    _add_flags(dedup, DEDUP_FLAGS)
+    dedup.set_defaults(handler=cmd_dedup)
+
+    embed = commands.add_parser(
+        "embed",
+        help="image shards -> Parquet embeddings with a registered model",
+        description="Batched inference in DataLoader workers; resumes after the last "
+        "finished shard when run again with the same settings.",
+    )
+    embed.add_argument("images", metavar="IMAGES", help="dataset written by `ingest`")
+    embed.add_argument(
+        "--select",
+        metavar="URI",
+        help="embed only the image ids of this dataset (e.g. dedup's kept/)",
+    )
+    embed.add_argument("--out", required=True, metavar="URI", help="output dataset folder")
+    _add_flags(embed, EMBED_FLAGS)
+    embed.set_defaults(handler=cmd_embed)
+
+    embed_text = commands.add_parser(
+        "embed-text",
+        help="texts (captions, class prompts) -> Parquet embeddings with an image-text model",
+    )
+    embed_text.add_argument(
+        "texts", metavar="TEXTS", help=".txt (one per line), .parquet file or dataset folder"
+    )
+    embed_text.add_argument("--column", default="text", help="text column in Parquet (text)")
+    embed_text.add_argument("--out", required=True, metavar="URI", help="output dataset folder")
+    _add_flags(embed_text, EMBED_FLAGS)
+    embed_text.set_defaults(handler=cmd_embed_text)
+
+    mine = commands.add_parser(
+        "mine",
+        help="per-category hard negatives with a faiss kNN index, difficulty bands",
+        description="For each query image, its nearest images of other concepts in the same "
+        "category (candidates from --candidate-splits only, so held-out images never become "
+        "training negatives), its positives, and a difficulty band per negative.",
+    )
+    mine.add_argument(
+        "metadata",
+        metavar="METADATA",
+        help="image ids with category/concept/split (dedup kept, or split output)",
+    )
+    mine.add_argument("embeddings", metavar="EMBEDDINGS", help="dataset written by `embed`")
+    mine.add_argument(
+        "--category",
+        action="append",
+        help="category to mine (repeatable; default: every category, each into OUT/<category>)",
+    )
+    mine.add_argument("--out", required=True, metavar="URI", help="output dataset folder")
+    _add_flags(mine, MINE_FLAGS)
+    mine.set_defaults(handler=cmd_mine)
+
+    combine = commands.add_parser("combine", help="per-category negatives -> one dataset")
+    combine.add_argument("inputs", nargs="+", metavar="NEGATIVES", help="`mine` outputs")
+    combine.add_argument("--out", required=True, metavar="URI")
+    combine.add_argument("--num-samples", type=int, default=0, help="sample this many rows")
+    combine.add_argument("--seed", type=int, default=0)
+    combine.set_defaults(handler=cmd_combine)
+
+    to_hf = commands.add_parser("to-hf", help="negatives + images -> Hugging Face Dataset")
+    to_hf.add_argument("negatives", metavar="NEGATIVES", help="`combine` (or `mine`) output")
+    to_hf.add_argument("images", metavar="IMAGES", help="dataset written by `ingest`")
+    to_hf.add_argument("--out", required=True, metavar="URI", help="save_to_disk folder or s3://")
+    to_hf.add_argument("--max-positives", type=int, default=1, help="positive images per row")
+    to_hf.add_argument("--seed", type=int, default=0)
+    to_hf.set_defaults(handler=cmd_to_hf)
+
+    models = commands.add_parser("models", help="list the model registry")
+    models.add_argument("--config", metavar="FILE", help="TOML config with [models.NAME] entries")
+    models.set_defaults(handler=cmd_models)
+
     demo = commands.add_parser(
         "demo-data",
         help="generate a small deterministic dataset with planted duplicates and corrupt files",
@@ -271,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         args.handler(args)
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except ConfigError as error:
         print(f"embedpipe: {error}", file=sys.stderr)
         return 2

@@ -113,6 +113,64 @@ class TaxonomySettings(Section):
         return self
 
 
+class EmbedSettings(Section):
+    model: str = Field("clip_vitb32", description="a registry name (`embedpipe models`)")
+    weights: str = Field("", description='"" registry source, "random", a dir, file or s3://')
+    tokenizer_dir: str = Field("", description="local tokenizer for hub-tokenizer models")
+    batch_size: int = Field(64, gt=0)
+    num_workers: int = Field(1, ge=0, description="DataLoader decoding processes")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    normalize: bool = True
+    draft_decode: bool = Field(False, description="JPEG draft decoding: faster, not bit-exact")
+    accelerator_type: str = Field(
+        "", description="GPU to request in the cluster, e.g. nvidia.com/gpu"
+    )
+    accelerator_limit: int = Field(1, ge=1)
+
+
+class DedupSettings(Section):
+    hash: Literal["phash", "dhash", "whash", "colorhash"] = "phash"
+    hash_size: int = Field(8, ge=4, le=32)
+    max_distance: int = Field(6, ge=0, description="Hamming distance for near duplicates")
+    workers: int = Field(0, ge=0, description="hashing processes; 0 = one per core")
+    drop: Literal["none", "duplicates", "leaking"] = "none"
+    report_groups: int = Field(24, ge=0, description="largest groups shown in the HTML report")
+
+
+class MineSettings(Section):
+    images: str = Field("", description="image dataset; empty: the latest local preprocess run")
+    metadata: str = Field("", description="image ids with category/concept/split (dedup kept)")
+    embeddings: str = Field("", description="embeddings dataset")
+    top_k: int = Field(3, gt=0, description="hard negatives per query")
+    query_splits: tuple[str, ...] = ("train",)
+    candidate_splits: tuple[str, ...] = ("train",)
+    band_names: tuple[str, ...] = ("easy", "medium", "hard")
+    band_quantiles: tuple[float, ...] = (1 / 3, 2 / 3)
+    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    exact_max: int = Field(100_000, gt=0, description="auto: exact search up to this size")
+    ivf_nprobe: int = Field(16, gt=0)
+    hnsw_m: int = Field(32, gt=0)
+    hnsw_ef_search: int = Field(128, gt=0)
+    recall_sample: int = Field(1000, gt=0, description="queries used to measure recall")
+    gpu: bool = Field(True, description="use faiss GPU when the build has it and a GPU is there")
+    parallelism: int = Field(4, gt=0, description="categories mined at once in the pipeline")
+    num_samples: int = Field(0, ge=0, description="combine: sample this many rows (0: all)")
+    max_positives: int = Field(1, ge=0, description="to-hf: positive images per row")
+    seed: int = 0
+    accelerator_type: str = ""
+    accelerator_limit: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _bands_match_edges(self) -> MineSettings:
+        edges = list(self.band_quantiles)
+        if len(self.band_names) != len(edges) + 1:
+            raise ValueError("band_names needs exactly one more name than band_quantiles")
+        if edges != sorted(edges) or any(not 0 < q < 1 for q in edges):
+            raise ValueError("band_quantiles must increase strictly inside (0, 1)")
+        return self
+
+
 class Settings(Section):
     global_: GlobalSettings = Field(default_factory=GlobalSettings, alias="global")
     paths: PathsSettings = Field(default_factory=PathsSettings)
@@ -121,6 +179,12 @@ class Settings(Section):
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     split: SplitSettings = Field(default_factory=SplitSettings)
     taxonomy: TaxonomySettings = Field(default_factory=TaxonomySettings)
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
+    embed: EmbedSettings = Field(default_factory=EmbedSettings)
+    mine: MineSettings = Field(default_factory=MineSettings)
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="extra registry entries, [models.NAME]"
+    )
 
 
 def _describe(error: dict[str, Any]) -> str:

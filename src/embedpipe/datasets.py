@@ -116,9 +116,7 @@ class DatasetWriter:
             return
         self._writer.close()
         self._writer = None
-        name = f"part-{len(self.shards):05d}-{_file_sha256(self._writer_path)[:16]}.parquet"
-        with storage.atomic_output(storage.join(self.out_uri, name)) as target:
-            shutil.move(self._writer_path, target)
+        name = publish_shard(self.out_uri, len(self.shards), self._writer_path)
         self.shards.append({"path": name, "rows": self._rows_in_shard})
         self._rows_in_shard = 0
 
@@ -127,16 +125,31 @@ class DatasetWriter:
         if not self.shards and self._writer is None:
             self._open_shard()  # an empty dataset still has one shard, so it has a schema
         self.seal()
-        manifest = {
-            "kind": self.kind,
-            "embedpipe_version": __version__,
-            "rows": sum(shard["rows"] for shard in self.shards),
-            "shards": self.shards,
-            **(extra or {}),
-        }
-        storage.write_json(storage.join(self.out_uri, MANIFEST_NAME), manifest)
-        _remove_stale_shards(self.out_uri, {shard["path"] for shard in self.shards})
-        return manifest
+        return write_manifest(self.out_uri, self.kind, self.shards, extra)
+
+
+def publish_shard(out_uri: str, index: int, local_path: str) -> str:
+    """Move a finished local Parquet file into the dataset under its content-addressed name."""
+    name = f"part-{index:05d}-{_file_sha256(local_path)[:16]}.parquet"
+    with storage.atomic_output(storage.join(out_uri, name)) as target:
+        shutil.move(local_path, target)
+    return name
+
+
+def write_manifest(
+    out_uri: str, kind: str, shards: list[dict[str, Any]], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Mark the dataset complete with these shards, then remove shards no longer listed."""
+    manifest = {
+        "kind": kind,
+        "embedpipe_version": __version__,
+        "rows": sum(shard["rows"] for shard in shards),
+        "shards": shards,
+        **(extra or {}),
+    }
+    storage.write_json(storage.join(out_uri, MANIFEST_NAME), manifest)
+    _remove_stale_shards(out_uri, {shard["path"] for shard in shards})
+    return manifest
 
 
 def _remove_stale_shards(out_uri: str, keep: set[str]) -> None:
@@ -182,13 +195,16 @@ def shard_uris(uri: str, manifest: dict[str, Any]) -> list[str]:
 def read_table(uri: str, kind: str | None = None, columns: list[str] | None = None) -> pa.Table:
     """The whole dataset (or some columns of it) in shard order."""
     manifest = read_manifest(uri, kind)
-    tables = []
-    for shard_uri in shard_uris(uri, manifest):
-        fs, path = storage.arrow_filesystem(shard_uri)
-        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    tables = [read_table_file(shard_uri, columns) for shard_uri in shard_uris(uri, manifest)]
     if not tables:
         raise DatasetError(f"{uri}: the dataset has no shards")
     return pa.concat_tables(tables)
+
+
+def read_table_file(uri: str, columns: list[str] | None) -> pa.Table:
+    """One Parquet file (a shard, or a file that is not a dataset)."""
+    fs, path = storage.arrow_filesystem(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def iter_batches(

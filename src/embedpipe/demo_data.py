@@ -128,11 +128,11 @@ def _texture(texture: str, colour: tuple[int, int, int], size: int) -> Image.Ima
 def render_image(shape: str, concept: str, size: int, rng: np.random.Generator) -> Image.Image:
     """One view of a concept: random pose, scale, position and background."""
     colour_name, texture = concept.split("_", 1)
-    top = rng.integers(150, 256, size=3)
-    bottom = rng.integers(90, 200, size=3)
-    ramp = np.linspace(0.0, 1.0, size)[:, None, None]
-    background = (top * (1 - ramp) + bottom * ramp).repeat(size, axis=1)
-    background += rng.normal(0, 6, size=background.shape)
+    # A smooth random colour field: scenes differ in low frequencies, as photos do, so
+    # perceptual hashes of unrelated views stay apart.
+    field = Image.fromarray(rng.integers(40, 256, size=(4, 4, 3), dtype=np.uint8), "RGB")
+    background = np.asarray(field.resize((size, size), Image.Resampling.BICUBIC), np.float32)
+    background = background + rng.normal(0, 6, size=background.shape)
     canvas = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
 
     object_size = int(size * rng.uniform(0.45, 0.8))

@@ -10,24 +10,20 @@ many images there are, and rows keep the sources' order.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import io
 import itertools
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from embedpipe import datasets, storage
+from embedpipe import datasets, parallel, storage
 from embedpipe.config import IngestSettings
 from embedpipe.schemas import IMAGES_KIND, IMAGES_SCHEMA, REJECTED_SCHEMA
 from embedpipe.sources import LayoutError, Member, SourceReader, resolve_source
@@ -35,7 +31,6 @@ from embedpipe.sources import LayoutError, Member, SourceReader, resolve_source
 log = logging.getLogger(__name__)
 
 CHUNK_IMAGES = 32
-CHUNKS_IN_FLIGHT_PER_WORKER = 3
 REPORT_NAME = "ingest_report.json"
 REJECTED_NAME = "rejected.parquet"
 
@@ -70,26 +65,6 @@ def inspect_chunk(chunk: list[bytes]) -> list[tuple[str, int, int] | str]:
     return [inspect_image(data) for data in chunk]
 
 
-class _InlineExecutor(Executor):
-    """Runs work in this process: one worker, no pickling, easy to debug."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as error:
-            future.set_exception(error)
-        return future
-
-
-def _executor(workers: int) -> tuple[Executor, int]:
-    count = workers or os.cpu_count() or 1
-    if count == 1:
-        return _InlineExecutor(), 1
-    # forkserver: workers never inherit pyarrow's or boto3's threads.
-    return ProcessPoolExecutor(count, mp_context=get_context("forkserver")), count
-
-
 class _RowBuffer:
     def __init__(self) -> None:
         self.columns: dict[str, list] = {name: [] for name in IMAGES_SCHEMA.names}
@@ -111,10 +86,11 @@ class _RowBuffer:
         return batch
 
 
-def _chunks(members: Iterable[Member]) -> Iterator[list[tuple[Member, bytes | None]]]:
-    iterator = iter(members)
-    while chunk := list(itertools.islice(iterator, CHUNK_IMAGES)):
-        yield [(member, member.read() if member.read else None) for member in chunk]
+def _read_chunks(members: Iterable[Member]) -> Iterator[tuple[list, list[bytes]]]:
+    """(members with their bytes, the readable bytes to inspect) per chunk."""
+    for chunk in parallel.chunked(members, CHUNK_IMAGES):
+        read = [(member, member.read() if member.read else None) for member in chunk]
+        yield read, [data for _, data in read if data is not None]
 
 
 def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) -> IngestResult:
@@ -129,20 +105,16 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
     rejected: list[tuple[str, str]] = []
     distinct: set[str] = set()
     rows = _RowBuffer()
-    executor, workers = _executor(config.workers)
-    window = workers * CHUNKS_IN_FLIGHT_PER_WORKER
     progress = tqdm(desc="ingest", unit="img", disable=None)
     with (
-        executor,
         progress,
         datasets.DatasetWriter(
             out_uri, IMAGES_SCHEMA, IMAGES_KIND, config.rows_per_shard, config.row_group_rows
         ) as writer,
     ):
-        in_flight: collections.deque = collections.deque()
-
-        def collect(chunk: list[tuple[Member, bytes | None]], future: Future) -> None:
-            readable = iter(future.result())
+        inspected = parallel.map_chunks(inspect_chunk, _read_chunks(members), config.workers)
+        for chunk, outcomes in inspected:
+            readable = iter(outcomes)
             for member, data in chunk:
                 if data is None:
                     rejected.append((member.source, member.rejected_reason or "unreadable"))
@@ -156,14 +128,6 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
                 if len(rows) >= config.row_group_rows:
                     writer.write(rows.drain())
             progress.update(len(chunk))
-
-        for chunk in _chunks(members):
-            payload = [data for _, data in chunk if data is not None]
-            in_flight.append((chunk, executor.submit(inspect_chunk, payload)))
-            if len(in_flight) >= window:
-                collect(*in_flight.popleft())
-        while in_flight:
-            collect(*in_flight.popleft())
         if len(rows):
             writer.write(rows.drain())
         if writer.rows == 0:
@@ -186,7 +150,7 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
             {**result.metrics(), "rejected_examples": rejected[:20]},
         )
         datasets.save_config(out_uri, "ingest", config)
-        writer.finish({"sources": roots})
+        writer.finish({"sources": roots, "split_dirnames": list(config.split_dirnames)})
     log.info(
         "ingested %d images (%d distinct) from %d source(s) into %d shard(s); %d rejected",
         result.images,

@@ -6,6 +6,11 @@ IMAGES_KIND = "images"
 CATALOG_KIND = "catalog"
 SPLITS_KIND = "splits"
 TAXONOMY_KIND = "taxonomy"
+EMBEDDINGS_KIND = "embeddings"
+TEXT_EMBEDDINGS_KIND = "text-embeddings"
+DEDUP_KIND = "dedup"
+SELECTION_KIND = "selection"
+NEGATIVES_KIND = "hard-negatives"
 
 IMAGES_SCHEMA = pa.schema(
     [

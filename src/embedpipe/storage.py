@@ -148,7 +148,9 @@ def iter_files(uri: str) -> Iterator[FileEntry]:
         except Exception as error:
             raise StorageError(f"{uri}: cannot list: {error}") from error
         return
-    yield from _walk_local(normalize(uri))
+    root = normalize(uri)
+    if os.path.isdir(root):  # like an S3 prefix, a missing folder lists as empty
+        yield from _walk_local(root)
 
 
 def _walk_local(directory: str) -> Iterator[FileEntry]:

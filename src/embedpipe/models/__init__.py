@@ -1,0 +1,1 @@
+"""Model registry and loading. ``registry`` needs no torch; ``loading`` does."""
