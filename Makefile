@@ -40,6 +40,7 @@ bench: $(STAMP) ## run the benchmarks (prints figures; not part of the tests)
 	$(BIN)/python benchmarks/taxonomy.py
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/dedup.py
+	$(BIN)/python benchmarks/mine.py
 
 compile: $(STAMP) ## compile every pipeline to IR YAML under build/
 	$(BIN)/embedpipe compile --config $(CONFIG)

@@ -16,7 +16,7 @@ from embedpipe.components.catalog import catalog
 from embedpipe.components.dedup import dedup
 from embedpipe.components.embed import embed
 from embedpipe.components.ingest import ingest
-from embedpipe.components.mine import combine, list_categories, mine, to_hf
+from embedpipe.components.mine import combine, mine, partition, to_hf
 from embedpipe.components.split import split
 from embedpipe.components.taxonomy import taxonomy
 
@@ -29,7 +29,7 @@ class Components:
     taxonomy: dsl.base_component.BaseComponent
     dedup: dsl.base_component.BaseComponent
     embed: dsl.base_component.BaseComponent
-    list_categories: dsl.base_component.BaseComponent
+    partition: dsl.base_component.BaseComponent
     mine: dsl.base_component.BaseComponent
     mine_gpu: dsl.base_component.BaseComponent
     combine: dsl.base_component.BaseComponent
@@ -50,7 +50,7 @@ def build_components(data_image: str, gpu_image: str) -> Components:
         taxonomy=data(taxonomy),
         dedup=data(dedup),
         embed=gpu(embed),
-        list_categories=data(list_categories),
+        partition=data(partition),
         mine=data(mine),  # CPU faiss in the data image,
         mine_gpu=gpu(mine),  # or faiss-gpu in the GPU image when GPUs are asked for
         combine=data(combine),

@@ -1,16 +1,17 @@
 from kfp.dsl import Dataset, Input, Metrics, Output
 
 
-def list_categories(metadata: Input[Dataset]) -> list:
-    """The categories to fan out over."""
-    from embedpipe.mine import list_categories as categories_of
+def partition(
+    metadata: Input[Dataset], embeddings: Input[Dataset], partitions: Output[Dataset]
+) -> list:
+    """Each category's images and vectors as a slice of its own; returns the categories."""
+    from embedpipe.mine import partition_by_category
 
-    return categories_of(metadata.path)
+    return sorted(partition_by_category(metadata.path, embeddings.path, partitions.path))
 
 
 def mine(
-    metadata: Input[Dataset],
-    embeddings: Input[Dataset],
+    partitions: Input[Dataset],
     category: str,
     top_k: int,
     query_splits: list,
@@ -25,7 +26,7 @@ def mine(
 ):
     """Hard negatives for one category (one ParallelFor iteration)."""
     from embedpipe.config import MineSettings
-    from embedpipe.mine import mine_category
+    from embedpipe.mine import mine_category, read_partitions
 
     config = MineSettings(
         top_k=top_k,
@@ -37,7 +38,7 @@ def mine(
         exact_max=exact_max,
         seed=seed,
     )
-    result = mine_category(metadata.path, embeddings.path, category, negatives.path, config)
+    result = mine_category(read_partitions(partitions.path)[category], negatives.path, config)
     for name, value in result.metrics().items():
         metrics.log_metric(name, value)
     negatives.metadata.update(category=category, skipped=result.skipped)

@@ -1,4 +1,4 @@
-"""mine: categories -> ParallelFor(mine one category) -> Collected -> combine -> to-hf."""
+"""mine: partition by category -> ParallelFor(mine) -> Collected -> combine -> to-hf."""
 
 from typing import NamedTuple
 
@@ -50,11 +50,12 @@ def build_pipeline(settings: Settings):
         embeddings = dsl.importer(
             artifact_uri=embeddings_uri, artifact_class=Dataset, reimport=False
         )
-        categories = parts.list_categories(metadata=metadata.output)
-        with dsl.ParallelFor(categories.output, parallelism=cfg.parallelism) as category:
+        partitioned = parts.partition(metadata=metadata.output, embeddings=embeddings.output)
+        with dsl.ParallelFor(
+            partitioned.outputs["Output"], parallelism=cfg.parallelism
+        ) as category:
             per_category = mine_one(
-                metadata=metadata.output,
-                embeddings=embeddings.output,
+                partitions=partitioned.outputs["partitions"],
                 category=category,
                 top_k=top_k,
                 query_splits=query_splits,

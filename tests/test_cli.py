@@ -231,3 +231,63 @@ def test_models_dedup_and_embed_commands(demo_images, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a photo of a box\na photo of a star\n")
     assert main(["embed-text", str(tmp_path / "p.txt"), "--out", str(tmp_path / "t"), *common]) == 0
     assert json.loads(capsys.readouterr().out)["embedded"] == 2
+
+
+def test_mine_combine_and_to_hf_commands(demo_images, tmp_path, capsys):
+    import datasets as hf
+    import numpy as np
+    import pyarrow as pa
+
+    from embedpipe import datasets as ep_datasets
+
+    meta = ep_datasets.read_table(
+        demo_images, "images", ["image_id", "category", "concept", "split"]
+    )
+    ep_datasets.write_table(str(tmp_path / "meta"), meta, "selection")
+    ids = list(dict.fromkeys(meta.column("image_id").to_pylist()))
+    matrix = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), 8)
+    ep_datasets.write_table(
+        str(tmp_path / "emb"), pa.table({"image_id": ids, "embedding": vectors}), "embeddings"
+    )
+    assert (
+        main(
+            [
+                "mine",
+                str(tmp_path / "meta"),
+                str(tmp_path / "emb"),
+                "--out",
+                str(tmp_path / "m"),
+                "--category",
+                "disc",
+                "--category",
+                "star",
+                "--top-k",
+                "2",
+            ]
+        )
+        == 0
+    )
+    mined = json.loads(capsys.readouterr().out)
+    assert [r["category"] for r in mined] == ["disc", "star"]
+    assert (
+        main(
+            [
+                "mine",
+                str(tmp_path / "meta"),
+                str(tmp_path / "emb"),
+                "--out",
+                str(tmp_path / "x"),
+                "--category",
+                "boats",
+            ]
+        )
+        == 1
+    )
+    assert "no category boats" in capsys.readouterr().err
+    outs = [str(tmp_path / "m" / "negatives" / c) for c in ("disc", "star")]
+    assert main(["combine", *outs, "--out", str(tmp_path / "c"), "--num-samples", "30"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 30
+    assert main(["to-hf", str(tmp_path / "c"), demo_images, "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 30
+    assert len(hf.load_from_disk(str(tmp_path / "hf"))) == 30

@@ -11,7 +11,13 @@ from embedpipe import datasets, storage
 from embedpipe.combine import combine_negatives
 from embedpipe.config import MineSettings
 from embedpipe.hf_export import export_to_hf
-from embedpipe.mine import list_categories, mine_category
+from embedpipe.mine import list_categories, mine_category, partition_by_category
+
+
+def mine(meta_uri, emb_uri, category, out, config):
+    """Partition once, then mine one category (the fan-out, sequentially)."""
+    partitions = partition_by_category(meta_uri, emb_uri, out + "-partitions")
+    return mine_category(partitions[category], out, config)
 
 
 def write_vectors(root: Path, spec: dict[str, int], per_concept: int, dim=16, seed=0, test_every=4):
@@ -51,7 +57,7 @@ def clustered(tmp_path):
 
 def test_exact_mode_matches_numpy_brute_force(clustered, tmp_path):
     meta_uri, emb_uri, vectors, meta = clustered
-    result = mine_category(meta_uri, emb_uri, "birds", str(tmp_path / "n"), MineSettings(top_k=5))
+    result = mine(meta_uri, emb_uri, "birds", str(tmp_path / "n"), MineSettings(top_k=5))
     assert result.index == "flat" and result.recall == 1.0
     info = {
         i: (c, s)
@@ -78,7 +84,7 @@ def test_bands_partition_the_scores(clustered, tmp_path):
     config = MineSettings(
         top_k=4, band_names=("easy", "medium", "hard", "hardest"), band_quantiles=(0.25, 0.5, 0.75)
     )
-    result = mine_category(meta_uri, emb_uri, "birds", str(tmp_path / "n"), config)
+    result = mine(meta_uri, emb_uri, "birds", str(tmp_path / "n"), config)
     pairs = [
         (s, b)
         for r in rows(result.out_uri)
@@ -99,22 +105,27 @@ def test_bands_partition_the_scores(clustered, tmp_path):
 def test_no_test_image_becomes_a_training_negative(clustered, tmp_path):
     meta_uri, emb_uri, _, meta = clustered
     split = dict(zip(meta["image_id"], meta["split"], strict=True))
-    result = mine_category(meta_uri, emb_uri, "cars", str(tmp_path / "n"), MineSettings())
+    result = mine(meta_uri, emb_uri, "cars", str(tmp_path / "n"), MineSettings())
     produced = rows(result.out_uri)
     assert produced and all(split[r["query_id"]] == "train" for r in produced)
     assert all(split[i] == "train" for r in produced for i in r["negative_ids"] + r["positive_ids"])
     config = MineSettings(query_splits=("test",), candidate_splits=("train",))
-    held_out = rows(mine_category(meta_uri, emb_uri, "cars", str(tmp_path / "t"), config).out_uri)
+    held_out = rows(mine(meta_uri, emb_uri, "cars", str(tmp_path / "t"), config).out_uri)
     assert all(split[r["query_id"]] == "test" for r in held_out)
     assert all(split[i] == "train" for r in held_out for i in r["negative_ids"])
 
 
 def test_categories_without_work_are_skipped_with_a_reason(clustered, tmp_path):
     meta_uri, emb_uri, _, _ = clustered
-    single = mine_category(meta_uri, emb_uri, "mugs", str(tmp_path / "m"), MineSettings())
+    single = mine(meta_uri, emb_uri, "mugs", str(tmp_path / "m"), MineSettings())
     assert single.skipped == "fewer than two concepts among the candidates"
     assert rows(single.out_uri) == []
-    absent = mine_category(meta_uri, emb_uri, "boats", str(tmp_path / "b"), MineSettings())
+    meta = datasets.read_table(meta_uri)
+    boats = pa.table(
+        {"image_id": ["boat-1"], "category": ["boats"], "concept": ["c0"], "split": ["train"]}
+    )
+    datasets.write_table(str(tmp_path / "meta2"), pa.concat_tables([meta, boats]), "selection")
+    absent = mine(str(tmp_path / "meta2"), emb_uri, "boats", str(tmp_path / "b"), MineSettings())
     assert absent.skipped == "no embedded images in this category"
     assert list_categories(meta_uri) == ["birds", "cars", "mugs"]
 
@@ -122,7 +133,7 @@ def test_categories_without_work_are_skipped_with_a_reason(clustered, tmp_path):
 def test_combine_is_order_independent_and_samples(clustered, tmp_path):
     meta_uri, emb_uri, _, _ = clustered
     outs = [
-        mine_category(meta_uri, emb_uri, c, str(tmp_path / c), MineSettings()).out_uri
+        mine(meta_uri, emb_uri, c, str(tmp_path / c), MineSettings()).out_uri
         for c in ("birds", "cars", "mugs")
     ]
     a = combine_negatives(outs, str(tmp_path / "a"), num_samples=20, seed=3)
@@ -140,9 +151,9 @@ def test_approximate_indexes_report_their_recall(tmp_path, index):
         tmp_path, {"big": 20}, per_concept=60, dim=32, test_every=10**6
     )
     config = MineSettings(top_k=5, index=index, ivf_nprobe=2, recall_sample=200)
-    result = mine_category(meta_uri, emb_uri, "big", str(tmp_path / "n"), config)
+    result = mine(meta_uri, emb_uri, "big", str(tmp_path / "n"), config)
     assert result.index == index and 0.0 < result.recall <= 1.0
-    exact = mine_category(meta_uri, emb_uri, "big", str(tmp_path / "e"), MineSettings(top_k=5))
+    exact = mine(meta_uri, emb_uri, "big", str(tmp_path / "e"), MineSettings(top_k=5))
     assert exact.recall == 1.0 and exact.queries == result.queries == 20 * 59  # image 0: test
 
 
@@ -162,7 +173,7 @@ def test_hugging_face_export_reloads_with_the_image_bytes(demo_images, tmp_path)
         }
     )
     datasets.write_table(str(tmp_path / "emb"), emb, "embeddings")
-    mined = mine_category(
+    mined = mine(
         str(tmp_path / "meta"),
         str(tmp_path / "emb"),
         "star",
@@ -197,7 +208,7 @@ def test_hugging_face_export_to_s3(demo_images, bucket, tmp_path):
         "embeddings",
     )
     category = table.column("category")[0].as_py()
-    mined = mine_category(
+    mined = mine(
         str(tmp_path / "meta"),
         str(tmp_path / "emb"),
         category,

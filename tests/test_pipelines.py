@@ -138,7 +138,7 @@ def test_mine_pipeline_compiles_a_parallel_fan_out(tmp_path):
     assert sorted(Path(p).name for p in paths) == ["mine.yaml", "preprocess.yaml"]
     tasks = spec["root"]["dag"]["tasks"]
     loop = tasks["for-loop-1"]
-    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("list-categories-Output")
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("partition-Output")
     assert loop["iteratorPolicy"]["parallelismLimit"] == 3
     importers = [name for name in spec["deploymentSpec"]["executors"] if "importer" in name]
     assert len(importers) == 3

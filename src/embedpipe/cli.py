@@ -202,14 +202,21 @@ def cmd_embed_text(args: argparse.Namespace) -> None:
 
 def cmd_mine(args: argparse.Namespace) -> None:
     from embedpipe import storage
-    from embedpipe.mine import list_categories, mine_category
+    from embedpipe.mine import mine_category, partition_by_category
 
     settings = _settings(args, MINE_FLAGS)
-    categories = args.category or list_categories(args.metadata)
-    results = []
-    for category in categories:
-        out = args.out if len(categories) == 1 else storage.join(args.out, category)
-        results.append(mine_category(args.metadata, args.embeddings, category, out, settings.mine))
+    partitions = partition_by_category(
+        args.metadata, args.embeddings, storage.join(args.out, "partitions")
+    )
+    unknown = sorted(set(args.category or []) - set(partitions))
+    if unknown:
+        raise ValueError(f"{args.metadata}: no category {', '.join(unknown)}")
+    results = [
+        mine_category(
+            partitions[category], storage.join(args.out, "negatives", category), settings.mine
+        )
+        for category in args.category or sorted(partitions)
+    ]
     print(json.dumps([asdict(r) for r in results], indent=2, sort_keys=True))
 
 
@@ -399,11 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mine.add_argument("embeddings", metavar="EMBEDDINGS", help="dataset written by `embed`")
     mine.add_argument(
-        "--category",
-        action="append",
-        help="category to mine (repeatable; default: every category, each into OUT/<category>)",
+        "--category", action="append", help="category to mine (repeatable; default: all)"
     )
-    mine.add_argument("--out", required=True, metavar="URI", help="output dataset folder")
+    mine.add_argument(
+        "--out",
+        required=True,
+        metavar="URI",
+        help="output folder: OUT/partitions, and OUT/negatives/<category> for each",
+    )
     _add_flags(mine, MINE_FLAGS)
     mine.set_defaults(handler=cmd_mine)
 

@@ -25,7 +25,8 @@ from embedpipe import __version__, storage
 MANIFEST_NAME = "_manifest.json"
 CONFIG_NAME = "config.json"
 SHARD_PATTERN = re.compile(r"^part-\d{5}-[0-9a-f]{16}\.parquet$")
-NO_COMPRESSION_COLUMNS = ("image",)  # encoded images do not shrink further
+# Encoded images and float vectors do not shrink further; compressing them only costs time.
+NO_COMPRESSION_COLUMNS = ("image", "embedding")
 
 
 class DatasetError(RuntimeError):

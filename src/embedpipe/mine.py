@@ -26,11 +26,15 @@ import pyarrow.compute as pc
 
 from embedpipe import datasets, storage
 from embedpipe.config import MineSettings
-from embedpipe.schemas import EMBEDDINGS_KIND, NEGATIVES_KIND
+from embedpipe.schemas import EMBEDDINGS_KIND, NEGATIVES_KIND, PARTITION_KIND
 
 log = logging.getLogger(__name__)
 
 META_COLUMNS = ["image_id", "category", "concept", "split"]
+PARTITIONS_JSON = "partitions.json"
+# Partitions are an internal hand-over: vectors travel as raw little-endian float32 in a
+# fixed-width binary column, which Parquet writes and reads far faster than a list column.
+VECTOR_COLUMN = "vector"
 NEGATIVES_SCHEMA = pa.schema(
     [
         pa.field("query_id", pa.string(), nullable=False),
@@ -69,34 +73,81 @@ def list_categories(metadata_uri: str) -> list[str]:
     return sorted(pc.unique(table.column("category")).to_pylist())
 
 
-def _category_rows(metadata_uri: str, embeddings_uri: str, category: str) -> pa.Table:
-    """The category's distinct images with their vectors (rows without one are left out)."""
+def partition_by_category(metadata_uri: str, embeddings_uri: str, out_uri: str) -> dict[str, str]:
+    """Write each category's distinct images with their vectors as a dataset of its own.
+
+    The fan-out reads the inputs once here; each per-category task then reads only its
+    slice. Returns category -> partition URI (a category without vectors gets an empty one).
+    """
+    out_uri = storage.normalize(out_uri)
     meta = datasets.read_table(metadata_uri, columns=META_COLUMNS)
-    meta = meta.filter(pc.equal(meta.column("category"), category))
     first_row: dict[str, int] = {}
     for row, image_id in enumerate(meta.column("image_id").to_pylist()):
         first_row.setdefault(image_id, row)
     meta = meta.take(pa.array(sorted(first_row.values()), pa.int64()))
     vectors = datasets.read_table(embeddings_uri, EMBEDDINGS_KIND)
-    # Arrow joins cannot carry fixed-size-list columns: look the vectors up by id instead.
+    # Arrow joins cannot carry fixed-size-list columns: look the vectors up by id, in
+    # (category, image_id) order worked out on the metadata, so the vectors move once.
     vector_row = {
         image_id: row for row, image_id in enumerate(vectors.column("image_id").to_pylist())
     }
-    pairs = [
-        (row, vector_row[image_id])
-        for row, image_id in enumerate(meta.column("image_id").to_pylist())
-        if image_id in vector_row
+    meta = meta.filter(pc.is_in(meta.column("image_id"), vectors.column("image_id")))
+    meta = meta.sort_by([("category", "ascending"), ("image_id", "ascending")])
+    rows = np.array([vector_row[i] for i in meta.column("image_id").to_pylist()], np.int64)
+    ordered = np.ascontiguousarray(embedding_matrix(vectors.column("embedding"))[rows])
+    joined = meta.append_column(VECTOR_COLUMN, _as_fixed_binary(ordered))
+    categories = joined.column("category").to_numpy(zero_copy_only=False)
+    folders = {}
+    for number, category in enumerate(list_categories(metadata_uri)):
+        members = np.flatnonzero(categories == category)
+        folders[category] = f"category-{number:05d}"
+        part = joined.slice(members[0], len(members)) if len(members) else joined.slice(0, 0)
+        datasets.write_table(
+            storage.join(out_uri, folders[category]),
+            part,
+            PARTITION_KIND,
+            extra={"category": category},
+        )
+    # Folder names, not paths: a cluster task sees the artifact under a path of its own.
+    storage.write_json(storage.join(out_uri, PARTITIONS_JSON), folders)
+    return read_partitions(out_uri)
+
+
+def read_partitions(out_uri: str) -> dict[str, str]:
+    """Category -> partition URI, for partitions written at ``out_uri``."""
+    out_uri = storage.normalize(out_uri)
+    folders = storage.read_json(storage.join(out_uri, PARTITIONS_JSON))
+    return {category: storage.join(out_uri, folder) for category, folder in folders.items()}
+
+
+def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """An (n, dim) float32 array of a ``fixed_size_list<float32>`` embedding column
+    (a view, not a copy, when the column is one chunk)."""
+    dim = column.type.list_size
+    parts = [
+        chunk.values.to_numpy(zero_copy_only=False)[
+            chunk.offset * dim : (chunk.offset + len(chunk)) * dim
+        ].reshape(-1, dim)
+        for chunk in column.chunks
     ]
-    meta = meta.take(pa.array([row for row, _ in pairs], pa.int64()))
-    embedding = vectors.column("embedding").take(pa.array([row for _, row in pairs], pa.int64()))
-    return meta.append_column("embedding", embedding).sort_by("image_id")
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _as_fixed_binary(matrix: np.ndarray) -> pa.Array:
+    width = matrix.shape[1] * matrix.itemsize
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(matrix), [None, pa.py_buffer(matrix.astype("<f4", copy=False))]
+    )
 
 
 def _vectors(table: pa.Table) -> np.ndarray:
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    matrix = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-    faiss.normalize_L2(matrix)  # cosine similarity as inner product, whatever was stored
+    """The partition's vectors, unit-normalised (cosine similarity as inner product)."""
+    array = table.column(VECTOR_COLUMN).combine_chunks()
+    width = array.type.byte_width
+    raw = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    raw = raw[array.offset * width : (array.offset + len(array)) * width]
+    matrix = raw.view("<f4").reshape(len(array), width // 4).astype(np.float32)
+    faiss.normalize_L2(matrix)
     return matrix
 
 
@@ -144,13 +195,12 @@ def assign_bands(scores: np.ndarray, config: MineSettings) -> tuple[np.ndarray, 
     return np.searchsorted(edges, scores, side="right"), edges
 
 
-def mine_category(
-    metadata_uri: str, embeddings_uri: str, category: str, out_uri: str, config: MineSettings
-) -> MineResult:
-    """Hard negatives for one category, written as a dataset at ``out_uri``."""
+def mine_category(partition_uri: str, out_uri: str, config: MineSettings) -> MineResult:
+    """Hard negatives for the category of one partition, written as a dataset at ``out_uri``."""
     started = time.perf_counter()
     out_uri = storage.normalize(out_uri)
-    rows = _category_rows(metadata_uri, embeddings_uri, category)
+    category = datasets.read_manifest(partition_uri, PARTITION_KIND)["category"]
+    rows = datasets.read_table(partition_uri, PARTITION_KIND)
     splits = np.array(rows.column("split").to_pylist(), dtype=object)
     concepts = np.array(rows.column("concept").to_pylist(), dtype=object)
     ids = np.array(rows.column("image_id").to_pylist(), dtype=object)
@@ -186,19 +236,19 @@ def mine_category(
             config,
         )
 
+    _, concept_codes = np.unique(concepts, return_inverse=True)
     negatives, negative_scores, counts = _first_other_concepts(
         candidate_rows[neighbours.clip(min=0)],
         scores,
         neighbours >= 0,
         query_rows,
-        concepts,
-        ids,
+        concept_codes,
         config.top_k,
     )
     bands, edges = assign_bands(negative_scores, config)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     dictionary = pa.array(ids.tolist(), pa.string())
-    positive_offsets, positive_rows = _positives(query_rows, candidate_rows, concepts)
+    positive_offsets, positive_rows = _positives(query_rows, candidate_rows, concept_codes)
     table = pa.table(
         {
             "query_id": pa.array(ids[query_rows].tolist(), pa.string()),
@@ -246,23 +296,29 @@ def mine_category(
     return _finish(out_uri, table, result)
 
 
-def _first_other_concepts(hits, scores, found, query_rows, concepts, ids, top_k):
-    """Per query, its first ``top_k`` hits of another concept (and another image id).
+def _first_other_concepts(hits, scores, found, query_rows, concept_codes, top_k):
+    """Per query, its first ``top_k`` hits of another concept.
 
+    Rows of a partition are distinct images, so another concept is also another image.
     Returns the hit rows and scores, flattened query by query, and the count per query.
     """
-    keep = found & (concepts[hits] != concepts[query_rows][:, None])
-    keep &= ids[hits] != ids[query_rows][:, None]
+    keep = found & (concept_codes[hits] != concept_codes[query_rows][:, None])
     keep &= np.cumsum(keep, axis=1) <= top_k
     return hits[keep], scores[keep], keep.sum(axis=1)
 
 
-def _positives(query_rows: np.ndarray, candidate_rows: np.ndarray, concepts: np.ndarray):
+def _positives(query_rows: np.ndarray, candidate_rows: np.ndarray, concept_codes: np.ndarray):
     """List offsets and rows: each query's concept-mates among the candidates, itself excluded."""
-    members: dict[str, np.ndarray] = {}
-    for concept in np.unique(concepts[query_rows]):
-        members[concept] = candidate_rows[concepts[candidate_rows] == concept]
-    lists = [members[concepts[q]][members[concepts[q]] != q] for q in query_rows]
+    order = np.argsort(concept_codes[candidate_rows], kind="stable")
+    sorted_rows = candidate_rows[order]
+    starts = np.searchsorted(concept_codes[sorted_rows], concept_codes[query_rows], side="left")
+    ends = np.searchsorted(concept_codes[sorted_rows], concept_codes[query_rows], side="right")
+    lists = [
+        group[group != query]
+        for group, query in zip(
+            (sorted_rows[a:b] for a, b in zip(starts, ends, strict=True)), query_rows, strict=True
+        )
+    ]
     offsets = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int32)
     rows = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
     return offsets, rows

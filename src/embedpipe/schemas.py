@@ -11,6 +11,7 @@ TEXT_EMBEDDINGS_KIND = "text-embeddings"
 DEDUP_KIND = "dedup"
 SELECTION_KIND = "selection"
 NEGATIVES_KIND = "hard-negatives"
+PARTITION_KIND = "category-embeddings"
 
 IMAGES_SCHEMA = pa.schema(
     [
