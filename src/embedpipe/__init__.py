@@ -1,6 +1,11 @@
 """embedpipe: images in, trained and published embedding models out."""
 
+import logging
 from importlib.metadata import PackageNotFoundError, version
+
+# faiss logs each CPU-specific library it fails to load before the one that works; at INFO
+# that reads like an error to users. Its real failures are raised, not logged.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 try:
     __version__ = version("embedpipe")
