@@ -104,6 +104,12 @@ def test_stage_commands_chain_and_flags_override_the_config(demo_dir, tmp_path, 
     assert datasets.read_manifest(str(tmp_path / "s"))["kind"] == "splits"
 
 
+def test_boolean_flags_refuse_other_words(capsys):
+    with pytest.raises(SystemExit):
+        main(["taxonomy", "x", "--out", "y", "--keep-genus-in-train", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
 def test_errors_name_the_problem_and_exit_non_zero(tmp_path, capsys):
     assert main(["ingest", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]) == 1
     assert "absent: source does not exist" in capsys.readouterr().err

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from embedpipe import datasets, storage
 from embedpipe.config import CatalogSettings
+from embedpipe.results import StageMetrics
 from embedpipe.schemas import CATALOG_KIND, CATALOG_SCHEMA, IMAGES_KIND
 from embedpipe.seeding import rng_for
 
@@ -38,7 +39,7 @@ class CatalogError(ValueError):
 
 
 @dataclass(frozen=True)
-class CatalogResult:
+class CatalogResult(StageMetrics):
     out_uri: str
     mode: str
     categories: int
@@ -46,9 +47,6 @@ class CatalogResult:
     train_images: int
     test_images: int
     unused_images: int
-
-    def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if k not in ("out_uri", "mode")}
 
 
 def relative_path(source: str, roots: list[str]) -> str:

@@ -30,7 +30,12 @@ class Flag:
 
 
 def _bool_flag(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes")
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes"):
+        return True
+    if lowered in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 INGEST_FLAGS = (

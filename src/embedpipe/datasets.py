@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedpipe import __version__, storage
+from embedpipe.schemas import IMAGES_KIND
 
 MANIFEST_NAME = "_manifest.json"
 CONFIG_NAME = "config.json"
@@ -217,6 +218,18 @@ def iter_batches(
         fs, path = storage.arrow_filesystem(shard_uri)
         with fs.open_input_file(path) as handle:
             yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def image_bytes(images_uri: str, image_ids: set[str]) -> dict[str, bytes]:
+    """The encoded bytes of the given images, read from an image dataset in one pass."""
+    found: dict[str, bytes] = {}
+    for batch in iter_batches(images_uri, IMAGES_KIND, ["image_id", "image"], 512):
+        for image_id, data in zip(batch.column(0).to_pylist(), batch.column(1), strict=True):
+            if image_id in image_ids and image_id not in found:
+                found[image_id] = data.as_py()
+        if len(found) == len(image_ids):
+            break
+    return found
 
 
 def save_config(out_uri: str, stage: str, config: Any) -> None:

@@ -15,7 +15,7 @@ import collections
 import functools
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -27,6 +27,7 @@ from embedpipe import datasets, parallel, storage
 from embedpipe.config import DedupSettings
 from embedpipe.dedup_report import render_report
 from embedpipe.fingerprints import code_bytes, fingerprint_chunk
+from embedpipe.results import StageMetrics
 from embedpipe.schemas import DEDUP_KIND, IMAGES_KIND, SELECTION_KIND, SPLITS_KIND
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ MAX_FLIPS = 3  # beyond this, probing costs more than comparing every pair
 
 
 @dataclass(frozen=True)
-class DedupResult:
+class DedupResult(StageMetrics):
     out_uri: str
     images: int
     distinct_images: int
@@ -54,9 +55,6 @@ class DedupResult:
     dropped: int
     kept: int
     seconds: float
-
-    def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if k != "out_uri"}
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:

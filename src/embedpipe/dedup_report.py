@@ -11,7 +11,6 @@ import io
 from PIL import Image
 
 from embedpipe import datasets
-from embedpipe.schemas import IMAGES_KIND
 
 THUMBNAIL_SIDE = 96
 STYLE = """
@@ -39,23 +38,12 @@ def _thumbnail(data: bytes) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _image_bytes(images_uri: str, wanted: set[str]) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    for batch in datasets.iter_batches(images_uri, IMAGES_KIND, ["image_id", "image"], 256):
-        for image_id, data in zip(batch.column(0).to_pylist(), batch.column(1), strict=True):
-            if image_id in wanted and image_id not in found:
-                found[image_id] = data.as_py()
-        if len(found) == len(wanted):
-            break
-    return found
-
-
 def render_report(images_uri: str, records: list[dict], leakage: dict, config) -> str:
     groups: dict[int, list[dict]] = {}
     for record in records:
         groups.setdefault(record["group_id"], []).append(record)
     shown = sorted(groups)[: config.report_groups]  # group ids are ordered largest first
-    pictures = _image_bytes(images_uri, {r["image_id"] for g in shown for r in groups[g]})
+    pictures = datasets.image_bytes(images_uri, {r["image_id"] for g in shown for r in groups[g]})
     escape = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>embedpipe dedup</title>",

@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,7 @@ from embedpipe import datasets, storage
 from embedpipe.config import EmbedSettings
 from embedpipe.models.loading import LoadedModel, load_model
 from embedpipe.models.registry import ModelEntry, get_entry
+from embedpipe.results import StageMetrics
 from embedpipe.schemas import EMBEDDINGS_KIND, IMAGES_KIND, TEXT_EMBEDDINGS_KIND
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,12 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
-class EmbedResult:
+class EmbedResult(StageMetrics):
     out_uri: str
     embedded: int
     resumed_shards: int
     dim: int
     seconds: float
-
-    def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if k != "out_uri"}
 
 
 def resolve_device(device: str) -> torch.device:

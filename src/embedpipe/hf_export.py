@@ -15,7 +15,7 @@ import tempfile
 import datasets as hf
 
 from embedpipe import datasets, storage
-from embedpipe.schemas import IMAGES_KIND, NEGATIVES_KIND
+from embedpipe.schemas import NEGATIVES_KIND
 from embedpipe.seeding import rng_for
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,6 @@ FEATURES = hf.Features(
 PUBLISHED_LAST = "state.json"
 
 
-def _image_bytes(images_uri: str, wanted: set[str]) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    for batch in datasets.iter_batches(images_uri, IMAGES_KIND, ["image_id", "image"], 512):
-        for image_id, data in zip(batch.column(0).to_pylist(), batch.column(1), strict=True):
-            if image_id in wanted and image_id not in found:
-                found[image_id] = data.as_py()
-    return found
-
-
 def export_to_hf(
     negatives_uri: str, images_uri: str, out_uri: str, max_positives: int = 1, seed: int = 0
 ) -> int:
@@ -57,7 +48,7 @@ def export_to_hf(
         row["positive_ids"] = positives[:max_positives]
     wanted = {r["query_id"] for r in rows}
     wanted.update(i for r in rows for i in r["positive_ids"] + r["negative_ids"])
-    pictures = _image_bytes(images_uri, wanted)
+    pictures = datasets.image_bytes(images_uri, wanted)
     missing = wanted - pictures.keys()
     if missing:
         raise ValueError(

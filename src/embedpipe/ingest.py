@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from embedpipe import datasets, parallel, storage
 from embedpipe.config import IngestSettings
+from embedpipe.results import StageMetrics
 from embedpipe.schemas import IMAGES_KIND, IMAGES_SCHEMA, REJECTED_SCHEMA
 from embedpipe.sources import LayoutError, Member, SourceReader, resolve_source
 
@@ -36,7 +37,7 @@ REJECTED_NAME = "rejected.parquet"
 
 
 @dataclass(frozen=True)
-class IngestResult:
+class IngestResult(StageMetrics):
     out_uri: str
     images: int
     distinct_images: int
@@ -44,9 +45,6 @@ class IngestResult:
     skipped_non_image: int
     shards: int
     seconds: float
-
-    def metrics(self) -> dict[str, float]:
-        return {key: value for key, value in asdict(self).items() if key != "out_uri"}
 
 
 def inspect_image(data: bytes) -> tuple[str, int, int] | str:

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from embedpipe import datasets, storage
 from embedpipe.config import MineSettings
+from embedpipe.results import StageMetrics
 from embedpipe.schemas import EMBEDDINGS_KIND, NEGATIVES_KIND, PARTITION_KIND
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ NEGATIVES_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class MineResult:
+class MineResult(StageMetrics):
     out_uri: str
     category: str
     queries: int
@@ -59,13 +60,6 @@ class MineResult:
     seconds: float
     skipped: str = ""  # why the category produced no rows
     band_edges: list[float] = field(default_factory=list)
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            k: v
-            for k, v in asdict(self).items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
 
 
 def list_categories(metadata_uri: str) -> list[str]:

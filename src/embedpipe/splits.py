@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from embedpipe import datasets, storage
 from embedpipe.catalog import perva_layout
 from embedpipe.config import SplitSettings
+from embedpipe.results import StageMetrics
 from embedpipe.schemas import CATALOG_KIND, SPLITS_KIND, SPLITS_SCHEMA
 from embedpipe.seeding import rng_for
 
@@ -39,16 +40,13 @@ REPORT_MD = "split_report.md"
 
 
 @dataclass(frozen=True)
-class SplitResult:
+class SplitResult(StageMetrics):
     out_uri: str
     train_concepts: int
     val_concepts: int
     train_images: int
     val_images: int
     unused_images: int
-
-    def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if k != "out_uri"}
 
 
 def test_sample_size(n_test: int, config: SplitSettings) -> int:

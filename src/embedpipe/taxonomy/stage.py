@@ -17,7 +17,7 @@ thousand names cost.
 
 import collections
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from embedpipe import datasets, storage
 from embedpipe.config import TaxonomySettings
+from embedpipe.results import StageMetrics
 from embedpipe.schemas import IMAGES_KIND, TAXONOMY_KIND
 from embedpipe.taxonomy import RANKS
 from embedpipe.taxonomy.labels import caption, key_of, lineage, rank_keys, taxonomic_name
@@ -47,7 +48,7 @@ class TaxonomyInputError(ValueError):
 
 
 @dataclass(frozen=True)
-class TaxonomyResult:
+class TaxonomyResult(StageMetrics):
     out_uri: str
     names: int
     known_names: int
@@ -58,9 +59,6 @@ class TaxonomyResult:
     train_images: int
     val_images: int
     test_images: int
-
-    def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if k != "out_uri"}
 
 
 @dataclass(frozen=True)
