@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import harness
-import torch
 from PIL import Image
 
 from embedpipe import datasets
@@ -38,6 +37,7 @@ SMALL_MODEL = ModelEntry(
 
 def model_flops_per_image(model, size: int, device) -> float:
     """Forward FLOPs of one image, counted by torch's FLOP counter."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
@@ -46,6 +46,8 @@ def model_flops_per_image(model, size: int, device) -> float:
 
 
 def ceiling(entry, images_uri: str, config: EmbedSettings) -> tuple[float, float]:
+    import torch  # after embedpipe.embed, which sets the OpenMP wait policy first
+
     device = resolve_device(config.device)
     model = load_model(entry, "random", str(device))
     table = datasets.read_table(images_uri, "images", ["image"])
@@ -102,6 +104,8 @@ def main() -> None:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
+    import torch
+
     print(
         f"model {entry.name} ({entry.architecture}), device {args.device}, "
         f"{torch.get_num_threads()} torch threads, {args.num_workers} decoding worker(s)"
