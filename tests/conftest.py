@@ -153,3 +153,28 @@ def tiny_entry():
         text=True,
         open_clip_config=TINY_OPEN_CLIP,
     )
+
+
+def random_embeddings(
+    images_uri: str, out: Path, dim: int, seed: int = 0, only_split=None, limit=None
+) -> tuple[str, str]:
+    """The images' metadata as a selection, and random vectors for its distinct ids as an
+    embeddings dataset: input for mining when the vectors' values do not matter."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from embedpipe import datasets
+
+    meta = datasets.read_table(images_uri, "images", ["image_id", "category", "concept", "split"])
+    if only_split:
+        meta = meta.filter(pc.equal(meta.column("split"), only_split))
+    meta = meta.slice(0, limit)
+    ids = list(dict.fromkeys(meta.column("image_id").to_pylist()))
+    matrix = np.random.default_rng(seed).normal(size=(len(ids), dim)).astype(np.float32)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dim)
+    datasets.write_table(str(out / "meta"), meta, "selection")
+    datasets.write_table(
+        str(out / "emb"), pa.table({"image_id": ids, "embedding": vectors}), "embeddings"
+    )
+    return str(out / "meta"), str(out / "emb")

@@ -241,21 +241,9 @@ def test_models_dedup_and_embed_commands(demo_images, tmp_path, capsys):
 
 def test_mine_combine_and_to_hf_commands(demo_images, tmp_path, capsys):
     import datasets as hf
-    import numpy as np
-    import pyarrow as pa
+    from conftest import random_embeddings
 
-    from embedpipe import datasets as ep_datasets
-
-    meta = ep_datasets.read_table(
-        demo_images, "images", ["image_id", "category", "concept", "split"]
-    )
-    ep_datasets.write_table(str(tmp_path / "meta"), meta, "selection")
-    ids = list(dict.fromkeys(meta.column("image_id").to_pylist()))
-    matrix = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32)
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), 8)
-    ep_datasets.write_table(
-        str(tmp_path / "emb"), pa.table({"image_id": ids, "embedding": vectors}), "embeddings"
-    )
+    random_embeddings(demo_images, tmp_path, dim=8)
     assert (
         main(
             [

@@ -4,8 +4,8 @@ from pathlib import Path
 import datasets as hf
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
+from conftest import random_embeddings
 
 from embedpipe import datasets, storage
 from embedpipe.combine import combine_negatives
@@ -158,24 +158,10 @@ def test_approximate_indexes_report_their_recall(tmp_path, index):
 
 
 def test_hugging_face_export_reloads_with_the_image_bytes(demo_images, tmp_path):
-    table = datasets.read_table(demo_images, "images", ["image_id", "category", "concept", "split"])
-    first = {}
-    for row in table.to_pylist():
-        first.setdefault(row["image_id"], row)
-    meta = pa.Table.from_pylist(list(first.values()))
-    datasets.write_table(str(tmp_path / "meta"), meta, "selection")
-    rng = np.random.default_rng(0)
-    matrix = rng.normal(size=(meta.num_rows, 8)).astype(np.float32)
-    emb = pa.table(
-        {
-            "image_id": meta.column("image_id"),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), 8),
-        }
-    )
-    datasets.write_table(str(tmp_path / "emb"), emb, "embeddings")
+    meta_uri, emb_uri = random_embeddings(demo_images, tmp_path, dim=8)
     mined = mine(
-        str(tmp_path / "meta"),
-        str(tmp_path / "emb"),
+        meta_uri,
+        emb_uri,
         "star",
         str(tmp_path / "n"),
         MineSettings(top_k=2),
@@ -193,24 +179,14 @@ def test_hugging_face_export_reloads_with_the_image_bytes(demo_images, tmp_path)
 
 
 def test_hugging_face_export_to_s3(demo_images, bucket, tmp_path):
-    table = datasets.read_table(demo_images, "images", ["image_id", "category", "concept", "split"])
-    table = table.filter(pc.equal(table.column("split"), "train")).slice(0, 60)
-    datasets.write_table(str(tmp_path / "meta"), table, "selection")
-    matrix = np.random.default_rng(1).normal(size=(60, 4)).astype(np.float32)
-    datasets.write_table(
-        str(tmp_path / "emb"),
-        pa.table(
-            {
-                "image_id": table.column("image_id"),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), 4),
-            }
-        ),
-        "embeddings",
+    meta_uri, emb_uri = random_embeddings(
+        demo_images, tmp_path, dim=4, seed=1, only_split="train", limit=60
     )
+    table = datasets.read_table(meta_uri)
     category = table.column("category")[0].as_py()
     mined = mine(
-        str(tmp_path / "meta"),
-        str(tmp_path / "emb"),
+        meta_uri,
+        emb_uri,
         category,
         str(tmp_path / "n"),
         MineSettings(top_k=1),
