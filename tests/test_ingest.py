@@ -108,6 +108,15 @@ def test_rewrite_removes_stale_shards(demo_dir, tmp_path, one_worker):
     ]
 
 
+def test_rewrite_leaves_datasets_in_subfolders_alone(tmp_path):
+    import pyarrow as pa
+
+    nested = datasets.write_table(str(tmp_path / "out" / "inner"), pa.table({"x": [1]}), "t")
+    datasets.write_table(str(tmp_path / "out"), pa.table({"y": [2]}), "t")
+    assert datasets.read_table(str(tmp_path / "out" / "inner")).column("x").to_pylist() == [1]
+    assert (tmp_path / "out" / "inner" / nested["shards"][0]["path"]).is_file()
+
+
 @pytest.mark.parametrize("mode,suffix", [("w", ".tar"), ("w:gz", ".tar.gz")])
 def test_tar_archives_give_the_same_images_as_the_folder(tmp_path, one_worker, mode, suffix):
     root = flat_tree(tmp_path / "src")

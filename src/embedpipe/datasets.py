@@ -155,9 +155,11 @@ def write_manifest(
 
 
 def _remove_stale_shards(out_uri: str, keep: set[str]) -> None:
+    """Delete this dataset's unlisted shards; datasets in subfolders are not its own."""
+    prefix = out_uri.rstrip("/") + "/"
     for entry in storage.list_files(out_uri):
-        name = entry.uri.rsplit("/", 1)[-1]
-        if SHARD_PATTERN.match(name) and name not in keep:
+        name = entry.uri[len(prefix) :]
+        if "/" not in name and SHARD_PATTERN.match(name) and name not in keep:
             storage.delete(entry.uri)
 
 

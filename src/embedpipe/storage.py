@@ -107,10 +107,6 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), normalize(uri)
 
 
-def _uri_for(uri: str, fs_path: str) -> str:
-    return f"{S3_SCHEME}{fs_path}" if is_s3(uri) else fs_path
-
-
 def file_type(uri: str) -> pafs.FileType:
     fs, path = arrow_filesystem(uri)
     try:
