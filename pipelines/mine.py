@@ -8,6 +8,7 @@ from kfp.dsl import Dataset
 from embedpipe import storage
 from embedpipe.components import build_components
 from embedpipe.config import ConfigError, Settings
+from embedpipe.pipelines.cluster import place
 
 PIPELINE_NAME = "embedpipe-mine"
 # Where each input comes from in a local preprocess run (see pipelines/local.py).
@@ -20,7 +21,7 @@ PREPROCESS_OUTPUTS = {
 
 def build_pipeline(settings: Settings):
     parts = build_components(settings.images.data_image, settings.images.gpu_image)
-    cfg = settings.mine
+    cfg, cluster = settings.mine, settings.cluster
     mine_one = parts.mine_gpu if cfg.accelerator_type else parts.mine
 
     class Outputs(NamedTuple):
@@ -28,7 +29,9 @@ def build_pipeline(settings: Settings):
         hf_dataset: Dataset
 
     @dsl.pipeline(
-        name=PIPELINE_NAME, description="Per-category hard negatives, combined, as a HF Dataset"
+        name=PIPELINE_NAME,
+        description="Per-category hard negatives, combined, as a HF Dataset",
+        pipeline_root=cluster.pipeline_root or None,
     )
     def mine(
         images_uri: str,
@@ -51,6 +54,7 @@ def build_pipeline(settings: Settings):
             artifact_uri=embeddings_uri, artifact_class=Dataset, reimport=False
         )
         partitioned = parts.partition(metadata=metadata.output, embeddings=embeddings.output)
+        place(partitioned, cluster, cache=True)
         with dsl.ParallelFor(
             partitioned.outputs["Output"], parallelism=cfg.parallelism
         ) as category:
@@ -66,20 +70,26 @@ def build_pipeline(settings: Settings):
                 exact_max=exact_max,
                 seed=seed,
             )
-            if cfg.accelerator_type:
-                per_category.set_accelerator_type(cfg.accelerator_type)
-                per_category.set_accelerator_limit(cfg.accelerator_limit)
+            place(
+                per_category,
+                cluster,
+                cache=True,
+                accelerator_type=cfg.accelerator_type,
+                accelerator_limit=cfg.accelerator_limit,
+            )
         combined = parts.combine(
             per_category=dsl.Collected(per_category.outputs["negatives"]),
             num_samples=num_samples,
             seed=seed,
         )
+        place(combined, cluster, cache=True)
         hf_dataset = parts.to_hf(
             negatives=combined.outputs["combined"],
             images=images.output,
             max_positives=max_positives,
             seed=seed,
         )
+        place(hf_dataset, cluster, cache=True)
         return Outputs(
             negatives=combined.outputs["combined"], hf_dataset=hf_dataset.outputs["hf_dataset"]
         )

@@ -9,6 +9,7 @@ from embedpipe import storage
 from embedpipe.components import build_components
 from embedpipe.config import ConfigError, Settings
 from embedpipe.models.registry import get_entry
+from embedpipe.pipelines.cluster import place
 
 PIPELINE_NAME = "embedpipe-preprocess"
 
@@ -19,6 +20,7 @@ def build_pipeline(settings: Settings):
     ingest_cfg, catalog_cfg, split_cfg = settings.ingest, settings.catalog, settings.split
     taxonomy_cfg, dedup_cfg, embed_cfg = settings.taxonomy, settings.dedup, settings.embed
     model_spec = get_entry(embed_cfg.model, settings.models).model_dump_json()
+    cluster = settings.cluster
 
     class Outputs(NamedTuple):
         images: Dataset
@@ -26,7 +28,11 @@ def build_pipeline(settings: Settings):
         splits: Dataset
         embeddings: Dataset
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Images -> Parquet shards -> catalog -> splits")
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Images -> Parquet shards -> catalog -> splits -> dedup -> embeddings",
+        pipeline_root=cluster.pipeline_root or None,
+    )
     def preprocess(
         sources: list[str],
         rows_per_shard: int = ingest_cfg.rows_per_shard,
@@ -79,7 +85,8 @@ def build_pipeline(settings: Settings):
             split_dirnames=split_dirnames,
         )
         # The sources are URIs whose content KFP cannot see: never reuse a cached ingest.
-        ingest_task.set_caching_options(False).set_retry(num_retries=2, backoff_duration="30s")
+        # Every later step is a function of its input artifacts and parameters: cached.
+        place(ingest_task, cluster, cache=False)
         catalog_task = parts.catalog(
             images=ingest_task.outputs["images"],
             num_train=num_train,
@@ -87,6 +94,7 @@ def build_pipeline(settings: Settings):
             seed=catalog_seed,
             relative=relative,
         )
+        place(catalog_task, cluster, cache=True)
         split_task = parts.split(
             catalog=catalog_task.outputs["catalog"],
             concept_frac=concept_frac,
@@ -95,6 +103,7 @@ def build_pipeline(settings: Settings):
             max_test_images=max_test_images,
             seed=split_seed,
         )
+        place(split_task, cluster, cache=True)
         dedup_task = parts.dedup(
             images=ingest_task.outputs["images"],
             splits=split_task.outputs["splits"],
@@ -105,6 +114,7 @@ def build_pipeline(settings: Settings):
             drop=dedup_drop,
             report_groups=dedup_report_groups,
         )
+        place(dedup_task, cluster, cache=True)
         embed_task = parts.embed(
             images=ingest_task.outputs["images"],
             select=dedup_task.outputs["kept"],
@@ -118,11 +128,15 @@ def build_pipeline(settings: Settings):
             normalize=embed_normalize,
             draft_decode=embed_draft_decode,
         )
-        if embed_cfg.accelerator_type:
-            embed_task.set_accelerator_type(embed_cfg.accelerator_type)
-            embed_task.set_accelerator_limit(embed_cfg.accelerator_limit)
+        place(
+            embed_task,
+            cluster,
+            cache=True,
+            accelerator_type=embed_cfg.accelerator_type,
+            accelerator_limit=embed_cfg.accelerator_limit,
+        )
         with dsl.If(taxonomy_table != "", name="taxonomy-table-given"):
-            parts.taxonomy(
+            taxonomy_task = parts.taxonomy(
                 images=ingest_task.outputs["images"],
                 table=taxonomy_table,
                 name_column=taxonomy_name_column,
@@ -136,6 +150,7 @@ def build_pipeline(settings: Settings):
                 keep_genus_in_train=taxonomy_keep_genus_in_train,
                 seed=taxonomy_seed,
             )
+            place(taxonomy_task, cluster, cache=True)
         return Outputs(
             images=ingest_task.outputs["images"],
             catalog=catalog_task.outputs["catalog"],

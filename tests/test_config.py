@@ -70,3 +70,42 @@ def test_settings_are_frozen():
     settings = load_settings()
     with pytest.raises(ValueError):
         settings.catalog.seed = 3
+
+
+def test_shipped_cluster_config_and_overlays_load():
+    for overlay in sorted((REPO / "manifests" / "overlays").iterdir()):
+        settings = load_settings(
+            str(REPO / "configs" / "cluster.toml"), layers=(overlay / "cluster.toml",)
+        )
+        assert settings.cluster.object_store_secret == "embedpipe-object-store"
+        assert settings.embed.model == "clip_vitb32"  # the overlay keeps the base's other keys
+
+
+def test_a_layer_replaces_keys_within_sections_and_flags_still_win(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_text('[images]\nregistry = "r.example"\ntag = "1"\n[embed]\nbatch_size = 8\n')
+    layer = tmp_path / "cluster.toml"
+    layer.write_text(
+        '[images]\ntag = "2"\n[cluster]\ngpu_node_selector = { pool = "b200" }\n'
+        'gpu_tolerations = [{ key = "gpu", operator = "Equal", value = "yes" }]\n'
+    )
+    settings = load_settings(str(base), {"embed.batch_size": 16}, layers=(layer,))
+    assert settings.images.data_image == "r.example/embedpipe-data:2"
+    assert settings.cluster.gpu_node_selector == {"pool": "b200"}
+    assert settings.cluster.gpu_tolerations[0].value == "yes"
+    assert settings.embed.batch_size == 16
+
+
+def test_bad_cluster_settings_name_the_layer_and_key(tmp_path):
+    layer = tmp_path / "cluster.toml"
+    layer.write_text('[cluster]\ngpu_tolerations = [{ key = "gpu", operator = "Equal" }]\n')
+    with pytest.raises(
+        ConfigError,
+        match=r"(?s)cluster.toml: invalid.*\[cluster\].gpu_tolerations.0: .*needs a value",
+    ):
+        load_settings(None, layers=(layer,))
+    layer.write_text('registry = "x"\n')
+    with pytest.raises(ConfigError, match="top-level key 'registry' must be a \\[section\\]"):
+        load_settings(None, layers=(layer,))
+    with pytest.raises(ConfigError, match=r"missing\.toml: config file not found"):
+        load_settings(None, layers=(tmp_path / "missing.toml",))

@@ -45,3 +45,37 @@ def test_data_stages_do_not_import_torch():
     code += ";import sys;print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def _lock_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock", REPO / "images" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_constraints_pin_what_pyproject_pins():
+    lock = _lock_module()
+    pins = lock.read_constraints(lock.CONSTRAINTS)
+    assert lock.disagreements(lock.project_requirements(), pins) == []
+    assert pins["faiss-gpu"] == "1.15.1" and pins["kfp-kubernetes"] == "2.17.0"
+
+
+def test_the_data_image_requirement_tree_has_no_torch():
+    lock = _lock_module()
+    data_image = lock.resolve(lock.project_requirements(), extras=())
+    assert {"kfp", "kfp-kubernetes", "faiss-cpu", "pyarrow"} <= set(data_image)
+    assert not {"torch", "torchvision", "open-clip-torch", "triton"} & set(data_image)
+    for name in ("torch", "faiss-gpu"):  # the GPU image's tree adds them
+        assert name in lock.resolve(lock.project_requirements())
+
+
+def test_both_dockerfiles_install_under_the_constraints_as_a_non_root_user():
+    for image in ("data", "gpu"):
+        text = (REPO / "images" / image / "Dockerfile").read_text()
+        assert "--constraint images/constraints.txt" in text
+        assert "USER 10001:10001" in text
+        assert "ARG BASE_IMAGE=" in text
+        assert 'CMD ["embedpipe", "--version"]' in text

@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from embedpipe import __version__
@@ -279,12 +281,104 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"  {name}: {uri}")
 
 
+def _cluster_settings(args: argparse.Namespace) -> Settings:
+    """--config, then the overlay's cluster.toml and the pipeline root its settings.env names."""
+    if not args.overlay:
+        return _settings(args)
+    from embedpipe.pipelines import deploy
+
+    overlay = Path(args.overlay)
+    settings_env = overlay / deploy.SETTINGS_FILE
+    root = (
+        deploy.read_env_file(settings_env).get("EMBEDPIPE_PIPELINE_ROOT")
+        if settings_env.is_file()
+        else None
+    )
+    return load_settings(
+        args.config,
+        {"cluster.pipeline_root": root},
+        layers=(overlay / deploy.CLUSTER_FILE,),
+    )
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
     from embedpipe.pipelines.compile import compile_pipelines
 
-    settings = _settings(args)
+    settings = _cluster_settings(args)
     for path in compile_pipelines(settings, args.out or settings.global_.build_dir):
         print(path)
+
+
+def cmd_image_refs(args: argparse.Namespace) -> None:
+    settings = _cluster_settings(args)
+    print(f"data={settings.images.data_image}")
+    print(f"gpu={settings.images.gpu_image}")
+
+
+def _kfp_client_factory(host: str | None):
+    host = host or os.environ.get("KFP_HOST")
+    if not host:
+        raise ConfigError(
+            "no KFP endpoint: pass --host or set KFP_HOST (e.g. http://localhost:8080)"
+        )
+
+    def connect():
+        import kfp
+
+        return kfp.Client(host=host)
+
+    return connect
+
+
+def cmd_render(args: argparse.Namespace) -> None:
+    from embedpipe.pipelines import deploy
+
+    credentials = (
+        deploy.read_env_file(Path(args.manifests) / "base" / "object-store.env.example")
+        if args.example_credentials
+        else deploy.object_store_credentials(args.manifests, args.credentials, os.environ)
+    )
+    print(deploy.redact(deploy.render(args.manifests, args.env, credentials)), end="")
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from embedpipe.pipelines import deploy
+    from embedpipe.pipelines.compile import compile_pipelines
+
+    args.overlay = str(deploy.overlay_dir(args.manifests, args.env))
+    settings = _cluster_settings(args)
+    credentials = deploy.object_store_credentials(args.manifests, args.credentials, os.environ)
+    rendered = deploy.render(args.manifests, args.env, credentials)
+    packages = compile_pipelines(settings, settings.global_.build_dir)
+    version = deploy.git_revision()
+    if args.dry_run:
+        print(f"# would apply (kubectl apply -f -), overlay {args.env}, Secret values redacted:")
+        print(deploy.redact(rendered), end="")
+        host = args.host or os.environ.get("KFP_HOST") or "$KFP_HOST"
+        for package in packages:
+            name = deploy.pipeline_name(package)
+            print(f"# would upload {package} as pipeline {name}, version {version}, to {host}")
+        return
+    connect = _kfp_client_factory(args.host)
+    deploy.apply(rendered)
+    for upload in deploy.upload_pipelines(connect, packages, version):
+        print(f"uploaded {upload.package}: pipeline {upload.pipeline} version {upload.version}")
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from embedpipe.pipelines import submit
+
+    package = Path(args.build_dir) / f"{args.pipeline}.yaml"
+    params = submit.parse_params(args.param, package) if package.is_file() else {}
+    run_id = submit.submit(
+        _kfp_client_factory(args.host),
+        package,
+        params,
+        experiment=args.experiment,
+        run_name=args.run_name or f"{args.pipeline}-{time.strftime('%Y%m%d-%H%M%S')}",
+        service_account=args.service_account,
+    )
+    print(f"submitted {args.pipeline}: run {run_id}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,10 +557,60 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE", required=True, help="TOML config")
     run.set_defaults(handler=cmd_run)
 
+    overlay_help = "a manifests/overlays/ENV folder: its cluster.toml and pipeline root apply"
     compile_ = commands.add_parser("compile", help="compile every pipeline to IR YAML")
     compile_.add_argument("--config", metavar="FILE", help="TOML config (images, defaults)")
+    compile_.add_argument("--overlay", metavar="DIR", help=overlay_help)
     compile_.add_argument("--out", metavar="DIR", help="output folder ([global].build_dir)")
     compile_.set_defaults(handler=cmd_compile)
+
+    image_refs = commands.add_parser("image-refs", help="print the data and GPU image references")
+    image_refs.add_argument("--config", metavar="FILE", help="TOML config ([images])")
+    image_refs.add_argument("--overlay", metavar="DIR", help=overlay_help)
+    image_refs.set_defaults(handler=cmd_image_refs)
+
+    manifests_help = "the Kustomize tree (manifests)"
+    credentials_help = "KEY=VALUE file with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+    render = commands.add_parser(
+        "render", help="print an overlay's manifests as they would be applied, secrets redacted"
+    )
+    render.add_argument("env", metavar="ENV", help="overlay name under manifests/overlays")
+    render.add_argument("--manifests", default="manifests", help=manifests_help)
+    render.add_argument("--credentials", metavar="FILE", help=credentials_help)
+    render.add_argument(
+        "--example-credentials",
+        action="store_true",
+        help="use object-store.env.example's placeholders (for linting)",
+    )
+    render.set_defaults(handler=cmd_render)
+
+    deploy_ = commands.add_parser(
+        "deploy",
+        help="apply an overlay and upload every pipeline as a version named by git revision",
+    )
+    deploy_.add_argument("env", metavar="ENV", help="overlay name under manifests/overlays")
+    deploy_.add_argument("--config", metavar="FILE", help="TOML config (images, defaults)")
+    deploy_.add_argument("--manifests", default="manifests", help=manifests_help)
+    deploy_.add_argument("--credentials", metavar="FILE", help=credentials_help)
+    deploy_.add_argument("--host", help="KFP API endpoint (default: $KFP_HOST)")
+    deploy_.add_argument(
+        "--dry-run", action="store_true", help="print what would be applied and uploaded"
+    )
+    deploy_.set_defaults(handler=cmd_deploy)
+
+    submit_ = commands.add_parser(
+        "submit", help="start a run of a compiled pipeline on a KFP endpoint (like kfp run submit)"
+    )
+    submit_.add_argument("pipeline", choices=PIPELINE_NAMES)
+    submit_.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="a pipeline parameter"
+    )
+    submit_.add_argument("--experiment", "-e", default="embedpipe", help="experiment (embedpipe)")
+    submit_.add_argument("--run-name", "-r", help="run name (PIPELINE-date-time)")
+    submit_.add_argument("--host", help="KFP API endpoint (default: $KFP_HOST)")
+    submit_.add_argument("--service-account", help="run the pods as this service account")
+    submit_.add_argument("--build-dir", default="build", help="where the compiled YAML is (build)")
+    submit_.set_defaults(handler=cmd_submit)
     return parser
 
 

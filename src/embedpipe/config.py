@@ -171,6 +171,46 @@ class MineSettings(Section):
         return self
 
 
+class Toleration(Section):
+    key: str
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str = ""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = "NoSchedule"
+
+    @model_validator(mode="after")
+    def _value_matches_operator(self) -> Toleration:
+        if (self.operator == "Equal") != bool(self.value):
+            raise ValueError("operator Equal needs a value; Exists takes none")
+        return self
+
+
+class ClusterSettings(Section):
+    """How steps run on a Kubeflow cluster; kfp.local ignores all of it.
+
+    The names match manifests/base; each overlay's cluster.toml (read by
+    `embedpipe compile --overlay`) says how its GPU pool is selected.
+    """
+
+    object_store_secret: str = Field(
+        "embedpipe-object-store", description="Secret with AWS_ACCESS_KEY_ID/SECRET_ACCESS_KEY"
+    )
+    settings_config_map: str = Field(
+        "embedpipe-settings", description="ConfigMap with AWS_ENDPOINT_URL_S3 and AWS_REGION"
+    )
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="node labels of the GPU pool, for GPU steps"
+    )
+    gpu_tolerations: tuple[Toleration, ...] = Field(
+        default=(Toleration(key="nvidia.com/gpu"),),
+        description="taints of the GPU pool that GPU steps tolerate",
+    )
+    pipeline_root: str = Field(
+        "", description="where KFP keeps run artifacts (s3://...); empty: the cluster default"
+    )
+    retries: int = Field(2, ge=0, description="retries of a failed step (transient failures)")
+    retry_backoff: str = Field("30s", pattern=r"^\d+(s|m|h)$")
+
+
 class Settings(Section):
     global_: GlobalSettings = Field(default_factory=GlobalSettings, alias="global")
     paths: PathsSettings = Field(default_factory=PathsSettings)
@@ -182,6 +222,7 @@ class Settings(Section):
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
     mine: MineSettings = Field(default_factory=MineSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     models: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="extra registry entries, [models.NAME]"
     )
@@ -206,21 +247,45 @@ def _apply_override(data: dict[str, Any], dotted_key: str, value: Any) -> None:
     target[key] = value
 
 
-def load_settings(path: str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Defaults, then the TOML file at ``path``, then ``overrides`` (``section.key``: value).
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path}: config file not found") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from error
 
-    Overrides whose value is None are ignored, so unset CLI flags keep the file's value.
+
+def _merge_layer(data: dict[str, Any], layer: dict[str, Any], origin: str) -> None:
+    """A layer replaces keys inside each section it names, not whole sections."""
+    for section, values in layer.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: top-level key '{section}' must be a [section]")
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{origin}: [{section}] is not a section in the base config")
+        target.update(values)
+
+
+def load_settings(
+    path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    layers: tuple[str | Path, ...] = (),
+) -> Settings:
+    """Defaults, the TOML file at ``path``, each TOML file in ``layers``, then ``overrides``.
+
+    Layers (a cluster overlay's cluster.toml) replace keys section by section.
+    Overrides (``section.key``: value) whose value is None are ignored, so unset
+    CLI flags keep the file's value.
     """
     data: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
         origin = str(path)
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError as error:
-            raise ConfigError(f"{path}: config file not found") from error
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+        data = _read_toml(path)
+    for layer in layers:
+        _merge_layer(data, _read_toml(layer), str(layer))
+        origin = f"{origin} + {layer}"
     for dotted_key, value in (overrides or {}).items():
         if value is not None:
             _apply_override(data, dotted_key, value)

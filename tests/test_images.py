@@ -1,0 +1,85 @@
+"""The data image, built by `make image-test`, run for real with podman.
+
+Marked `image`: `make test` leaves these out, `make image-test` builds the image and
+runs them with EMBEDPIPE_TEST_IMAGE naming it.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from embedpipe import __version__, datasets
+from embedpipe.config import IngestSettings
+from embedpipe.demo_data import DemoSpec, generate_demo_dataset
+from embedpipe.ingest import ingest_images
+
+pytestmark = pytest.mark.image
+IMAGE = os.environ.get("EMBEDPIPE_TEST_IMAGE", "")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def image():
+    if not IMAGE:
+        pytest.fail("EMBEDPIPE_TEST_IMAGE is not set: run these through `make image-test`")
+    return IMAGE
+
+
+def podman(*args, timeout=300):
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"podman {' '.join(args)}:\n{result.stderr}"
+    return result.stdout
+
+
+def test_the_smoke_entry_prints_the_version_as_a_non_root_user():
+    started = time.perf_counter()
+    assert podman("run", "--rm", IMAGE).strip() == f"embedpipe {__version__}"
+    print(f"embedpipe --version in the container: {time.perf_counter() - started:.2f} s")
+    assert podman("run", "--rm", IMAGE, "id", "-u").strip() == "10001"
+
+
+def test_labels_name_the_version_and_git_revision():
+    inspected = json.loads(podman("image", "inspect", IMAGE))[0]
+    labels = inspected["Labels"]
+    revision = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert labels["org.opencontainers.image.version"] == __version__
+    assert labels["org.opencontainers.image.revision"] == revision
+    assert labels["org.opencontainers.image.title"] == "embedpipe-data"
+    print(f"image size: {inspected['Size'] / 1e6:.0f} MB")
+
+
+def test_the_data_image_has_no_torch_and_kfp_runs_its_python():
+    check = (
+        "import importlib.util, shutil, sys, embedpipe.cli, kfp.dsl.executor_main; "
+        "assert importlib.util.find_spec('torch') is None; "
+        "assert 'torch' not in sys.modules; "
+        "print(shutil.which('python3'))"
+    )
+    assert podman("run", "--rm", IMAGE, "python3", "-c", check).strip() == (
+        "/opt/embedpipe/bin/python3"
+    )
+
+
+def test_ingest_inside_the_container_writes_parquet_the_host_reads(tmp_path):
+    source = tmp_path / "in"
+    planted = generate_demo_dataset(str(source), DemoSpec(categories=2, concepts=2, images=6))
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o777)  # the container's user is not the host's
+    podman(
+        *("run", "--rm", "-v", f"{source}:/data/in:ro", "-v", f"{out}:/data/out", IMAGE),
+        *("embedpipe", "ingest", "/data/in", "--out", "/data/out/images", "--workers", "2"),
+    )
+    in_container = datasets.read_table(str(out / "images"), "images")
+    on_host = ingest_images([str(source)], str(tmp_path / "host"), IngestSettings(workers=1))
+    expected = datasets.read_table(on_host.out_uri, "images")
+    assert in_container.num_rows == expected.num_rows > 0
+    assert sorted(in_container.column("image_id").to_pylist()) == sorted(
+        expected.column("image_id").to_pylist()
+    )
+    rejected = datasets.read_table_file(str(out / "images" / "rejected.parquet"), None)
+    assert rejected.num_rows == on_host.rejected == len(planted["corrupt"])
