@@ -230,3 +230,25 @@ def test_submit_rejects_unknown_and_missing_parameters_before_calling_the_api(co
     code = main(["submit", "mine", "--host", "http://127.0.0.1:9", "--build-dir", str(compiled)])
     assert code == 2
     assert "needs --param for" in capsys.readouterr().err
+
+
+@needs_kubectl
+def test_deploy_without_credentials_previews_with_placeholders_but_never_applies(
+    tmp_path, capsys, monkeypatch
+):
+    for key in CREDENTIALS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("KFP_HOST", raising=False)
+    config = tmp_path / "cluster.toml"
+    config.write_text(f'[global]\nbuild_dir = "{tmp_path / "build"}"\n')
+    manifests = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, manifests, ignore=shutil.ignore_patterns("object-store.env"))
+    argv = ["deploy", "local", "--config", str(config), "--manifests", str(manifests)]
+    assert main([*argv, "--dry-run"]) == 0
+    assert "the dry run goes on with placeholder values" in capsys.readouterr().out
+    assert main(argv) == 2
+    assert "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in capsys.readouterr().err
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    assert main(argv) == 2  # no KFP endpoint: stops before kubectl apply
+    assert "pass --host or set KFP_HOST" in capsys.readouterr().err

@@ -315,6 +315,9 @@ def cmd_image_refs(args: argparse.Namespace) -> None:
     print(f"gpu={settings.images.gpu_image}")
 
 
+EXAMPLE_CREDENTIALS = "object-store.env.example"
+
+
 def _kfp_client_factory(host: str | None):
     host = host or os.environ.get("KFP_HOST")
     if not host:
@@ -334,7 +337,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     from embedpipe.pipelines import deploy
 
     credentials = (
-        deploy.read_env_file(Path(args.manifests) / "base" / "object-store.env.example")
+        deploy.read_env_file(Path(args.manifests) / "base" / EXAMPLE_CREDENTIALS)
         if args.example_credentials
         else deploy.object_store_credentials(args.manifests, args.credentials, os.environ)
     )
@@ -347,7 +350,14 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
     args.overlay = str(deploy.overlay_dir(args.manifests, args.env))
     settings = _cluster_settings(args)
-    credentials = deploy.object_store_credentials(args.manifests, args.credentials, os.environ)
+    try:
+        credentials = deploy.object_store_credentials(args.manifests, args.credentials, os.environ)
+    except ConfigError as missing:
+        if not args.dry_run or args.credentials:
+            raise
+        # A preview shows the Secret redacted anyway: let it run on a fresh checkout.
+        print(f"# {missing}; the dry run goes on with placeholder values")
+        credentials = deploy.read_env_file(Path(args.manifests) / "base" / EXAMPLE_CREDENTIALS)
     rendered = deploy.render(args.manifests, args.env, credentials)
     packages = compile_pipelines(settings, settings.global_.build_dir)
     version = deploy.git_revision()
