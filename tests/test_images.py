@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,63 @@ def test_ingest_inside_the_container_writes_parquet_the_host_reads(tmp_path):
     )
     rejected = datasets.read_table_file(str(out / "images" / "rejected.parquet"), None)
     assert rejected.num_rows == on_host.rejected == len(planted["corrupt"])
+
+
+def executor_input(parameters, outputs, output_file):
+    """The ExecutorInput JSON the KFP driver hands a step, for parameters and output URIs."""
+    artifacts = {
+        name: {"artifacts": [{"name": name, "type": {"schemaTitle": kind}, "uri": uri}]}
+        for name, (kind, uri) in outputs.items()
+    }
+    return json.dumps(
+        {
+            "inputs": {"parameterValues": parameters},
+            "outputs": {"artifacts": artifacts, "outputFile": output_file},
+        }
+    )
+
+
+def test_the_compiled_ingest_step_runs_in_the_image_as_the_kfp_launcher_starts_it(tmp_path):
+    """Command and args from our compiled YAML, outputs at s3:// URIs the way the launcher
+    maps them (/s3/...), as the image's non-root user."""
+    import yaml
+
+    from embedpipe.config import load_settings
+    from embedpipe.pipelines.compile import compile_pipelines
+
+    settings = load_settings(None, {"images.registry": "localhost", "images.tag": "test"})
+    (package,) = [p for p in compile_pipelines(settings, str(tmp_path)) if "preprocess" in p]
+    spec = next(yaml.safe_load_all(Path(package).read_text()))
+    container = spec["deploymentSpec"]["executors"]["exec-ingest"]["container"]
+    source = tmp_path / "in"
+    generate_demo_dataset(str(source), DemoSpec(categories=2, concepts=2, images=5))
+    bucket = tmp_path / "s3"
+    bucket.mkdir()
+    bucket.chmod(0o777)  # the cluster mounts an emptyDir here; the step's user writes into it
+    parameters = {
+        "sources": ["/data/in"],
+        "rows_per_shard": 7,
+        "row_group_rows": 4,
+        "workers": 1,
+        "strip_components": 0,
+        "split_dirnames": ["train", "test"],
+    }
+    outputs = {
+        "images": ("system.Dataset", "s3://artifacts/run-1/ingest/images"),
+        "metrics": ("system.Metrics", "s3://artifacts/run-1/ingest/metrics"),
+    }
+    request = executor_input(parameters, outputs, "/s3/artifacts/run-1/ingest/executor_output.json")
+    args = [request if arg == "{{$}}" else arg for arg in container["args"]]
+    podman(
+        *("run", "--rm", "-v", f"{source}:/data/in:ro", "-v", f"{bucket}:/s3"),
+        *("--entrypoint", container["command"][0], IMAGE, *container["command"][1:], *args),
+    )
+    written_uri = str(bucket / "artifacts/run-1/ingest/images")
+    images = datasets.read_table(written_uri, "images")
+    config = IngestSettings(rows_per_shard=7, row_group_rows=4, workers=1)
+    expected = ingest_images([str(source)], str(tmp_path / "host"), config)
+    assert images.num_rows == expected.images > 0
+    assert len(datasets.read_manifest(written_uri)["shards"]) == expected.shards > 1
+    reported = json.loads((bucket / "artifacts/run-1/ingest/executor_output.json").read_text())
+    written = reported["artifacts"]["images"]["artifacts"][0]
+    assert written["metadata"]["rows"] == images.num_rows
