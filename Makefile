@@ -12,7 +12,8 @@ ENV ?= local
 DEPLOY_CONFIG ?= configs/cluster.toml
 OVERLAY := manifests/overlays/$(ENV)
 CHECKOV_VENV ?= .venv-checkov
-CHECKOV_VERSION := 3.3.30# checkov pins boto3/packaging below ours: it gets a venv of its own
+# checkov pins boto3/packaging below ours: it gets a venv of its own
+CHECKOV_VERSION := 3.3.30
 CHECKOV := CKV_SKIP_PACKAGE_UPDATE_CHECK=TRUE $(CHECKOV_VENV)/bin/checkov --skip-download --quiet --compact
 CONTAINER ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
 VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -28,8 +29,10 @@ PODMAN_ENV := CONTAINERS_CONF=$(CURDIR)/images/podman/containers.conf \
 TEST_BASE := localhost/embedpipe-base:bookworm
 TEST_IMAGE := localhost/embedpipe-data:test
 HOST_CA ?= /etc/ssl/certs/ca-certificates.crt
-# Trust the host's CA bundle inside builds (needed behind a TLS-inspecting proxy).
-CA_MOUNT = $(if $(wildcard $(HOST_CA)),-v $(HOST_CA):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt)
+# Trust the host's CA bundle inside builds (needed behind a TLS-inspecting proxy); only
+# podman/buildah can mount a file into a build, so docker builds go without.
+CA_MOUNT = $(if $(and $(wildcard $(HOST_CA)),$(filter podman,$(notdir $(CONTAINER)))),\
+	-v $(HOST_CA):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt)
 
 .PHONY: help install demo test lint lint-cluster format bench compile constraints images \
 	image-data image-gpu push image-test deploy submit clean

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from kfp_server_api.exceptions import ApiException
 
 from embedpipe.config import ConfigError
 from embedpipe.pipelines.cluster import OBJECT_STORE_SECRET_KEYS
@@ -87,6 +88,9 @@ def object_store_credentials(
 def render(manifests: str | Path, env: str, credentials: Mapping[str, str]) -> str:
     """`kubectl kustomize` of the overlay, with the credentials Secret generated."""
     overlay = overlay_dir(manifests, env)
+    for key, value in credentials.items():
+        if "\n" in value or "\r" in value:  # would smuggle extra keys into the env file
+            raise ConfigError(f"{key}: a credential value cannot contain a line break")
     with tempfile.TemporaryDirectory(prefix="embedpipe-manifests-") as tmp:
         copy = Path(tmp) / "manifests"
         shutil.copytree(manifests, copy, ignore=shutil.ignore_patterns(CREDENTIALS_FILE.name))
@@ -176,9 +180,18 @@ def upload_pipelines(
             )
             pipeline_id = created.pipeline_id
             log.info("created pipeline %s (%s)", name, pipeline_id)
-        uploaded = client.upload_pipeline_version(
-            str(package), pipeline_version_name=version, pipeline_id=pipeline_id
-        )
+        try:
+            uploaded = client.upload_pipeline_version(
+                str(package), pipeline_version_name=version, pipeline_id=pipeline_id
+            )
+        except ApiException as error:
+            hint = (
+                " (already uploaded: commit, or delete that version)" if error.status == 409 else ""
+            )
+            raise RuntimeError(
+                f"{package}: uploading {name} version {version} failed: "
+                f"HTTP {error.status} {error.reason}{hint}"
+            ) from None
         uploads.append(
             Upload(str(package), name, version, pipeline_id, uploaded.pipeline_version_id)
         )

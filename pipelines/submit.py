@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 from kfp.cli.utils.parsing import parse_parameter_value
+from kfp_server_api.exceptions import ApiException
 
 from embedpipe.config import ConfigError
 
@@ -53,11 +54,17 @@ def submit(
     """Start one run of a compiled pipeline; returns the run id."""
     if not Path(package).is_file():
         raise ConfigError(f"{package}: not compiled; run `make compile` (or `make deploy`) first")
-    result = client_factory().create_run_from_pipeline_package(
-        str(package),
-        arguments=params,
-        run_name=run_name,
-        experiment_name=experiment,
-        service_account=service_account,
-    )
+    client = client_factory()
+    try:
+        result = client.create_run_from_pipeline_package(
+            str(package),
+            arguments=params,
+            run_name=run_name,
+            experiment_name=experiment,
+            service_account=service_account,
+        )
+    except ApiException as error:
+        raise RuntimeError(
+            f"submitting {Path(package).name} failed: HTTP {error.status} {error.reason}"
+        ) from None
     return result.run_id

@@ -121,6 +121,11 @@ class _Handler(BaseHTTPRequestHandler):
             pipeline_id = query["pipelineid"][0]
             if pipeline_id not in self.state.pipelines:
                 return self._reply(404, {"error": "no such pipeline"})
+            if any(
+                v["pipeline_id"] == pipeline_id and v["display_name"] == query["name"][0]
+                for v in self.state.versions.values()
+            ):
+                return self._reply(409, {"error": "version name already exists"})
             version = {
                 "pipeline_id": pipeline_id,
                 "pipeline_version_id": str(uuid.uuid4()),

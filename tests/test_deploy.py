@@ -104,6 +104,12 @@ def test_credentials_come_from_a_file_or_the_environment_with_clear_errors(tmp_p
     assert deploy.object_store_credentials(manifests, None, CREDENTIALS)["AWS_ACCESS_KEY_ID"] == "k"
 
 
+def test_a_credential_with_a_line_break_is_refused():
+    smuggled = {**CREDENTIALS, "AWS_SECRET_ACCESS_KEY": "x\nEXTRA=1"}
+    with pytest.raises(ConfigError, match=r"AWS_SECRET_ACCESS_KEY: .*line break"):
+        deploy.render(MANIFESTS, "local", smuggled)
+
+
 def test_an_unknown_overlay_names_the_known_ones():
     with pytest.raises(ConfigError, match=r"no such overlay \(known: gpu-cloud, local\)"):
         deploy.overlay_dir(MANIFESTS, "staging")
@@ -155,6 +161,20 @@ def test_upload_creates_each_pipeline_once_and_adds_a_version_per_revision(compi
         ("embedpipe-preprocess", "def456"),
     ]
     assert uploaded[0] == packages[0].read_bytes()
+
+
+def test_uploading_a_revision_twice_and_an_unreachable_endpoint_are_clear_errors(compiled, capsys):
+    import kfp
+
+    packages = [compiled / "mine.yaml"]
+    with FakeKfpApi() as api:
+        deploy.upload_pipelines(lambda: kfp.Client(host=api.url), packages, "abc123")
+        with pytest.raises(RuntimeError, match=r"mine version abc123 failed: HTTP 409.*already"):
+            deploy.upload_pipelines(lambda: kfp.Client(host=api.url), packages, "abc123")
+    argv = ["submit", "mine", "--host", "http://127.0.0.1:9", "--build-dir", str(compiled)]
+    argv += ["--param", "images_uri=a", "--param", "metadata_uri=b", "--param", "embeddings_uri=c"]
+    assert main(argv) == 1
+    assert "cannot reach the KFP API at http://127.0.0.1:9" in capsys.readouterr().err
 
 
 def submitted_run(api):

@@ -328,7 +328,10 @@ def _kfp_client_factory(host: str | None):
     def connect():
         import kfp
 
-        return kfp.Client(host=host)
+        try:
+            return kfp.Client(host=host)
+        except Exception as error:  # urllib3, kfp_server_api and auth errors alike
+            raise RuntimeError(f"cannot reach the KFP API at {host}: {error}") from None
 
     return connect
 
