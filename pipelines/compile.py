@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import os
 
+import yaml
 from kfp import compiler
 
 from embedpipe import storage
 from embedpipe.config import Settings
 from embedpipe.pipelines import PIPELINE_NAMES, pipeline_module
+
+
+def read_pipeline_spec(package: str | os.PathLike) -> dict:
+    """The pipeline spec of a compiled file (its first document; the platform spec follows)."""
+    with open(package, encoding="utf-8") as handle:
+        return next(doc for doc in yaml.safe_load_all(handle) if doc)
 
 
 def compile_pipelines(settings: Settings, out_dir: str) -> list[str]:

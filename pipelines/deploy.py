@@ -22,10 +22,12 @@ from kfp_server_api.exceptions import ApiException
 
 from embedpipe.config import ConfigError
 from embedpipe.pipelines.cluster import OBJECT_STORE_SECRET_KEYS
+from embedpipe.pipelines.compile import read_pipeline_spec
 
 log = logging.getLogger(__name__)
 
 CREDENTIALS_FILE = Path("base") / "object-store.env"
+EXAMPLE_CREDENTIALS_FILE = Path("base") / "object-store.env.example"
 SETTINGS_FILE = "settings.env"
 CLUSTER_FILE = "cluster.toml"
 REDACTED = base64.b64encode(b"<redacted>").decode()
@@ -62,6 +64,11 @@ def _credentials_from(path: Path) -> dict[str, str]:
     if missing:
         raise ConfigError(f"{path}: missing {', '.join(missing)}")
     return {key: values[key] for key in OBJECT_STORE_SECRET_KEYS}
+
+
+def example_credentials(manifests: str | Path) -> dict[str, str]:
+    """The placeholders of object-store.env.example, for rendering without real credentials."""
+    return _credentials_from(Path(manifests) / EXAMPLE_CREDENTIALS_FILE)
 
 
 def object_store_credentials(
@@ -151,9 +158,7 @@ def git_revision(cwd: str | Path = ".") -> str:
 
 
 def pipeline_name(package: str | Path) -> str:
-    with open(package, encoding="utf-8") as handle:
-        spec = next(doc for doc in yaml.safe_load_all(handle) if doc and "pipelineInfo" in doc)
-    return spec["pipelineInfo"]["name"]
+    return read_pipeline_spec(package)["pipelineInfo"]["name"]
 
 
 @dataclass(frozen=True)

@@ -5,18 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import yaml
 from kfp.cli.utils.parsing import parse_parameter_value
 from kfp_server_api.exceptions import ApiException
 
 from embedpipe.config import ConfigError
+from embedpipe.pipelines.compile import read_pipeline_spec
 
 
 def pipeline_inputs(package: str | Path) -> dict[str, dict]:
     """Parameter name -> its spec (type, default) from the compiled YAML."""
-    with open(package, encoding="utf-8") as handle:
-        spec = next(doc for doc in yaml.safe_load_all(handle) if doc and "root" in doc)
-    return spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    inputs = read_pipeline_spec(package)["root"].get("inputDefinitions", {})
+    return inputs.get("parameters", {})
 
 
 def parse_params(pairs: Iterable[str], package: str | Path) -> dict:

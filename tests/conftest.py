@@ -178,3 +178,23 @@ def random_embeddings(
         str(out / "emb"), pa.table({"image_id": ids, "embedding": vectors}), "embeddings"
     )
     return str(out / "meta"), str(out / "emb")
+
+
+def compile_for_overlay(overlay: str, out: Path) -> Path:
+    """`embedpipe compile` of configs/cluster.toml for manifests/overlays/OVERLAY into out."""
+    from embedpipe.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    argv = ["compile", "--config", str(root / "configs" / "cluster.toml"), "--out", str(out)]
+    assert main([*argv, "--overlay", str(root / "manifests" / "overlays" / overlay)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpu_cloud_build(tmp_path_factory):
+    """The pipelines compiled for the gpu-cloud overlay, with AWS secrets in the environment
+    (sentinels that must not find their way into the YAML)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sentinel-secret-value-1234")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "sentinel-key-id-5678")
+        return compile_for_overlay("gpu-cloud", tmp_path_factory.mktemp("gpu-cloud"))

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import compile_for_overlay
 
-from embedpipe.cli import main
 from embedpipe.pipelines.cluster import OBJECT_STORE_SECRET_KEYS, SETTINGS_CONFIG_MAP_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,12 +13,7 @@ GPU_EXECUTORS = {"exec-embed", "exec-mine"}
 UNCACHED_TASKS = {"ingest"}  # its sources live outside KFP's view
 
 
-def compile_for(overlay, out, monkeypatch):
-    # A secret in the environment must not find its way into what is compiled.
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sentinel-secret-value-1234")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "sentinel-key-id-5678")
-    argv = ["compile", "--config", str(ROOT / "configs" / "cluster.toml"), "--out", str(out)]
-    assert main([*argv, "--overlay", str(ROOT / "manifests" / "overlays" / overlay)]) == 0
+def read_compiled(out):
     compiled = {}
     for name in ("preprocess", "mine"):
         text = (out / f"{name}.yaml").read_text()
@@ -41,9 +36,8 @@ def container_tasks(spec):
 
 
 @pytest.fixture(scope="module")
-def gpu_cloud(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        return compile_for("gpu-cloud", tmp_path_factory.mktemp("gpu-cloud"), monkeypatch)
+def gpu_cloud(gpu_cloud_build):
+    return read_compiled(gpu_cloud_build)
 
 
 def test_every_step_reads_credentials_from_the_secret_and_endpoint_from_the_config_map(
@@ -113,8 +107,8 @@ def test_the_compiled_yaml_carries_no_secret_and_no_local_path(gpu_cloud):
         assert str(Path.home()) + "/" not in text
 
 
-def test_the_local_overlay_has_no_gpu_pool(tmp_path, monkeypatch):
-    compiled = compile_for("local", tmp_path, monkeypatch)
+def test_the_local_overlay_has_no_gpu_pool(tmp_path):
+    compiled = read_compiled(compile_for_overlay("local", tmp_path))
     _, spec, platform = compiled["preprocess"]
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-embed"]["container"].get(
         "resources", {}

@@ -31,12 +31,8 @@ def kfp_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("build")
-    overlay = str(MANIFESTS / "overlays" / "gpu-cloud")
-    argv = ["compile", "--config", str(ROOT / "configs" / "cluster.toml"), "--out", str(out)]
-    assert main([*argv, "--overlay", overlay]) == 0
-    return out
+def compiled(gpu_cloud_build):
+    return gpu_cloud_build
 
 
 def documents(text):

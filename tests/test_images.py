@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -103,14 +102,12 @@ def executor_input(parameters, outputs, output_file):
 def test_the_compiled_ingest_step_runs_in_the_image_as_the_kfp_launcher_starts_it(tmp_path):
     """Command and args from our compiled YAML, outputs at s3:// URIs the way the launcher
     maps them (/s3/...), as the image's non-root user."""
-    import yaml
-
     from embedpipe.config import load_settings
-    from embedpipe.pipelines.compile import compile_pipelines
+    from embedpipe.pipelines.compile import compile_pipelines, read_pipeline_spec
 
     settings = load_settings(None, {"images.registry": "localhost", "images.tag": "test"})
     (package,) = [p for p in compile_pipelines(settings, str(tmp_path)) if "preprocess" in p]
-    spec = next(yaml.safe_load_all(Path(package).read_text()))
+    spec = read_pipeline_spec(package)
     container = spec["deploymentSpec"]["executors"]["exec-ingest"]["container"]
     source = tmp_path / "in"
     generate_demo_dataset(str(source), DemoSpec(categories=2, concepts=2, images=5))

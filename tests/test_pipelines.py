@@ -3,13 +3,12 @@
 from pathlib import Path
 
 import pytest
-import yaml
 from gbif import write_images, write_table
 
 from embedpipe import datasets
 from embedpipe.catalog import build_catalog
 from embedpipe.config import load_settings
-from embedpipe.pipelines.compile import compile_pipelines
+from embedpipe.pipelines.compile import compile_pipelines, read_pipeline_spec
 from embedpipe.pipelines.local import run_locally
 from embedpipe.splits import create_concept_splits
 from embedpipe.taxonomy.stage import build_taxonomy
@@ -49,17 +48,12 @@ def load_settings_text(tmp_path, embed_lines):
     return load_settings(str(config))
 
 
-def pipeline_spec(path):
-    """The pipeline spec, the first of the compiled file's documents (platform config next)."""
-    return next(yaml.safe_load_all(Path(path).read_text()))
-
-
 def test_compiled_pipeline_takes_images_and_defaults_from_config(tmp_path):
     gpu = '\naccelerator_type = "nvidia.com/gpu"\naccelerator_limit = 2\n'
     settings = settings_for(tmp_path, ["s3://bucket/raw"], "rows_per_shard = 123\n")
     path = str(tmp_path / "build" / "preprocess.yaml")
     compile_pipelines(settings, str(tmp_path / "build"))
-    spec = pipeline_spec(path)
+    spec = read_pipeline_spec(path)
     executors = spec["deploymentSpec"]["executors"]
     images = {name: e["container"]["image"] for name, e in executors.items()}
     assert images.pop("exec-embed") == "registry.example/ml/embedpipe-gpu:v9"
@@ -67,7 +61,7 @@ def test_compiled_pipeline_takes_images_and_defaults_from_config(tmp_path):
     assert "accelerator" not in executors["exec-embed"]["container"].get("resources", {})
     with_gpu = load_settings_text(tmp_path, gpu)
     compile_pipelines(with_gpu, str(tmp_path / "build-gpu"))
-    gpu_spec = pipeline_spec(tmp_path / "build-gpu" / "preprocess.yaml")
+    gpu_spec = read_pipeline_spec(tmp_path / "build-gpu" / "preprocess.yaml")
     gpu_executors = gpu_spec["deploymentSpec"]["executors"]
     accelerator = gpu_executors["exec-embed"]["container"]["resources"]["accelerator"]
     assert accelerator["resourceType"] == "nvidia.com/gpu"
@@ -139,7 +133,7 @@ def test_mine_pipeline_compiles_a_parallel_fan_out(tmp_path):
     extra = '\n[mine]\nparallelism = 3\naccelerator_type = "nvidia.com/gpu"\n'
     settings = settings_for(tmp_path, ["s3://bucket/raw"], sections=extra)
     paths = compile_pipelines(settings, str(tmp_path / "build"))
-    spec = pipeline_spec(tmp_path / "build" / "mine.yaml")
+    spec = read_pipeline_spec(tmp_path / "build" / "mine.yaml")
     assert sorted(Path(p).name for p in paths) == ["mine.yaml", "preprocess.yaml"]
     tasks = spec["root"]["dag"]["tasks"]
     loop = tasks["for-loop-1"]

@@ -315,9 +315,6 @@ def cmd_image_refs(args: argparse.Namespace) -> None:
     print(f"gpu={settings.images.gpu_image}")
 
 
-EXAMPLE_CREDENTIALS = "object-store.env.example"
-
-
 def _kfp_client_factory(host: str | None):
     host = host or os.environ.get("KFP_HOST")
     if not host:
@@ -340,7 +337,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     from embedpipe.pipelines import deploy
 
     credentials = (
-        deploy.read_env_file(Path(args.manifests) / "base" / EXAMPLE_CREDENTIALS)
+        deploy.example_credentials(args.manifests)
         if args.example_credentials
         else deploy.object_store_credentials(args.manifests, args.credentials, os.environ)
     )
@@ -360,7 +357,7 @@ def cmd_deploy(args: argparse.Namespace) -> None:
             raise
         # A preview shows the Secret redacted anyway: let it run on a fresh checkout.
         print(f"# {missing}; the dry run goes on with placeholder values")
-        credentials = deploy.read_env_file(Path(args.manifests) / "base" / EXAMPLE_CREDENTIALS)
+        credentials = deploy.example_credentials(args.manifests)
     rendered = deploy.render(args.manifests, args.env, credentials)
     packages = compile_pipelines(settings, settings.global_.build_dir)
     version = deploy.git_revision()
