@@ -22,10 +22,10 @@ import harness
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from embedpipe import datasets
 from embedpipe.config import DedupSettings, IngestSettings
-from embedpipe.dedup import hash_images, near_pairs
-from embedpipe.ingest import ingest_images
+from embedpipe.core import datasets
+from embedpipe.data.dedup import hash_images, near_pairs
+from embedpipe.data.ingest import ingest_images
 
 
 def plant_duplicates(folder: Path, count: int) -> None:

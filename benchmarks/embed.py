@@ -23,10 +23,10 @@ from pathlib import Path
 import harness
 from PIL import Image
 
-from embedpipe import datasets
 from embedpipe.config import EmbedSettings, IngestSettings
-from embedpipe.embed import autocast_dtype, embed_images, resolve_device
-from embedpipe.ingest import ingest_images
+from embedpipe.core import datasets
+from embedpipe.data.ingest import ingest_images
+from embedpipe.embed.images import autocast_dtype, embed_images, resolve_device
 from embedpipe.models.loading import load_model
 from embedpipe.models.registry import ModelEntry, get_entry
 
@@ -46,7 +46,7 @@ def model_flops_per_image(model, size: int, device) -> float:
 
 
 def ceiling(entry, images_uri: str, config: EmbedSettings) -> tuple[float, float]:
-    import torch  # after embedpipe.embed, which sets the OpenMP wait policy first
+    import torch  # after embedpipe.embed.images, which sets the OpenMP wait policy first
 
     device = resolve_device(config.device)
     model = load_model(entry, "random", str(device))

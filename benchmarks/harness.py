@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedpipe.demo_data import COLOURS, SHAPES, concept_names, render_image
-from embedpipe.seeding import derived_seed
+from embedpipe.core.seeding import derived_seed
+from embedpipe.data.demo_data import COLOURS, SHAPES, concept_names, render_image
 
 
 def measure(script: str, mode: str, *args: str) -> dict:

@@ -63,7 +63,7 @@ def baseline(source: Path, out: Path) -> int:
 
 def embedpipe_ingest(source: Path, out: Path) -> int:
     from embedpipe.config import IngestSettings
-    from embedpipe.ingest import ingest_images
+    from embedpipe.data.ingest import ingest_images
 
     return ingest_images([str(source)], str(out), IngestSettings()).images
 

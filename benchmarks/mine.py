@@ -26,9 +26,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from embedpipe import datasets
 from embedpipe.config import MineSettings
-from embedpipe.mine import mine_category, partition_by_category
+from embedpipe.core import datasets
+from embedpipe.mining.mine import mine_category, partition_by_category
 
 
 def generate(work: Path, vectors: int, categories: int, dim: int):

@@ -14,8 +14,8 @@ def catalog(
 
     num_train 0 means "use train_fraction": kfp.local cannot pass None parameters.
     """
-    from embedpipe.catalog import build_catalog
     from embedpipe.config import CatalogSettings
+    from embedpipe.data.catalog import build_catalog
 
     config = CatalogSettings(
         num_train=num_train or None, train_fraction=train_fraction, seed=seed, relative=relative

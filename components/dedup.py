@@ -19,7 +19,7 @@ def dedup(
     import shutil
 
     from embedpipe.config import DedupSettings
-    from embedpipe.dedup import REPORT_HTML, find_duplicates
+    from embedpipe.data.dedup import REPORT_HTML, find_duplicates
 
     config = DedupSettings(
         hash=hash,

@@ -23,7 +23,7 @@ def embed(
     import json
 
     from embedpipe.config import EmbedSettings
-    from embedpipe.embed import embed_images
+    from embedpipe.embed.images import embed_images
     from embedpipe.models.registry import ModelEntry
 
     entry = ModelEntry(**json.loads(model_spec))

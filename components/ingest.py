@@ -13,7 +13,7 @@ def ingest(
 ):
     """Images from folders, tar archives or s3:// prefixes -> Parquet image shards."""
     from embedpipe.config import IngestSettings
-    from embedpipe.ingest import ingest_images
+    from embedpipe.data.ingest import ingest_images
 
     config = IngestSettings(
         rows_per_shard=rows_per_shard,

@@ -5,7 +5,7 @@ def partition(
     metadata: Input[Dataset], embeddings: Input[Dataset], partitions: Output[Dataset]
 ) -> list:
     """Each category's images and vectors as a slice of its own; returns the categories."""
-    from embedpipe.mine import partition_by_category
+    from embedpipe.mining.mine import partition_by_category
 
     return sorted(partition_by_category(metadata.path, embeddings.path, partitions.path))
 
@@ -26,7 +26,7 @@ def mine(
 ):
     """Hard negatives for one category (one ParallelFor iteration)."""
     from embedpipe.config import MineSettings
-    from embedpipe.mine import mine_category, read_partitions
+    from embedpipe.mining.mine import mine_category, read_partitions
 
     config = MineSettings(
         top_k=top_k,
@@ -52,7 +52,7 @@ def combine(
     metrics: Output[Metrics],
 ):
     """Per-category negatives (collected from the fan-out) -> one dataset."""
-    from embedpipe.combine import combine_negatives
+    from embedpipe.mining.combine import combine_negatives
 
     result = combine_negatives([d.path for d in per_category], combined.path, num_samples, seed)
     for name, value in result.metrics().items():
@@ -68,7 +68,7 @@ def to_hf(
     hf_dataset: Output[Dataset],
 ):
     """Negatives + image bytes -> a Hugging Face Dataset (save_to_disk)."""
-    from embedpipe.hf_export import export_to_hf
+    from embedpipe.mining.to_hf import export_to_hf
 
     rows = export_to_hf(negatives.path, images.path, hf_dataset.path, max_positives, seed)
     hf_dataset.metadata.update(format="huggingface-datasets", rows=rows)

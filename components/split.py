@@ -16,7 +16,7 @@ def split(
     import shutil
 
     from embedpipe.config import SplitSettings
-    from embedpipe.splits import REPORT_MD, create_concept_splits
+    from embedpipe.data.split import REPORT_MD, create_concept_splits
 
     config = SplitSettings(
         concept_frac=concept_frac,

@@ -10,7 +10,7 @@ from kfp.dsl import PipelineTask
 from embedpipe.config import ClusterSettings
 
 # The keys of the Secret and ConfigMap in manifests/base, passed as the standard AWS
-# variables that embedpipe.storage, boto3 and pyarrow read.
+# variables that embedpipe.core.storage, boto3 and pyarrow read.
 OBJECT_STORE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 SETTINGS_CONFIG_MAP_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_REGION")
 

@@ -7,8 +7,8 @@ import os
 import yaml
 from kfp import compiler
 
-from embedpipe import storage
 from embedpipe.config import Settings
+from embedpipe.core import storage
 from embedpipe.pipelines import PIPELINE_NAMES, pipeline_module
 
 

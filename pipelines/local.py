@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import warnings
 
-from embedpipe import storage
 from embedpipe.config import Settings
+from embedpipe.core import storage
 from embedpipe.pipelines import pipeline_module
 
 

@@ -5,9 +5,9 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset
 
-from embedpipe import storage
 from embedpipe.components import build_components
 from embedpipe.config import ConfigError, Settings
+from embedpipe.core import storage
 from embedpipe.pipelines.cluster import place
 
 PIPELINE_NAME = "embedpipe-mine"

@@ -12,9 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 from PIL import Image
 
-from embedpipe import storage
 from embedpipe.config import CatalogSettings, IngestSettings, SplitSettings
-from embedpipe.demo_data import DemoSpec, generate_demo_dataset
+from embedpipe.core import storage
+from embedpipe.data.demo_data import DemoSpec, generate_demo_dataset
 
 
 def jpeg_bytes(colour=(200, 30, 30), size=(40, 30), quality=90) -> bytes:
@@ -62,7 +62,7 @@ def one_worker() -> IngestSettings:
 
 @pytest.fixture(scope="session")
 def demo_images(demo_dir, tmp_path_factory) -> str:
-    from embedpipe.ingest import ingest_images
+    from embedpipe.data.ingest import ingest_images
 
     out = tmp_path_factory.mktemp("demo-images") / "images"
     ingest_images([str(demo_dir)], str(out), IngestSettings(workers=1))
@@ -71,7 +71,7 @@ def demo_images(demo_dir, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def demo_catalog(demo_images, tmp_path_factory) -> str:
-    from embedpipe.catalog import build_catalog
+    from embedpipe.data.catalog import build_catalog
 
     out = tmp_path_factory.mktemp("demo-catalog") / "catalog"
     build_catalog(demo_images, str(out), CatalogSettings())
@@ -164,7 +164,7 @@ def random_embeddings(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from embedpipe import datasets
+    from embedpipe.core import datasets
 
     meta = datasets.read_table(images_uri, "images", ["image_id", "category", "concept", "split"])
     if only_split:
@@ -198,3 +198,18 @@ def gpu_cloud_build(tmp_path_factory):
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sentinel-secret-value-1234")
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "sentinel-key-id-5678")
         return compile_for_overlay("gpu-cloud", tmp_path_factory.mktemp("gpu-cloud"))
+
+
+def assert_same_embeddings(actual, expected, atol: float = 1e-5) -> None:
+    """Two embedding tables: the same ids in the same order, and vectors equal within a
+    tolerance (batch composition and the CPU model change the last bits of a float)."""
+    import numpy as np
+
+    assert actual.column_names == expected.column_names
+    assert actual.column("image_id").to_pylist() == expected.column("image_id").to_pylist()
+    dim = actual.schema.field("embedding").type.list_size
+    vectors = [
+        np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, dim)
+        for table in (actual, expected)
+    ]
+    np.testing.assert_allclose(vectors[0], vectors[1], rtol=0, atol=atol)

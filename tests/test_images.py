@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from embedpipe import __version__, datasets
+from embedpipe import __version__
 from embedpipe.config import IngestSettings
-from embedpipe.demo_data import DemoSpec, generate_demo_dataset
-from embedpipe.ingest import ingest_images
+from embedpipe.core import datasets
+from embedpipe.data.demo_data import DemoSpec, generate_demo_dataset
+from embedpipe.data.ingest import ingest_images
 
 pytestmark = pytest.mark.image
 IMAGE = os.environ.get("EMBEDPIPE_TEST_IMAGE", "")

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from embedpipe import storage
+from embedpipe.core import storage
 from embedpipe.models.registry import ModelEntry, ModelError
 
 RANDOM_WEIGHTS = "random"

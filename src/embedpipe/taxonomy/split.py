@@ -14,7 +14,7 @@ listed in the metadata.
 
 from dataclasses import dataclass
 
-from embedpipe.seeding import rng_for
+from embedpipe.core.seeding import rng_for
 
 SPLITS = ("train", "val", "test")
 

@@ -25,10 +25,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from embedpipe import datasets, storage
 from embedpipe.config import TaxonomySettings
-from embedpipe.results import StageMetrics
-from embedpipe.schemas import IMAGES_KIND, TAXONOMY_KIND
+from embedpipe.core import datasets, storage
+from embedpipe.core.results import StageMetrics
+from embedpipe.core.schemas import IMAGES_KIND, TAXONOMY_KIND
 from embedpipe.taxonomy import RANKS
 from embedpipe.taxonomy.labels import caption, key_of, lineage, rank_keys, taxonomic_name
 from embedpipe.taxonomy.names import ParsedName, parse_name

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from embedpipe import storage
+from embedpipe.core import storage
 from embedpipe.taxonomy import RANKS
 from embedpipe.taxonomy.names import parse_name
 

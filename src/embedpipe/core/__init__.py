@@ -1,0 +1,1 @@
+"""Storage, datasets, schemas and kinds, parallel map, seeding, stage results."""

@@ -1,0 +1,254 @@
+"""Parquet datasets as directories of shards plus a manifest written last.
+
+A dataset is complete exactly when ``_manifest.json`` exists: it names every
+shard, its row count and the dataset kind. Shards are named after a hash of
+their bytes, so rewriting a dataset never changes a file an older manifest
+still points at, and the same rows always give the same file names and
+bytes. Shards no longer listed are removed once the new manifest is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedpipe import __version__
+from embedpipe.core import storage
+from embedpipe.core.schemas import IMAGES_KIND
+
+MANIFEST_NAME = "_manifest.json"
+CONFIG_NAME = "config.json"
+SHARD_PATTERN = re.compile(r"^part-\d{5}-[0-9a-f]{16}\.parquet$")
+# Encoded images and float vectors do not shrink further; compressing them only costs time.
+NO_COMPRESSION_COLUMNS = ("image", "embedding")
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing, incomplete or of the wrong kind."""
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _compression_for(schema: pa.Schema) -> dict[str, str]:
+    return {name: ("none" if name in NO_COMPRESSION_COLUMNS else "zstd") for name in schema.names}
+
+
+class DatasetWriter:
+    """Streams record batches into shards of at most ``rows_per_shard`` rows.
+
+    Use as a context manager; the manifest is written on a clean exit only.
+    """
+
+    def __init__(
+        self,
+        out_uri: str,
+        schema: pa.Schema,
+        kind: str,
+        rows_per_shard: int,
+        row_group_rows: int = 1024,
+    ) -> None:
+        self.out_uri = storage.normalize(out_uri)
+        self.schema = schema
+        self.kind = kind
+        self.rows_per_shard = rows_per_shard
+        self.row_group_rows = row_group_rows
+        self.shards: list[dict[str, Any]] = []
+        self._staging = tempfile.mkdtemp(prefix=".embedpipe-staging-")
+        self._writer: pq.ParquetWriter | None = None
+        self._writer_path = ""
+        self._rows_in_shard = 0
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.seal()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+    @property
+    def rows(self) -> int:
+        return sum(shard["rows"] for shard in self.shards) + self._rows_in_shard
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        table = table.cast(self.schema) if table.schema != self.schema else table
+        offset = 0
+        while offset < table.num_rows:
+            if self._writer is None:
+                self._open_shard()
+            room = self.rows_per_shard - self._rows_in_shard
+            chunk = table.slice(offset, room)
+            self._writer.write_table(chunk, row_group_size=self.row_group_rows)
+            self._rows_in_shard += chunk.num_rows
+            offset += chunk.num_rows
+            if self._rows_in_shard >= self.rows_per_shard:
+                self.seal()
+
+    def _open_shard(self) -> None:
+        self._writer_path = os.path.join(self._staging, f"shard-{len(self.shards)}.parquet")
+        self._writer = pq.ParquetWriter(
+            self._writer_path,
+            self.schema,
+            compression=_compression_for(self.schema),
+            write_statistics=False,
+        )
+        self._rows_in_shard = 0
+
+    def seal(self) -> None:
+        """Publish the shard being written, so ``shards`` is final."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        name = publish_shard(self.out_uri, len(self.shards), self._writer_path)
+        self.shards.append({"path": name, "rows": self._rows_in_shard})
+        self._rows_in_shard = 0
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publish the manifest, then drop shards of earlier writes. Call last."""
+        if not self.shards and self._writer is None:
+            self._open_shard()  # an empty dataset still has one shard, so it has a schema
+        self.seal()
+        return write_manifest(self.out_uri, self.kind, self.shards, extra)
+
+
+def publish_shard(out_uri: str, index: int, local_path: str) -> str:
+    """Move a finished local Parquet file into the dataset under its content-addressed name."""
+    name = f"part-{index:05d}-{_file_sha256(local_path)[:16]}.parquet"
+    with storage.atomic_output(storage.join(out_uri, name)) as target:
+        shutil.move(local_path, target)
+    return name
+
+
+def write_manifest(
+    out_uri: str, kind: str, shards: list[dict[str, Any]], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Mark the dataset complete with these shards, then remove shards no longer listed."""
+    manifest = {
+        "kind": kind,
+        "embedpipe_version": __version__,
+        "rows": sum(shard["rows"] for shard in shards),
+        "shards": shards,
+        **(extra or {}),
+    }
+    storage.write_json(storage.join(out_uri, MANIFEST_NAME), manifest)
+    _remove_stale_shards(out_uri, {shard["path"] for shard in shards})
+    return manifest
+
+
+def _remove_stale_shards(out_uri: str, keep: set[str]) -> None:
+    """Delete this dataset's unlisted shards; datasets in subfolders are not its own."""
+    prefix = out_uri.rstrip("/") + "/"
+    for entry in storage.list_files(out_uri):
+        name = entry.uri[len(prefix) :]
+        if "/" not in name and SHARD_PATTERN.match(name) and name not in keep:
+            storage.delete(entry.uri)
+
+
+def write_table(
+    out_uri: str,
+    table: pa.Table,
+    kind: str,
+    extra: dict[str, Any] | None = None,
+    rows_per_shard: int = 1_000_000,
+) -> dict[str, Any]:
+    """Write a whole in-memory table as a dataset (one shard per ``rows_per_shard``)."""
+    with DatasetWriter(out_uri, table.schema, kind, rows_per_shard) as writer:
+        writer.write(table)
+        return writer.finish(extra)
+
+
+def read_manifest(uri: str, kind: str | None = None) -> dict[str, Any]:
+    manifest_uri = storage.join(storage.normalize(uri), MANIFEST_NAME)
+    if not storage.exists(manifest_uri):
+        raise DatasetError(
+            f"{uri}: not a complete embedpipe dataset (no {MANIFEST_NAME}: the path is wrong, "
+            "or the stage that writes it did not finish)"
+        )
+    manifest = storage.read_json(manifest_uri)
+    if kind is not None and manifest.get("kind") != kind:
+        raise DatasetError(
+            f"{uri}: expected a dataset of kind '{kind}', found '{manifest.get('kind')}'"
+        )
+    return manifest
+
+
+def shard_uris(uri: str, manifest: dict[str, Any]) -> list[str]:
+    base = storage.normalize(uri)
+    return [storage.join(base, shard["path"]) for shard in manifest["shards"]]
+
+
+def read_table(uri: str, kind: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The whole dataset (or some columns of it) in shard order."""
+    manifest = read_manifest(uri, kind)
+    tables = [read_table_file(shard_uri, columns) for shard_uri in shard_uris(uri, manifest)]
+    if not tables:
+        raise DatasetError(f"{uri}: the dataset has no shards")
+    return pa.concat_tables(tables)
+
+
+def read_table_file(uri: str, columns: list[str] | None) -> pa.Table:
+    """One Parquet file (a shard, or a file that is not a dataset)."""
+    fs, path = storage.arrow_filesystem(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def iter_batches(
+    uri: str, kind: str | None = None, columns: list[str] | None = None, batch_rows: int = 1024
+) -> Iterator[pa.RecordBatch]:
+    """Stream the dataset batch by batch; memory stays at one row group."""
+    manifest = read_manifest(uri, kind)
+    for shard_uri in shard_uris(uri, manifest):
+        fs, path = storage.arrow_filesystem(shard_uri)
+        with fs.open_input_file(path) as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def image_bytes(images_uri: str, image_ids: set[str]) -> dict[str, bytes]:
+    """The encoded bytes of the given images, read from an image dataset in one pass."""
+    found: dict[str, bytes] = {}
+    for batch in iter_batches(images_uri, IMAGES_KIND, ["image_id", "image"], 512):
+        for image_id, data in zip(batch.column(0).to_pylist(), batch.column(1), strict=True):
+            if image_id in image_ids and image_id not in found:
+                found[image_id] = data.as_py()
+        if len(found) == len(image_ids):
+            break
+    return found
+
+
+def save_config(out_uri: str, stage: str, config: Any) -> None:
+    """Save the resolved stage config beside its output."""
+    payload = {"stage": stage, "config": config.model_dump(mode="json")}
+    storage.write_json(storage.join(storage.normalize(out_uri), CONFIG_NAME), payload)
+
+
+def finish_bundle(out_uri: str, kind: str, parts: list[str], extra: dict[str, Any]) -> None:
+    """Mark a folder of several datasets and files complete: its manifest comes last."""
+    manifest = {
+        "kind": kind,
+        "embedpipe_version": __version__,
+        "rows": 0,
+        "shards": [],
+        "parts": parts,
+        **extra,
+    }
+    storage.write_json(storage.join(storage.normalize(out_uri), MANIFEST_NAME), manifest)

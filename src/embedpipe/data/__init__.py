@@ -1,0 +1,1 @@
+"""Data stages: sources, ingest, catalog, split, dedup, demo data. No torch here."""

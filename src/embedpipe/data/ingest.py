@@ -1,0 +1,169 @@
+"""ingest: folders, tar archives or s3:// prefixes of images -> Parquet image shards.
+
+Each image is decoded once to prove it is whole (JPEGs in draft mode, at an
+eighth of their size, which still reads every coded block), hashed, and
+written with its original bytes. Unreadable images are listed in
+``rejected.parquet`` with the reason and the run goes on. Decoding runs in a
+process pool fed a bounded window of chunks, so memory stays flat however
+many images there are, and rows keep the sources' order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from embedpipe.config import IngestSettings
+from embedpipe.core import datasets, parallel, storage
+from embedpipe.core.results import StageMetrics
+from embedpipe.core.schemas import IMAGES_KIND, IMAGES_SCHEMA, REJECTED_SCHEMA
+from embedpipe.data.sources import LayoutError, Member, SourceReader, resolve_source
+
+log = logging.getLogger(__name__)
+
+CHUNK_IMAGES = 32
+REPORT_NAME = "ingest_report.json"
+REJECTED_NAME = "rejected.parquet"
+
+
+@dataclass(frozen=True)
+class IngestResult(StageMetrics):
+    out_uri: str
+    images: int
+    distinct_images: int
+    rejected: int
+    skipped_non_image: int
+    shards: int
+    seconds: float
+
+
+def inspect_image(data: bytes) -> tuple[str, int, int] | str:
+    """(sha256, width, height) of a whole image, or the reason it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
+    except Exception as error:  # Pillow raises many types for broken files
+        return f"cannot decode image: {type(error).__name__}: {error}"
+    return hashlib.sha256(data).hexdigest(), width, height
+
+
+def inspect_chunk(chunk: list[bytes]) -> list[tuple[str, int, int] | str]:
+    return [inspect_image(data) for data in chunk]
+
+
+class _RowBuffer:
+    def __init__(self) -> None:
+        self.columns: dict[str, list] = {name: [] for name in IMAGES_SCHEMA.names}
+
+    def __len__(self) -> int:
+        return len(self.columns["image_id"])
+
+    def add(self, member: Member, data: bytes, image_id: str, width: int, height: int) -> None:
+        placement = member.placement
+        values = (image_id, data, member.source, placement.category, placement.concept)
+        for name, value in zip(
+            IMAGES_SCHEMA.names, (*values, placement.split, width, height), strict=True
+        ):
+            self.columns[name].append(value)
+
+    def drain(self) -> pa.RecordBatch:
+        batch = pa.RecordBatch.from_pydict(self.columns, schema=IMAGES_SCHEMA)
+        self.columns = {name: [] for name in IMAGES_SCHEMA.names}
+        return batch
+
+
+def _read_chunks(members: Iterable[Member]) -> Iterator[tuple[list, list[bytes]]]:
+    """(members with their bytes, the readable bytes to inspect) per chunk."""
+    for chunk in parallel.chunked(members, CHUNK_IMAGES):
+        read = [(member, member.read() if member.read else None) for member in chunk]
+        yield read, [data for _, data in read if data is not None]
+
+
+def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) -> IngestResult:
+    """Ingest every image under ``sources`` into a Parquet image dataset at ``out_uri``."""
+    if not sources:
+        raise LayoutError("ingest: no sources given")
+    started = time.perf_counter()
+    roots = [resolve_source(source) for source in sources]
+    out_uri = storage.normalize(out_uri)
+    reader = SourceReader(config.split_dirnames, config.strip_components)
+    members = itertools.chain.from_iterable(reader.members(root) for root in roots)
+    rejected: list[tuple[str, str]] = []
+    distinct: set[str] = set()
+    rows = _RowBuffer()
+    progress = tqdm(desc="ingest", unit="img", disable=None)
+    with (
+        progress,
+        datasets.DatasetWriter(
+            out_uri, IMAGES_SCHEMA, IMAGES_KIND, config.rows_per_shard, config.row_group_rows
+        ) as writer,
+    ):
+        inspected = parallel.map_chunks(inspect_chunk, _read_chunks(members), config.workers)
+        for chunk, outcomes in inspected:
+            readable = iter(outcomes)
+            for member, data in chunk:
+                if data is None:
+                    rejected.append((member.source, member.rejected_reason or "unreadable"))
+                    continue
+                outcome = next(readable)
+                if isinstance(outcome, str):
+                    rejected.append((member.source, outcome))
+                    continue
+                rows.add(member, data, *outcome)
+                distinct.add(outcome[0])
+                if len(rows) >= config.row_group_rows:
+                    writer.write(rows.drain())
+            progress.update(len(chunk))
+        if len(rows):
+            writer.write(rows.drain())
+        if writer.rows == 0:
+            examples = "; ".join(f"{source}: {reason}" for source, reason in rejected[:3])
+            raise LayoutError(f"{', '.join(roots)}: no readable images ({examples})")
+
+        writer.seal()
+        result = IngestResult(
+            out_uri=out_uri,
+            images=writer.rows,
+            distinct_images=len(distinct),
+            rejected=len(rejected),
+            skipped_non_image=reader.skipped_non_image,
+            shards=len(writer.shards),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        _write_rejected(out_uri, rejected)
+        storage.write_json(
+            storage.join(out_uri, REPORT_NAME),
+            {**result.metrics(), "rejected_examples": rejected[:20]},
+        )
+        datasets.save_config(out_uri, "ingest", config)
+        writer.finish({"sources": roots, "split_dirnames": list(config.split_dirnames)})
+    log.info(
+        "ingested %d images (%d distinct) from %d source(s) into %d shard(s); %d rejected",
+        result.images,
+        result.distinct_images,
+        len(roots),
+        result.shards,
+        result.rejected,
+    )
+    if rejected:
+        log.warning("%d unreadable file(s) listed in %s", len(rejected), REJECTED_NAME)
+    return result
+
+
+def _write_rejected(out_uri: str, rejected: list[tuple[str, str]]) -> None:
+    columns = list(zip(*rejected, strict=True)) if rejected else [[], []]
+    table = pa.table(dict(zip(REJECTED_SCHEMA.names, columns, strict=True)), schema=REJECTED_SCHEMA)
+    with storage.atomic_output(storage.join(out_uri, REJECTED_NAME)) as path:
+        pq.write_table(table, path)

@@ -1,0 +1,1 @@
+"""Batch embedding of images and texts with a registered model."""

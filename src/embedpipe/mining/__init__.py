@@ -1,0 +1,1 @@
+"""Per-category hard-negative mining: partition, mine, combine, Hugging Face export."""

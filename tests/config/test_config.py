@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+
+from embedpipe.config import ConfigError, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_demo_config_loads():
+    settings = load_settings(str(REPO / "configs" / "demo.toml"))
+    assert settings.paths.sources == ["demo/data"]
+    assert settings.images.data_image == "ghcr.io/embedpipe/embedpipe-data:0.1.0"
+
+
+def test_defaults_match_the_perva_scripts():
+    settings = load_settings()
+    assert (settings.catalog.train_fraction, settings.catalog.seed) == (0.2, 42)
+    assert settings.catalog.num_train is None and settings.catalog.relative is False
+    split = settings.split
+    assert (
+        split.concept_frac,
+        split.min_concepts_threshold,
+        split.test_sample_frac,
+        split.max_test_images,
+        split.seed,
+    ) == (0.65, 3, 1.0, 200, 23)
+
+
+def test_unknown_keys_are_named(tmp_path):
+    path = write(tmp_path, "[catalog]\nseed = 1\nnum_trian = 3\n[bogus]\nx = 1\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    message = str(error.value)
+    assert path in message
+    assert "[catalog].num_trian: unknown key" in message
+    assert "bogus: unknown key" in message
+
+
+def test_bad_values_name_the_key_and_value(tmp_path):
+    path = write(tmp_path, "[split]\nconcept_frac = 1.5\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"\[split\]\.concept_frac: .*less than or equal to 1"
+        r".*got 1\.5",
+    ):
+        load_settings(path)
+
+
+def test_flags_override_the_file_and_unset_flags_do_not(tmp_path):
+    path = write(tmp_path, "[catalog]\nseed = 1\ntrain_fraction = 0.5\n")
+    settings = load_settings(path, {"catalog.seed": 9, "catalog.train_fraction": None})
+    assert (settings.catalog.seed, settings.catalog.train_fraction) == (9, 0.5)
+
+
+def test_invalid_toml_and_missing_file_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.toml: not valid TOML"):
+        load_settings(write(tmp_path, "[catalog\n"))
+    with pytest.raises(ConfigError, match=r"nope\.toml: config file not found"):
+        load_settings(str(tmp_path / "nope.toml"))
+
+
+def test_settings_are_frozen():
+    settings = load_settings()
+    with pytest.raises(ValueError):
+        settings.catalog.seed = 3
+
+
+def test_shipped_cluster_config_and_overlays_load():
+    for overlay in sorted((REPO / "manifests" / "overlays").iterdir()):
+        settings = load_settings(
+            str(REPO / "configs" / "cluster.toml"), layers=(overlay / "cluster.toml",)
+        )
+        assert settings.cluster.object_store_secret == "embedpipe-object-store"
+        assert settings.embed.model == "clip_vitb32"  # the overlay keeps the base's other keys
+
+
+def test_a_layer_replaces_keys_within_sections_and_flags_still_win(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_text('[images]\nregistry = "r.example"\ntag = "1"\n[embed]\nbatch_size = 8\n')
+    layer = tmp_path / "cluster.toml"
+    layer.write_text(
+        '[images]\ntag = "2"\n[cluster]\ngpu_node_selector = { pool = "b200" }\n'
+        'gpu_tolerations = [{ key = "gpu", operator = "Equal", value = "yes" }]\n'
+    )
+    settings = load_settings(str(base), {"embed.batch_size": 16}, layers=(layer,))
+    assert settings.images.data_image == "r.example/embedpipe-data:2"
+    assert settings.cluster.gpu_node_selector == {"pool": "b200"}
+    assert settings.cluster.gpu_tolerations[0].value == "yes"
+    assert settings.embed.batch_size == 16
+
+
+def test_bad_cluster_settings_name_the_layer_and_key(tmp_path):
+    layer = tmp_path / "cluster.toml"
+    layer.write_text('[cluster]\ngpu_tolerations = [{ key = "gpu", operator = "Equal" }]\n')
+    with pytest.raises(
+        ConfigError,
+        match=r"(?s)cluster.toml: invalid.*\[cluster\].gpu_tolerations.0: .*needs a value",
+    ):
+        load_settings(None, layers=(layer,))
+    layer.write_text('registry = "x"\n')
+    with pytest.raises(ConfigError, match="top-level key 'registry' must be a \\[section\\]"):
+        load_settings(None, layers=(layer,))
+    with pytest.raises(ConfigError, match=r"missing\.toml: config file not found"):
+        load_settings(None, layers=(tmp_path / "missing.toml",))
