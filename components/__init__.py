@@ -1,18 +1,21 @@
 """KFP v2 lightweight components: typed, thin wrappers over the library's stages.
 
-The component functions live in one module per stage; ``build_components``
-turns them into components for one base image, which the pipelines take from
-configuration, so no component hard-codes an image.
+Each component takes its stage's settings as one ``dict`` (the config section, as
+compiled) and the run's ``overrides``, and validates their merge with the stage's
+settings model first. ``build_components`` turns the functions into components for
+the image each needs; the pipelines take the images from configuration, so no
+component names one.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from types import MappingProxyType, SimpleNamespace
 
 from kfp import dsl
 
 from embedpipe.components.catalog import catalog
+from embedpipe.components.check import check_settings
 from embedpipe.components.dedup import dedup
 from embedpipe.components.embed import embed
 from embedpipe.components.ingest import ingest
@@ -20,39 +23,36 @@ from embedpipe.components.mine import combine, mine, partition, to_hf
 from embedpipe.components.split import split
 from embedpipe.components.taxonomy import taxonomy
 
+DATA, GPU = "data", "gpu"
+# Component name -> (function, image). Adding a stage is one entry here.
+COMPONENTS = MappingProxyType(
+    {
+        "check_settings": (check_settings, DATA),
+        "ingest": (ingest, DATA),
+        "catalog": (catalog, DATA),
+        "split": (split, DATA),
+        "taxonomy": (taxonomy, DATA),
+        "dedup": (dedup, DATA),
+        "embed": (embed, GPU),
+        "partition": (partition, DATA),
+        "mine": (mine, DATA),  # CPU faiss in the data image,
+        "mine_gpu": (mine, GPU),  # or faiss-gpu in the GPU image when GPUs are asked for
+        "combine": (combine, DATA),
+        "to_hf": (to_hf, DATA),
+    }
+)
 
-@dataclass(frozen=True)
-class Components:
-    ingest: dsl.base_component.BaseComponent
-    catalog: dsl.base_component.BaseComponent
-    split: dsl.base_component.BaseComponent
-    taxonomy: dsl.base_component.BaseComponent
-    dedup: dsl.base_component.BaseComponent
-    embed: dsl.base_component.BaseComponent
-    partition: dsl.base_component.BaseComponent
-    mine: dsl.base_component.BaseComponent
-    mine_gpu: dsl.base_component.BaseComponent
-    combine: dsl.base_component.BaseComponent
-    to_hf: dsl.base_component.BaseComponent
 
-
-def build_components(data_image: str, gpu_image: str) -> Components:
-    """Data stages on the slim data image, model stages on the GPU image.
+def build_components(data_image: str, gpu_image: str) -> SimpleNamespace:
+    """Every component, on the data image or the GPU image, by name (``parts.ingest``).
 
     The images already hold embedpipe and kfp: nothing is pip-installed at start-up.
     """
-    data = functools.partial(dsl.component, base_image=data_image, install_kfp_package=False)
-    gpu = functools.partial(dsl.component, base_image=gpu_image, install_kfp_package=False)
-    return Components(
-        ingest=data(ingest),
-        catalog=data(catalog),
-        split=data(split),
-        taxonomy=data(taxonomy),
-        dedup=data(dedup),
-        embed=gpu(embed),
-        partition=data(partition),
-        mine=data(mine),  # CPU faiss in the data image,
-        mine_gpu=gpu(mine),  # or faiss-gpu in the GPU image when GPUs are asked for
-        combine=data(combine),
-        to_hf=data(to_hf),
+    images = {DATA: data_image, GPU: gpu_image}
+    make = functools.partial(dsl.component, install_kfp_package=False)
+    return SimpleNamespace(
+        **{
+            name: make(function, base_image=images[image])
+            for name, (function, image) in COMPONENTS.items()
+        }
     )

@@ -3,25 +3,18 @@ from kfp.dsl import Dataset, Input, Metrics, Output
 
 def catalog(
     images: Input[Dataset],
-    num_train: int,
-    train_fraction: float,
-    seed: int,
-    relative: bool,
+    settings: dict,
+    overrides: dict,
     catalog: Output[Dataset],
     metrics: Output[Metrics],
 ):
-    """Image shards -> train/test catalog (Parquet plus PerVA-layout JSON).
-
-    num_train 0 means "use train_fraction": kfp.local cannot pass None parameters.
-    """
-    from embedpipe.config import CatalogSettings
+    """Image shards -> train/test catalog (Parquet plus PerVA-layout JSON)."""
+    from embedpipe.config import stage_settings
+    from embedpipe.core.results import log_metrics
+    from embedpipe.core.schemas import CATALOG_KIND
     from embedpipe.data.catalog import build_catalog
 
-    config = CatalogSettings(
-        num_train=num_train or None, train_fraction=train_fraction, seed=seed, relative=relative
-    )
+    config = stage_settings("catalog", settings, overrides)
     result = build_catalog(images.path, catalog.path, config)
-    for name, value in result.metrics().items():
-        metrics.log_metric(name, value)
-    catalog.metadata["kind"] = "catalog"
-    catalog.metadata["mode"] = result.mode
+    log_metrics(metrics, result)
+    catalog.metadata.update(kind=CATALOG_KIND, mode=result.mode)

@@ -4,12 +4,8 @@ from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 def dedup(
     images: Input[Dataset],
     splits: Input[Dataset],
-    hash: str,
-    hash_size: int,
-    max_distance: int,
-    workers: int,
-    drop: str,
-    report_groups: int,
+    settings: dict,
+    overrides: dict,
     dedup: Output[Dataset],
     kept: Output[Dataset],
     metrics: Output[Metrics],
@@ -18,19 +14,14 @@ def dedup(
     """Perceptual-hash duplicate groups, cross-split leakage, kept selection, HTML report."""
     import shutil
 
-    from embedpipe.config import DedupSettings
+    from embedpipe.config import stage_settings
+    from embedpipe.core.results import log_metrics
+    from embedpipe.core.schemas import DEDUP_KIND, SELECTION_KIND
     from embedpipe.data.dedup import REPORT_HTML, find_duplicates
 
-    config = DedupSettings(
-        hash=hash,
-        hash_size=hash_size,
-        max_distance=max_distance,
-        workers=workers,
-        drop=drop,
-        report_groups=report_groups,
-    )
+    config = stage_settings("dedup", settings, overrides)
     result = find_duplicates(images.path, dedup.path, config, splits.path, kept.path)
-    for name, value in result.metrics().items():
-        metrics.log_metric(name, value)
+    log_metrics(metrics, result)
     shutil.copyfile(f"{dedup.path}/{REPORT_HTML}", report.path)
-    kept.metadata["kind"] = "selection"
+    dedup.metadata["kind"] = DEDUP_KIND
+    kept.metadata["kind"] = SELECTION_KIND

@@ -3,11 +3,8 @@ from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
 
 def split(
     catalog: Input[Dataset],
-    concept_frac: float,
-    min_concepts_threshold: int,
-    test_sample_frac: float,
-    max_test_images: int,
-    seed: int,
+    settings: dict,
+    overrides: dict,
     splits: Output[Dataset],
     metrics: Output[Metrics],
     report: Output[Markdown],
@@ -15,18 +12,13 @@ def split(
     """Catalog -> concept-level train/val splits, with a per-category report."""
     import shutil
 
-    from embedpipe.config import SplitSettings
+    from embedpipe.config import stage_settings
+    from embedpipe.core.results import log_metrics
+    from embedpipe.core.schemas import SPLITS_KIND
     from embedpipe.data.split import REPORT_MD, create_concept_splits
 
-    config = SplitSettings(
-        concept_frac=concept_frac,
-        min_concepts_threshold=min_concepts_threshold,
-        test_sample_frac=test_sample_frac,
-        max_test_images=max_test_images,
-        seed=seed,
-    )
+    config = stage_settings("split", settings, overrides)
     result = create_concept_splits(catalog.path, splits.path, config)
-    for name, value in result.metrics().items():
-        metrics.log_metric(name, value)
+    log_metrics(metrics, result)
     shutil.copyfile(f"{splits.path}/{REPORT_MD}", report.path)
-    splits.metadata["kind"] = "splits"
+    splits.metadata["kind"] = SPLITS_KIND

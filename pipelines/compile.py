@@ -18,6 +18,14 @@ def read_pipeline_spec(package: str | os.PathLike) -> dict:
         return next(doc for doc in yaml.safe_load_all(handle) if doc)
 
 
+def compiled_stage_settings(package: str | os.PathLike) -> dict[str, dict]:
+    """Stage -> the settings compiled into its step, as its first step (check_settings)
+    received them: what a run's overrides are validated against."""
+    spec = read_pipeline_spec(package)
+    check = spec["root"]["dag"]["tasks"]["check-settings"]
+    return check["inputs"]["parameters"]["settings"]["runtimeValue"]["constant"]
+
+
 def compile_pipelines(settings: Settings, out_dir: str) -> list[str]:
     written = []
     for name in PIPELINE_NAMES:

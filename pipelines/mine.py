@@ -1,4 +1,4 @@
-"""mine: partition by category -> ParallelFor(mine) -> Collected -> combine -> to-hf."""
+"""mine: partition by category -> ParallelFor(mine) -> Collected -> combine -> to_hf."""
 
 from typing import NamedTuple
 
@@ -9,8 +9,10 @@ from embedpipe.components import build_components
 from embedpipe.config import ConfigError, Settings
 from embedpipe.core import storage
 from embedpipe.pipelines.cluster import place
+from embedpipe.pipelines.stages import compiled_sections, describe
 
 PIPELINE_NAME = "embedpipe-mine"
+STAGES = ("mine", "combine", "to_hf")
 # Where each input comes from in a local preprocess run (see pipelines/local.py).
 PREPROCESS_OUTPUTS = {
     "images": "ingest/images",
@@ -21,6 +23,7 @@ PREPROCESS_OUTPUTS = {
 
 def build_pipeline(settings: Settings):
     parts = build_components(settings.images.data_image, settings.images.gpu_image)
+    sections = compiled_sections(settings, STAGES)
     cfg, cluster = settings.mine, settings.cluster
     mine_one = parts.mine_gpu if cfg.accelerator_type else parts.mine
 
@@ -30,30 +33,29 @@ def build_pipeline(settings: Settings):
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description="Per-category hard negatives, combined, as a HF Dataset",
+        description=describe("Per-category hard negatives, combined, as a HF Dataset", sections),
         pipeline_root=cluster.pipeline_root or None,
     )
-    def mine(
+    def mine_pipeline(
         images_uri: str,
         metadata_uri: str,
         embeddings_uri: str,
-        top_k: int = cfg.top_k,
-        query_splits: list[str] = list(cfg.query_splits),  # noqa: B006
-        candidate_splits: list[str] = list(cfg.candidate_splits),  # noqa: B006
-        band_names: list[str] = list(cfg.band_names),  # noqa: B006
-        band_quantiles: list[float] = list(cfg.band_quantiles),  # noqa: B006
-        index: str = cfg.index,
-        exact_max: int = cfg.exact_max,
-        num_samples: int = cfg.num_samples,
-        max_positives: int = cfg.max_positives,
-        seed: int = cfg.seed,
+        mine: dict = {},  # noqa: B006 (KFP reads the defaults from the signature)
+        combine: dict = {},  # noqa: B006
+        to_hf: dict = {},  # noqa: B006
     ) -> Outputs:
+        check_task = parts.check_settings(
+            settings=sections, mine=mine, combine=combine, to_hf=to_hf
+        )
+        place(check_task, cluster, cache=True)
         images = dsl.importer(artifact_uri=images_uri, artifact_class=Dataset, reimport=False)
         metadata = dsl.importer(artifact_uri=metadata_uri, artifact_class=Dataset, reimport=False)
         embeddings = dsl.importer(
             artifact_uri=embeddings_uri, artifact_class=Dataset, reimport=False
         )
-        partitioned = parts.partition(metadata=metadata.output, embeddings=embeddings.output)
+        partitioned = parts.partition(metadata=metadata.output, embeddings=embeddings.output).after(
+            check_task
+        )
         place(partitioned, cluster, cache=True)
         with dsl.ParallelFor(
             partitioned.outputs["Output"], parallelism=cfg.parallelism
@@ -61,14 +63,8 @@ def build_pipeline(settings: Settings):
             per_category = mine_one(
                 partitions=partitioned.outputs["partitions"],
                 category=category,
-                top_k=top_k,
-                query_splits=query_splits,
-                candidate_splits=candidate_splits,
-                band_names=band_names,
-                band_quantiles=band_quantiles,
-                index=index,
-                exact_max=exact_max,
-                seed=seed,
+                settings=sections["mine"],
+                overrides=mine,
             )
             place(
                 per_category,
@@ -79,35 +75,35 @@ def build_pipeline(settings: Settings):
             )
         combined = parts.combine(
             per_category=dsl.Collected(per_category.outputs["negatives"]),
-            num_samples=num_samples,
-            seed=seed,
+            settings=sections["combine"],
+            overrides=combine,
         )
         place(combined, cluster, cache=True)
         hf_dataset = parts.to_hf(
             negatives=combined.outputs["combined"],
             images=images.output,
-            max_positives=max_positives,
-            seed=seed,
+            settings=sections["to_hf"],
+            overrides=to_hf,
         )
         place(hf_dataset, cluster, cache=True)
         return Outputs(
             negatives=combined.outputs["combined"], hf_dataset=hf_dataset.outputs["hf_dataset"]
         )
 
-    return mine
+    return mine_pipeline
 
 
 def run_arguments(settings: Settings) -> dict:
-    """Inputs from [mine], or else from the latest local preprocess run."""
+    """Inputs from [paths], or else from the latest local preprocess run."""
     from embedpipe.pipelines.local import latest_outputs
 
-    cfg = settings.mine
-    given = {"images": cfg.images, "metadata": cfg.metadata, "embeddings": cfg.embeddings}
+    paths = settings.paths
+    given = {"images": paths.images, "metadata": paths.metadata, "embeddings": paths.embeddings}
     if not all(given.values()):
         latest = latest_outputs(settings, "preprocess")
         if latest is None:
             raise ConfigError(
-                "[mine]: images, metadata and embeddings are not all set and no local "
+                "[paths]: images, metadata and embeddings are not all set and no local "
                 "preprocess run was found; run `embedpipe run preprocess` first or set them"
             )
         given = {k: v or latest[PREPROCESS_OUTPUTS[k]] for k, v in given.items()}

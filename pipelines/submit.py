@@ -8,8 +8,8 @@ from pathlib import Path
 from kfp.cli.utils.parsing import parse_parameter_value
 from kfp_server_api.exceptions import ApiException
 
-from embedpipe.config import ConfigError
-from embedpipe.pipelines.compile import read_pipeline_spec
+from embedpipe.config import STAGE_SETTINGS, ConfigError, check_overrides
+from embedpipe.pipelines.compile import compiled_stage_settings, read_pipeline_spec
 
 
 def pipeline_inputs(package: str | Path) -> dict[str, dict]:
@@ -18,10 +18,12 @@ def pipeline_inputs(package: str | Path) -> dict[str, dict]:
     return inputs.get("parameters", {})
 
 
-def parse_params(pairs: Iterable[str], package: str | Path) -> dict:
-    """`key=value` pairs, values parsed as the kfp CLI does (JSON where it parses)."""
+def parse_params(pairs: Iterable[str], package: str | Path, overrides: Iterable[str] = ()) -> dict:
+    """`key=value` pairs, values parsed as the kfp CLI does (JSON where it parses), and
+    `stage.key=value` overrides merged into each stage's parameter; every stage's settings
+    are validated against the compiled defaults before anything is sent."""
     known = pipeline_inputs(package)
-    params = {}
+    params: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
@@ -32,6 +34,21 @@ def parse_params(pairs: Iterable[str], package: str | Path) -> dict:
                 f"(it has: {', '.join(sorted(known))})"
             )
         params[key] = parse_parameter_value(value)
+    for pair in overrides:
+        dotted, sep, value = pair.partition("=")
+        stage, _, key = dotted.partition(".")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected stage.key=value")
+        if stage not in compiled_stage_settings(package):
+            raise ConfigError(f"--set {dotted}: {Path(package).name} has no {stage} step")
+        current = params.setdefault(stage, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"--param {stage}: expected a JSON object of {stage} settings")
+        current[key] = parse_parameter_value(value)
+    check_overrides(
+        compiled_stage_settings(package),
+        {stage: value for stage, value in params.items() if stage in STAGE_SETTINGS},
+    )
     required = [name for name, spec in known.items() if "defaultValue" not in spec]
     missing = [
         name for name in required if name not in params and not known[name].get("isOptional")

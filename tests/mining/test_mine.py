@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from conftest import random_embeddings
 
-from embedpipe.config import MineSettings
+from embedpipe.config import CombineSettings, MineSettings, ToHfSettings
 from embedpipe.core import datasets, storage
 from embedpipe.mining.combine import combine_negatives
 from embedpipe.mining.mine import list_categories, mine_category, partition_by_category
@@ -136,11 +136,11 @@ def test_combine_is_order_independent_and_samples(clustered, tmp_path):
         mine(meta_uri, emb_uri, c, str(tmp_path / c), MineSettings()).out_uri
         for c in ("birds", "cars", "mugs")
     ]
-    a = combine_negatives(outs, str(tmp_path / "a"), num_samples=20, seed=3)
-    b = combine_negatives(outs[::-1], str(tmp_path / "b"), num_samples=20, seed=3)
+    a = combine_negatives(outs, str(tmp_path / "a"), CombineSettings(num_samples=20, seed=3))
+    b = combine_negatives(outs[::-1], str(tmp_path / "b"), CombineSettings(num_samples=20, seed=3))
     assert rows(a.out_uri) == rows(b.out_uri) and a.rows == 20
     assert a.skipped_categories == {"mugs": "fewer than two concepts among the candidates"}
-    everything = combine_negatives(outs, str(tmp_path / "all"))
+    everything = combine_negatives(outs, str(tmp_path / "all"), CombineSettings())
     assert everything.rows_per_category == {"birds": 45, "cars": 36}
     assert sum(a.rows_per_category.values()) == 20
 
@@ -166,7 +166,9 @@ def test_hugging_face_export_reloads_with_the_image_bytes(demo_images, tmp_path)
         str(tmp_path / "n"),
         MineSettings(top_k=2),
     )
-    rows_written = export_to_hf(mined.out_uri, demo_images, str(tmp_path / "hf"), max_positives=2)
+    rows_written = export_to_hf(
+        mined.out_uri, demo_images, str(tmp_path / "hf"), ToHfSettings(max_positives=2)
+    )
     reloaded = hf.load_from_disk(str(tmp_path / "hf"))
     assert len(reloaded) == rows_written == mined.queries
     images = datasets.read_table(demo_images, "images", ["image_id", "image"]).to_pylist()
@@ -191,7 +193,7 @@ def test_hugging_face_export_to_s3(demo_images, bucket, tmp_path):
         str(tmp_path / "n"),
         MineSettings(top_k=1),
     )
-    export_to_hf(mined.out_uri, demo_images, f"s3://{bucket}/hf")
+    export_to_hf(mined.out_uri, demo_images, f"s3://{bucket}/hf", ToHfSettings())
     names = [e.uri.rsplit("/", 1)[-1] for e in storage.list_files(f"s3://{bucket}/hf")]
     assert "state.json" in names and "dataset_info.json" in names
     local = tmp_path / "download"
@@ -205,5 +207,5 @@ def test_an_empty_export_still_reloads(tmp_path, demo_images):
     from embedpipe.mining.mine import NEGATIVES_SCHEMA
 
     datasets.write_table(str(tmp_path / "none"), NEGATIVES_SCHEMA.empty_table(), "hard-negatives")
-    assert export_to_hf(str(tmp_path / "none"), demo_images, str(tmp_path / "hf")) == 0
+    assert export_to_hf(str(tmp_path / "none"), demo_images, str(tmp_path / "hf"), ToHfSettings()) == 0
     assert len(hf.load_from_disk(str(tmp_path / "hf"))) == 0

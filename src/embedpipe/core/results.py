@@ -13,3 +13,10 @@ class StageMetrics:
             for name, value in asdict(self).items()
             if isinstance(value, int | float) and not isinstance(value, bool)
         }
+
+
+def log_metrics(output, result: StageMetrics) -> None:
+    """Record a stage result's metrics on a KFP ``Output[Metrics]`` (anything with
+    ``log_metric``), so components stay one line here."""
+    for name, value in result.metrics().items():
+        output.log_metric(name, value)

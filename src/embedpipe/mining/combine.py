@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from embedpipe.config import CombineSettings
 from embedpipe.core import datasets, storage
 from embedpipe.core.schemas import NEGATIVES_KIND
 from embedpipe.mining.mine import NEGATIVES_SCHEMA
@@ -38,9 +39,8 @@ class CombineResult:
         }
 
 
-def combine_negatives(
-    inputs: list[str], out_uri: str, num_samples: int = 0, seed: int = 0
-) -> CombineResult:
+def combine_negatives(inputs: list[str], out_uri: str, config: CombineSettings) -> CombineResult:
+    num_samples, seed = config.num_samples, config.seed
     tables, skipped = [], {}
     for uri in inputs:
         mining = datasets.read_manifest(uri, NEGATIVES_KIND).get("mining", {})

@@ -14,6 +14,7 @@ import tempfile
 
 import datasets as hf
 
+from embedpipe.config import ToHfSettings
 from embedpipe.core import datasets, storage
 from embedpipe.core.schemas import NEGATIVES_KIND
 from embedpipe.core.seeding import rng_for
@@ -37,10 +38,9 @@ FEATURES = hf.Features(
 PUBLISHED_LAST = "state.json"
 
 
-def export_to_hf(
-    negatives_uri: str, images_uri: str, out_uri: str, max_positives: int = 1, seed: int = 0
-) -> int:
+def export_to_hf(negatives_uri: str, images_uri: str, out_uri: str, config: ToHfSettings) -> int:
     """Write the Dataset at ``out_uri``; return its number of rows."""
+    max_positives, seed = config.max_positives, config.seed
     rows = datasets.read_table(negatives_uri, NEGATIVES_KIND).to_pylist()
     for row in rows:  # a fixed, seeded choice of positives per query
         positives = sorted(row["positive_ids"])

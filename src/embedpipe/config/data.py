@@ -1,0 +1,71 @@
+"""Settings of the data stages: ingest, catalog, split, dedup."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from embedpipe.config.base import Section
+
+
+class IngestSettings(Section):
+    rows_per_shard: int = Field(5000, gt=0, description="images per Parquet shard")
+    row_group_rows: int = Field(256, gt=0, description="images per Parquet row group")
+    workers: int = Field(0, ge=0, description="decoding processes; 0 = one per CPU core")
+    strip_components: int = Field(
+        0, ge=0, description="leading path components to drop (like tar --strip-components)"
+    )
+    split_dirnames: tuple[str, ...] = Field(
+        ("train", "test"), description="top-level folder names that mean an explicit split"
+    )
+
+    @field_validator("split_dirnames")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("must be a non-empty list of distinct folder names")
+        return value
+
+
+class CatalogSettings(Section):
+    num_train: int | None = Field(
+        None, ge=1, description="exact train images per concept; overrides train_fraction"
+    )
+    train_fraction: float = Field(
+        0.2, gt=0.0, le=1.0, description="share of each concept's images put in train"
+    )
+    seed: int = Field(42, description="seed of the per-concept shuffles")
+    relative: bool = Field(False, description="JSON paths relative to the source root")
+
+
+class SplitSettings(Section):
+    concept_frac: float = Field(
+        0.65, ge=0.0, le=1.0, description="share of each category's concepts used for training"
+    )
+    min_concepts_threshold: int = Field(
+        3, ge=1, description="split only categories with at least this many concepts"
+    )
+    test_sample_frac: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of a training concept's test images moved into training",
+    )
+    max_test_images: int = Field(200, ge=0, description="cap on the test images moved per concept")
+    seed: int = Field(23, description="seed of the concept selection")
+
+
+class DedupSettings(Section):
+    hash: Literal["phash", "dhash", "whash", "colorhash"] = Field(
+        "phash", description="perceptual hash (imagehash)"
+    )
+    hash_size: int = Field(8, ge=4, le=32, description="hash side: a hash has size^2 bits")
+    max_distance: int = Field(6, ge=0, description="Hamming bits that still make a near duplicate")
+    workers: int = Field(0, ge=0, description="hashing processes; 0 = one per core")
+    drop: Literal["none", "duplicates", "leaking"] = Field(
+        "none",
+        description="kept selection: none (all), duplicates (one per group), "
+        "leaking (drop only groups spanning splits)",
+    )
+    report_groups: int = Field(24, ge=0, description="largest groups shown in the HTML report")

@@ -1,0 +1,66 @@
+"""Settings of the mining stages: mine, combine, to_hf."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from embedpipe.config.base import COMPILE_TIME, Section
+
+
+class MineSettings(Section):
+    top_k: int = Field(3, gt=0, description="hard negatives per query")
+    query_splits: tuple[str, ...] = Field(("train",), description="splits of the query images")
+    candidate_splits: tuple[str, ...] = Field(
+        ("train",), description="splits negatives come from (never held-out images)"
+    )
+    band_names: tuple[str, ...] = Field(
+        ("easy", "medium", "hard"), description="difficulty bands, easiest first"
+    )
+    band_quantiles: tuple[float, ...] = Field(
+        (1 / 3, 2 / 3), description="score quantiles between the bands"
+    )
+    index: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="auto: exact search up to exact_max candidates, IVF above"
+    )
+    exact_max: int = Field(100_000, gt=0, description="auto: exact search up to this size")
+    ivf_nprobe: int = Field(16, gt=0, description="IVF lists probed per query")
+    hnsw_m: int = Field(32, gt=0, description="HNSW links per node")
+    hnsw_ef_search: int = Field(128, gt=0, description="HNSW search depth")
+    recall_sample: int = Field(1000, gt=0, description="queries used to measure recall")
+    gpu: bool = Field(True, description="use faiss GPU when the build has it and a GPU is there")
+    seed: int = Field(0, description="seed of the recall sample")
+    parallelism: int = Field(
+        4,
+        gt=0,
+        description="categories mined at once in the pipeline",
+        json_schema_extra=COMPILE_TIME,
+    )
+    accelerator_type: str = Field(
+        "",
+        description="GPU the cluster mining steps request (faiss-gpu on the GPU image)",
+        json_schema_extra=COMPILE_TIME,
+    )
+    accelerator_limit: int = Field(
+        1, ge=1, description="GPUs each mining step requests", json_schema_extra=COMPILE_TIME
+    )
+
+    @model_validator(mode="after")
+    def _bands_match_edges(self) -> MineSettings:
+        edges = list(self.band_quantiles)
+        if len(self.band_names) != len(edges) + 1:
+            raise ValueError("band_names needs exactly one more name than band_quantiles")
+        if edges != sorted(edges) or any(not 0 < q < 1 for q in edges):
+            raise ValueError("band_quantiles must increase strictly inside (0, 1)")
+        return self
+
+
+class CombineSettings(Section):
+    num_samples: int = Field(0, ge=0, description="sample this many rows (0: all)")
+    seed: int = Field(0, description="seed of the sample")
+
+
+class ToHfSettings(Section):
+    max_positives: int = Field(1, ge=0, description="positive images per row")
+    seed: int = Field(0, description="seed of the positive images' choice")
