@@ -19,6 +19,7 @@ def dedup(
     import shutil
 
     from embedpipe.config import DedupSettings
+    from embedpipe.core.datasets import side_path
     from embedpipe.data.dedup import REPORT_HTML, find_duplicates
 
     config = DedupSettings(
@@ -32,5 +33,5 @@ def dedup(
     result = find_duplicates(images.path, dedup.path, config, splits.path, kept.path)
     for name, value in result.metrics().items():
         metrics.log_metric(name, value)
-    shutil.copyfile(f"{dedup.path}/{REPORT_HTML}", report.path)
+    shutil.copyfile(side_path(dedup.path, REPORT_HTML), report.path)
     kept.metadata["kind"] = "selection"

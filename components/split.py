@@ -16,6 +16,7 @@ def split(
     import shutil
 
     from embedpipe.config import SplitSettings
+    from embedpipe.core.datasets import side_path
     from embedpipe.data.split import REPORT_MD, create_concept_splits
 
     config = SplitSettings(
@@ -28,5 +29,5 @@ def split(
     result = create_concept_splits(catalog.path, splits.path, config)
     for name, value in result.metrics().items():
         metrics.log_metric(name, value)
-    shutil.copyfile(f"{splits.path}/{REPORT_MD}", report.path)
+    shutil.copyfile(side_path(splits.path, REPORT_MD), report.path)
     splits.metadata["kind"] = "splits"

@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images (folders, tar archives, s3:// prefixes) -> Parquet image shards",
         description="Read images laid out <category>/<concept>/<image> or "
         "<split>/<category>/<concept>/<image> and write Parquet shards. Unreadable "
-        "images are listed in rejected.parquet and skipped.",
+        "images are listed in OUT/.embedpipe/rejected.parquet and skipped.",
     )
     ingest.add_argument(
         "sources",

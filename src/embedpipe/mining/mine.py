@@ -103,14 +103,14 @@ def partition_by_category(metadata_uri: str, embeddings_uri: str, out_uri: str) 
             extra={"category": category},
         )
     # Folder names, not paths: a cluster task sees the artifact under a path of its own.
-    storage.write_json(storage.join(out_uri, PARTITIONS_JSON), folders)
+    storage.write_json(datasets.side_path(out_uri, PARTITIONS_JSON), folders)
     return read_partitions(out_uri)
 
 
 def read_partitions(out_uri: str) -> dict[str, str]:
     """Category -> partition URI, for partitions written at ``out_uri``."""
     out_uri = storage.normalize(out_uri)
-    folders = storage.read_json(storage.join(out_uri, PARTITIONS_JSON))
+    folders = storage.read_json(datasets.side_path(out_uri, PARTITIONS_JSON))
     return {category: storage.join(out_uri, folder) for category, folder in folders.items()}
 
 
