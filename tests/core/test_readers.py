@@ -109,7 +109,7 @@ def test_every_artifact_has_rows_and_side_files_only_in_the_hidden_folder(run, a
         assert files and all(datasets.SHARD_PATTERN.match(f) for f in files), (name, files)
     for name, folder in run["bundles"].items():
         assert top_files(folder) == [], name
-        assert os.path.isdir(datasets.side_path(folder)), name
+        assert datasets.read_manifest(folder)["parts"], name
 
 
 def top_files(folder: str) -> list[str]:
