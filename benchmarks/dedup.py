@@ -66,7 +66,7 @@ def main() -> None:
     harness.generate(folder, args.images, 256)
     plant_duplicates(folder, args.images // 100)
     images_uri = str(work / f"images-{args.images}")
-    if not (Path(images_uri) / "_manifest.json").exists():
+    if not Path(datasets.side_path(images_uri, datasets.MANIFEST_NAME)).exists():
         ingest_images([str(folder)], images_uri, IngestSettings())
     files_per_id = collections.Counter(
         datasets.read_table(images_uri, columns=["image_id"]).column(0).to_pylist()

@@ -95,7 +95,7 @@ def main() -> None:
     folder = work / f"jpegs-{args.images}"
     harness.generate(folder, args.images, 256)
     images_uri = str(work / f"images-{args.images}")
-    if not (Path(images_uri) / "_manifest.json").exists():
+    if not Path(datasets.side_path(images_uri, datasets.MANIFEST_NAME)).exists():
         ingest_images([str(folder)], images_uri, IngestSettings())
     entry = get_entry(args.model) if args.model else SMALL_MODEL
     config = EmbedSettings(

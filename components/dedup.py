@@ -15,6 +15,7 @@ def dedup(
     import shutil
 
     from embedpipe.config import stage_settings
+    from embedpipe.core.datasets import side_path
     from embedpipe.core.results import log_metrics
     from embedpipe.core.schemas import DEDUP_KIND, SELECTION_KIND
     from embedpipe.data.dedup import REPORT_HTML, find_duplicates
@@ -22,6 +23,6 @@ def dedup(
     config = stage_settings("dedup", settings, overrides)
     result = find_duplicates(images.path, dedup.path, config, splits.path, kept.path)
     log_metrics(metrics, result)
-    shutil.copyfile(f"{dedup.path}/{REPORT_HTML}", report.path)
+    shutil.copyfile(side_path(dedup.path, REPORT_HTML), report.path)
     dedup.metadata["kind"] = DEDUP_KIND
     kept.metadata["kind"] = SELECTION_KIND

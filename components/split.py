@@ -13,6 +13,7 @@ def split(
     import shutil
 
     from embedpipe.config import stage_settings
+    from embedpipe.core.datasets import side_path
     from embedpipe.core.results import log_metrics
     from embedpipe.core.schemas import SPLITS_KIND
     from embedpipe.data.split import REPORT_MD, create_concept_splits
@@ -20,5 +21,5 @@ def split(
     config = stage_settings("split", settings, overrides)
     result = create_concept_splits(catalog.path, splits.path, config)
     log_metrics(metrics, result)
-    shutil.copyfile(f"{splits.path}/{REPORT_MD}", report.path)
+    shutil.copyfile(side_path(splits.path, REPORT_MD), report.path)
     splits.metadata["kind"] = SPLITS_KIND

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import yaml
 from kfp import compiler
@@ -30,7 +32,10 @@ def compile_pipelines(settings: Settings, out_dir: str) -> list[str]:
     written = []
     for name in PIPELINE_NAMES:
         path = os.path.join(out_dir, f"{name}.yaml")
-        with storage.atomic_output(path) as tmp_path:
-            compiler.Compiler().compile(pipeline_module(name).build_pipeline(settings), tmp_path)
+        # The compiler picks the format from the file name, so it writes a .yaml of its own.
+        with tempfile.TemporaryDirectory() as folder, storage.atomic_output(path) as tmp_path:
+            compiled = os.path.join(folder, f"{name}.yaml")
+            compiler.Compiler().compile(pipeline_module(name).build_pipeline(settings), compiled)
+            shutil.copyfile(compiled, tmp_path)
         written.append(path)
     return written

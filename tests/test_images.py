@@ -15,7 +15,7 @@ from embedpipe import __version__
 from embedpipe.config import IngestSettings
 from embedpipe.core import datasets
 from embedpipe.data.demo_data import DemoSpec, generate_demo_dataset
-from embedpipe.data.ingest import ingest_images
+from embedpipe.data.ingest import REJECTED_NAME, ingest_images
 
 pytestmark = pytest.mark.image
 IMAGE = os.environ.get("EMBEDPIPE_TEST_IMAGE", "")
@@ -82,7 +82,8 @@ def test_ingest_inside_the_container_writes_parquet_the_host_reads(tmp_path):
     assert sorted(in_container.column("image_id").to_pylist()) == sorted(
         expected.column("image_id").to_pylist()
     )
-    rejected = datasets.read_table_file(str(out / "images" / "rejected.parquet"), None)
+    rejected_uri = datasets.side_path(str(out / "images"), REJECTED_NAME)
+    rejected = datasets.read_table_file(rejected_uri, None)
     assert rejected.num_rows == on_host.rejected == len(planted["corrupt"])
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from embedpipe.cli import main
-from embedpipe.core import datasets
+from embedpipe.core import datasets, storage
 
 COMMANDS = [
     "ingest",
@@ -83,7 +83,7 @@ def test_stage_commands_chain_and_flags_override_the_config(demo_dir, tmp_path, 
     )
     catalog = json.loads(capsys.readouterr().out)
     assert catalog["train_images"] == 2 * 20
-    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    saved = storage.read_json(datasets.side_path(str(tmp_path / "c"), datasets.CONFIG_NAME))
     assert saved["config"]["num_train"] == 2 and saved["config"]["relative"] is True
     assert (
         main(
@@ -174,7 +174,9 @@ def test_taxonomy_command(tmp_path, capsys):
         11,
         11,
     )  # Agathis montana: the wasp
-    saved = json.loads((tmp_path / "t" / "config.json").read_text())["config"]
+    saved = storage.read_json(datasets.side_path(str(tmp_path / "t"), datasets.CONFIG_NAME))[
+        "config"
+    ]
     assert saved["keep_genus_in_train"] is False and saved["kingdom"] == "Animalia"
 
 

@@ -4,6 +4,7 @@ import re
 import threading
 from typing import ClassVar
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -26,6 +27,15 @@ def test_local_failed_write_keeps_previous_content_and_leaves_no_temp_file(tmp_p
         raise RuntimeError("writer died half way")
     assert storage.read_json(str(target)) == {"version": 1}
     assert os.listdir(tmp_path) == ["data.json"]
+
+
+def test_temporary_files_are_never_parquet(tmp_path):
+    """A reader globbing a dataset folder for *.parquet must not see a half-written shard."""
+    with storage.atomic_output(str(tmp_path / "part-00000.parquet")) as path:
+        assert os.path.dirname(path) == str(tmp_path)
+        assert path.endswith(".tmp")
+        pq.write_table(pa.table({"a": [1]}), path)
+    assert os.listdir(tmp_path) == ["part-00000.parquet"]
 
 
 def test_json_is_stable(tmp_path):

@@ -16,7 +16,8 @@ def catalog_rows(uri):
 
 def files_of(uri):
     """Every output file's bytes, keyed by name (shards are content-addressed)."""
-    return {p.name: p.read_bytes() for p in sorted(Path(uri).iterdir())}
+    files = sorted(p for p in Path(uri).rglob("*") if p.is_file())
+    return {p.relative_to(uri).as_posix(): p.read_bytes() for p in files}
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def test_adding_a_category_does_not_reshuffle_the_others(tmp_path):
 
 
 def test_json_is_the_perva_layout_of_the_parquet(demo_catalog):
-    layout = storage.read_json(str(Path(demo_catalog) / CATALOG_JSON))
+    layout = storage.read_json(datasets.side_path(demo_catalog, CATALOG_JSON))
     rows = catalog_rows(demo_catalog)
     assert set(layout) == {"box", "disc", "ring", "star"}
     for category, concepts in layout.items():
@@ -112,7 +113,7 @@ def test_json_is_the_perva_layout_of_the_parquet(demo_catalog):
 
 def test_relative_paths_resolve_against_the_source_root(demo_dir, demo_images, tmp_path):
     result = build_catalog(demo_images, str(tmp_path / "c"), CatalogSettings(relative=True))
-    layout = storage.read_json(str(Path(result.out_uri) / CATALOG_JSON))
+    layout = storage.read_json(datasets.side_path(result.out_uri, CATALOG_JSON))
     paths = [
         p
         for concepts in layout.values()

@@ -10,7 +10,13 @@ from PIL import Image
 
 from embedpipe.config import DedupSettings, SplitSettings
 from embedpipe.core import datasets, storage
-from embedpipe.data.dedup import REPORT_HTML, find_duplicates, hamming, near_pairs
+from embedpipe.data.dedup import (
+    LEAKAGE_JSON,
+    REPORT_HTML,
+    find_duplicates,
+    hamming,
+    near_pairs,
+)
 from embedpipe.data.demo_data import MANIFEST_NAME
 from embedpipe.data.split import create_concept_splits
 
@@ -77,7 +83,7 @@ def test_leakage_report_on_concept_splits(demo_images, demo_splits, tmp_path):
     result = find_duplicates(
         demo_images, str(tmp_path / "d"), DedupSettings(workers=1), demo_splits
     )
-    leakage = storage.read_json(str(Path(result.out_uri) / "leakage.json"))
+    leakage = storage.read_json(datasets.side_path(result.out_uri, LEAKAGE_JSON))
     rows = datasets.read_table(storage.join(result.out_uri, "groups")).to_pylist()
     leaking = {r["group_id"] for r in rows if r["leaks"]}
     assert leakage["leaking_groups"] == len(leaking) == result.leaking_groups > 0
@@ -107,7 +113,7 @@ def test_html_report_shows_thumbnails(demo_images, tmp_path):
     result = find_duplicates(
         demo_images, str(tmp_path / "d"), DedupSettings(workers=1, report_groups=3)
     )
-    page = (Path(result.out_uri) / REPORT_HTML).read_text()
+    page = Path(datasets.side_path(result.out_uri, REPORT_HTML)).read_text()
     thumbnails = re.findall(r"src='data:image/jpeg;base64,([^']+)'", page)
     assert len(thumbnails) == 6  # three groups of two
     assert Image.open(io.BytesIO(base64.b64decode(thumbnails[0]))).size[0] <= 96

@@ -10,7 +10,7 @@ from conftest import flat_tree, jpeg_bytes, png_bytes, upload_tree, write_tree
 from embedpipe.config import IngestSettings
 from embedpipe.core import datasets, storage
 from embedpipe.core.schemas import IMAGES_SCHEMA
-from embedpipe.data.ingest import REJECTED_NAME, ingest_images
+from embedpipe.data.ingest import REJECTED_NAME, REPORT_NAME, ingest_images
 from embedpipe.data.sources import LayoutError
 
 KEY_COLUMNS = ["image_id", "category", "concept", "split", "width", "height"]
@@ -21,7 +21,7 @@ def rows(uri, columns=KEY_COLUMNS):
 
 
 def rejected(uri):
-    return pq.read_table(str(Path(uri) / REJECTED_NAME)).to_pylist()
+    return pq.read_table(datasets.side_path(str(uri), REJECTED_NAME)).to_pylist()
 
 
 def make_tar(path: Path, members: dict[str, bytes], mode="w") -> Path:
@@ -67,7 +67,7 @@ def test_demo_dataset_corrupt_files_are_reported_not_fatal(demo_dir, tmp_path, o
     assert set(reasons) == {"truncated.jpg", "noise.jpg", "empty.png"}
     assert all(reason.startswith("cannot decode image") for reason in reasons.values())
     assert {row["split"] for row in rows(str(tmp_path / "out"))} == {"train", "test"}
-    report = storage.read_json(str(tmp_path / "out" / "ingest_report.json"))
+    report = storage.read_json(datasets.side_path(str(tmp_path / "out"), REPORT_NAME))
     assert report["rejected"] == 3 and len(report["rejected_examples"]) == 3
 
 

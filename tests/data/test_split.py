@@ -58,7 +58,7 @@ def test_small_categories_are_not_split(demo_catalog, tmp_path):
     config = SplitSettings(min_concepts_threshold=6)
     result = create_concept_splits(demo_catalog, str(tmp_path / "s"), config)
     assert result.train_concepts == 0 and result.val_concepts == 20
-    metadata = storage.read_json(str(Path(result.out_uri) / METADATA_JSON))
+    metadata = storage.read_json(datasets.side_path(result.out_uri, METADATA_JSON))
     assert all(info["below_threshold"] for info in metadata["categories"].values())
 
 
@@ -66,9 +66,9 @@ def test_outputs_agree_with_each_other(demo_catalog, tmp_path):
     config = SplitSettings(test_sample_frac=0.3, max_test_images=200)
     out = Path(create_concept_splits(demo_catalog, str(tmp_path / "s"), config).out_uri)
     rows = split_rows(str(out))
-    train_json = storage.read_json(str(out / TRAIN_JSON))
-    val_json = storage.read_json(str(out / VAL_JSON))
-    metadata = storage.read_json(str(out / METADATA_JSON))
+    train_json = storage.read_json(datasets.side_path(str(out), TRAIN_JSON))
+    val_json = storage.read_json(datasets.side_path(str(out), VAL_JSON))
+    metadata = storage.read_json(datasets.side_path(str(out), METADATA_JSON))
     for category, info in metadata["categories"].items():
         assert sorted(train_json[category]) == info["selected_concepts"]
         for concept, sample in info["sampled_test_images_by_concept"].items():
@@ -90,7 +90,11 @@ def test_outputs_agree_with_each_other(demo_catalog, tmp_path):
                 for s in ("train", "test")
             }
             assert {s: sorted(entry[s]) for s in entry} == expected
-    assert "| box | 5 | 4 |" in (out / REPORT_MD).read_text()
+    assert "| box | 5 | 4 |" in Path(datasets.side_path(str(out), REPORT_MD)).read_text()
+
+
+def output_files(uri):
+    return sorted(path for path in Path(uri).rglob("*") if path.is_file())
 
 
 def test_same_seed_same_bytes(demo_catalog, tmp_path):
@@ -98,7 +102,10 @@ def test_same_seed_same_bytes(demo_catalog, tmp_path):
         create_concept_splits(demo_catalog, str(tmp_path / name), SplitSettings(seed=5))
         for name in ("a", "b")
     ]
-    files = [{p.name: p.read_bytes() for p in Path(o.out_uri).iterdir()} for o in outs]
+    files = [
+        {path.relative_to(o.out_uri): path.read_bytes() for path in output_files(o.out_uri)}
+        for o in outs
+    ]
     assert files[0] == files[1]
     other = create_concept_splits(demo_catalog, str(tmp_path / "c"), SplitSettings(seed=6))
     assert concepts_by_side(split_rows(other.out_uri)) != concepts_by_side(

@@ -142,7 +142,7 @@ def test_a_killed_run_resumes_after_the_last_finished_shard(
     resumed = embed_images(sharded_images, out, settings(tiny_checkpoint), tiny_entry)
     assert resumed.resumed_shards == 2
     assert_same_embeddings(datasets.read_table(out), datasets.read_table(clean.out_uri))
-    assert not storage.list_files(storage.join(out, embed.PROGRESS_DIR))
+    assert not storage.list_files(datasets.side_path(out, embed.PROGRESS_DIR))
 
 
 def test_changed_settings_do_not_reuse_finished_shards(

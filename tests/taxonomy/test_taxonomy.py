@@ -1,5 +1,4 @@
 import collections
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +10,13 @@ from embedpipe.core import datasets, storage
 from embedpipe.data.ingest import ingest_images
 from embedpipe.taxonomy import RANKS
 from embedpipe.taxonomy.names import parse_name
-from embedpipe.taxonomy.stage import TaxonomyInputError, build_taxonomy
+from embedpipe.taxonomy.stage import (
+    RANK_KEYS_JSON,
+    SPLIT_METADATA_JSON,
+    UNKNOWN_JSON,
+    TaxonomyInputError,
+    build_taxonomy,
+)
 from embedpipe.taxonomy.table import TaxonomyTableError, load_taxon_table
 
 
@@ -79,7 +84,7 @@ def test_every_name_is_known_or_unknown_with_its_reason(butterflies, tmp_path):
     assert rows["Danaus plexippus plexippus"]["infraspecific"] == "plexippus"
     assert (result.names, result.known_names, result.unknown_names) == (14, 10, 4)
     assert result.species == 7 and result.unlabelled_images == 4 * 4
-    unknown = storage.read_json(str(Path(result.out_uri) / "unknown_species.json"))
+    unknown = storage.read_json(datasets.side_path(result.out_uri, UNKNOWN_JSON))
     assert set(unknown) == {n for n, e in IMAGE_NAMES.items() if not e.isdigit()}
 
 
@@ -125,8 +130,8 @@ def test_tree_paths_and_missing_rank(butterflies, tmp_path):
 def test_rank_keys_are_dense_stable_and_match_the_index(butterflies, tmp_path):
     first = run(butterflies, tmp_path / "a", test_fraction=0.0)
     second = run(butterflies, tmp_path / "b", test_fraction=0.0)
-    keys = storage.read_json(str(Path(first.out_uri) / "rank_keys.json"))
-    assert keys == storage.read_json(str(Path(second.out_uri) / "rank_keys.json"))
+    keys = storage.read_json(datasets.side_path(first.out_uri, RANK_KEYS_JSON))
+    assert keys == storage.read_json(datasets.side_path(second.out_uri, RANK_KEYS_JSON))
     for rank in RANKS:
         assert sorted(keys[rank].values()) == list(range(len(keys[rank])))
     assert len(keys["species"]) == 7 and len(keys["genus"]) == 3 and len(keys["family"]) == 1
@@ -167,7 +172,7 @@ def test_species_split_holds_out_whole_species_and_keeps_genera(butterflies, tmp
     assert test and not train & test
     genus = {"101": "D", "102": "D", "103": "D", "201": "H", "202": "H", "301": "V", "302": "V"}
     assert {genus[s] for s in test} <= {genus[s] for s in train}
-    metadata = storage.read_json(str(Path(result.out_uri) / "taxon_split_metadata.json"))
+    metadata = storage.read_json(datasets.side_path(result.out_uri, SPLIT_METADATA_JSON))
     assert sorted(metadata["held_out_species"]["test"]) == sorted(test)
     again = run(butterflies, tmp_path / "again", test_fraction=0.5, seed=3)
     assert {r["species_id"] for r in index_rows(again, "test")} == test
@@ -212,7 +217,7 @@ def test_species_with_too_few_images_are_left_out(butterflies, tmp_path):
     result = run(butterflies, tmp_path, min_images_per_species=5, test_fraction=0.0)
     trained = {r["species_id"] for r in index_rows(result, "train")}
     assert trained == {"101"}  # only the monarch has 16 images; the others have 4
-    metadata = storage.read_json(str(Path(result.out_uri) / "taxon_split_metadata.json"))
+    metadata = storage.read_json(datasets.side_path(result.out_uri, SPLIT_METADATA_JSON))
     assert "102" in metadata["too_few_images"]
 
 

@@ -202,7 +202,7 @@ STAGE_COMMANDS = (
         "images (folders, tar archives, s3:// prefixes) -> Parquet image shards",
         "Read images laid out <category>/<concept>/<image> or "
         "<split>/<category>/<concept>/<image> and write Parquet shards. Unreadable "
-        "images are listed with the reason and skipped.",
+        "images are listed in OUT/.embedpipe/rejected.parquet and skipped.",
     ),
     StageCommand(
         "catalog",

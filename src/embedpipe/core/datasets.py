@@ -1,7 +1,12 @@
 """Parquet datasets as directories of shards plus a manifest written last.
 
-A dataset is complete exactly when ``_manifest.json`` exists: it names every
-shard, its row count and the dataset kind. Shards are named after a hash of
+A dataset folder holds its shards ``part-*.parquet`` at the top and every
+side file (manifest, config, progress markers, reports, rejected rows) in a
+hidden ``.embedpipe/`` folder, which pandas, pyarrow, DuckDB and Hugging Face
+``datasets`` all skip: read as a folder, a dataset is exactly its rows.
+
+A dataset is complete exactly when ``.embedpipe/manifest.json`` exists: it
+names every shard, its row count and the dataset kind. Shards are named after a hash of
 their bytes, so rewriting a dataset never changes a file an older manifest
 still points at, and the same rows always give the same file names and
 bytes. Shards no longer listed are removed once the new manifest is in place.
@@ -24,7 +29,12 @@ from embedpipe import __version__
 from embedpipe.core import storage
 from embedpipe.core.schemas import IMAGES_KIND
 
-MANIFEST_NAME = "_manifest.json"
+# Hidden, so readers of the folder skip it; a name starting with "_" is not enough for
+# `datasets`, and DuckDB's `*.parquet` glob matches hidden files but not subfolders.
+SIDE_DIR = ".embedpipe"
+MANIFEST_NAME = "manifest.json"
+# Where older outputs kept their manifest; only looked for to explain a refusal.
+LEGACY_MANIFEST_NAME = "_manifest.json"
 CONFIG_NAME = "config.json"
 SHARD_PATTERN = re.compile(r"^part-\d{5}-[0-9a-f]{16}\.parquet$")
 # Encoded images and float vectors do not shrink further; compressing them only costs time.
@@ -33,6 +43,11 @@ NO_COMPRESSION_COLUMNS = ("image", "embedding")
 
 class DatasetError(RuntimeError):
     """A dataset is missing, incomplete or of the wrong kind."""
+
+
+def side_path(uri: str, *names: str) -> str:
+    """Where a side file of the dataset (or bundle) at ``uri`` lives: ``URI/.embedpipe/NAME``."""
+    return storage.join(storage.normalize(uri), SIDE_DIR, *names)
 
 
 def _file_sha256(path: str) -> str:
@@ -104,7 +119,7 @@ class DatasetWriter:
                 self.seal()
 
     def _open_shard(self) -> None:
-        self._writer_path = os.path.join(self._staging, f"shard-{len(self.shards)}.parquet")
+        self._writer_path = os.path.join(self._staging, f"shard-{len(self.shards)}.tmp")
         self._writer = pq.ParquetWriter(
             self._writer_path,
             self.schema,
@@ -150,7 +165,7 @@ def write_manifest(
         "shards": shards,
         **(extra or {}),
     }
-    storage.write_json(storage.join(out_uri, MANIFEST_NAME), manifest)
+    storage.write_json(side_path(out_uri, MANIFEST_NAME), manifest)
     _remove_stale_shards(out_uri, {shard["path"] for shard in shards})
     return manifest
 
@@ -178,11 +193,13 @@ def write_table(
 
 
 def read_manifest(uri: str, kind: str | None = None) -> dict[str, Any]:
-    manifest_uri = storage.join(storage.normalize(uri), MANIFEST_NAME)
+    manifest_uri = side_path(uri, MANIFEST_NAME)
     if not storage.exists(manifest_uri):
+        reason = "the path is wrong, or the stage that writes it did not finish"
+        if storage.exists(storage.join(storage.normalize(uri), LEGACY_MANIFEST_NAME)):
+            reason = f"an older embedpipe wrote {LEGACY_MANIFEST_NAME} instead: run the stage again"
         raise DatasetError(
-            f"{uri}: not a complete embedpipe dataset (no {MANIFEST_NAME}: the path is wrong, "
-            "or the stage that writes it did not finish)"
+            f"{uri}: not a complete embedpipe dataset (no {SIDE_DIR}/{MANIFEST_NAME}: {reason})"
         )
     manifest = storage.read_json(manifest_uri)
     if kind is not None and manifest.get("kind") != kind:
@@ -236,13 +253,14 @@ def image_bytes(images_uri: str, image_ids: set[str]) -> dict[str, bytes]:
 
 
 def save_config(out_uri: str, stage: str, config: Any) -> None:
-    """Save the resolved stage config beside its output."""
+    """Save the resolved stage config with its output (``.embedpipe/config.json``)."""
     payload = {"stage": stage, "config": config.model_dump(mode="json")}
-    storage.write_json(storage.join(storage.normalize(out_uri), CONFIG_NAME), payload)
+    storage.write_json(side_path(out_uri, CONFIG_NAME), payload)
 
 
 def finish_bundle(out_uri: str, kind: str, parts: list[str], extra: dict[str, Any]) -> None:
-    """Mark a folder of several datasets and files complete: its manifest comes last."""
+    """Mark a folder of several datasets complete: its own manifest, in its own
+    ``.embedpipe/``, comes last; each part is a dataset folder of its own."""
     manifest = {
         "kind": kind,
         "embedpipe_version": __version__,
@@ -251,4 +269,4 @@ def finish_bundle(out_uri: str, kind: str, parts: list[str], extra: dict[str, An
         "parts": parts,
         **extra,
     }
-    storage.write_json(storage.join(storage.normalize(out_uri), MANIFEST_NAME), manifest)
+    storage.write_json(side_path(out_uri, MANIFEST_NAME), manifest)

@@ -12,6 +12,7 @@ DEDUP_KIND = "dedup"
 SELECTION_KIND = "selection"
 NEGATIVES_KIND = "hard-negatives"
 PARTITION_KIND = "category-embeddings"
+PARTITIONS_KIND = "category-partitions"  # the folder of every category's partition
 
 IMAGES_SCHEMA = pa.schema(
     [

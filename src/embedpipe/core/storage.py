@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 S3_SCHEME = "s3://"
 MAX_ATTEMPTS = 8
 DEFAULT_REGION = "us-east-1"
+TMP_SUFFIX = ".tmp"
 
 
 class StorageError(RuntimeError):
@@ -203,12 +204,12 @@ def read_json(uri: str) -> Any:
 def atomic_output(uri: str) -> Iterator[str]:
     """Yield a local path to write; publish it at ``uri`` only if the block succeeds.
 
-    The temporary path keeps the final name's extension, for writers that check it.
+    The temporary file ends in ``.tmp``, never in the final extension: a reader that
+    globs a dataset folder for ``*.parquet`` must not pick up a half-written shard.
     """
-    suffix = ".part" + os.path.splitext(uri)[1]
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        handle, tmp_path = tempfile.mkstemp(prefix=".embedpipe-", suffix=suffix)
+        handle, tmp_path = tempfile.mkstemp(prefix=".embedpipe-", suffix=TMP_SUFFIX)
         os.close(handle)
         try:
             yield tmp_path
@@ -222,7 +223,7 @@ def atomic_output(uri: str) -> Iterator[str]:
     directory = os.path.dirname(final_path)
     os.makedirs(directory, exist_ok=True)
     handle, tmp_path = tempfile.mkstemp(
-        prefix=f".{os.path.basename(final_path)}.", suffix=suffix, dir=directory
+        prefix=f".{os.path.basename(final_path)}.", suffix=TMP_SUFFIX, dir=directory
     )
     os.close(handle)
     try:

@@ -9,9 +9,10 @@ Two modes, as in the PerVA catalog builder:
   generator of their own and the first ``num_train`` (exact, overrides) or
   ``max(1, round(train_fraction * n))`` become train, the rest test.
 
-Outputs: the catalog as Parquet (one row per image), the same catalog as JSON
-in the PerVA layout ``{category: {concept: {"train": [...], "test": [...]}}}``
-and the resolved config. Same input and seed give byte-identical files.
+Outputs: the catalog as Parquet (one row per image); in ``.embedpipe/``, the same
+catalog as JSON in the PerVA layout
+``{category: {concept: {"train": [...], "test": [...]}}}`` and the resolved config.
+Same input and seed give byte-identical files.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def build_catalog(images_uri: str, out_uri: str, config: CatalogSettings) -> Cat
         schema=CATALOG_SCHEMA,
     )
     out_uri = storage.normalize(out_uri)
-    storage.write_json(storage.join(out_uri, CATALOG_JSON), perva_layout(catalog))
+    storage.write_json(datasets.side_path(out_uri, CATALOG_JSON), perva_layout(catalog))
     datasets.save_config(out_uri, "catalog", config)
     datasets.write_table(out_uri, catalog, CATALOG_KIND, extra={"mode": mode})
     counts = collections.Counter(catalog.column("split").to_pylist())

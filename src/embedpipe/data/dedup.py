@@ -38,6 +38,7 @@ SPLIT_ORDER = {"train": 0, "val": 1, "val-support": 1, "val-query": 2, "test": 3
 NO_SPLIT = "none"
 HASH_CHUNK = 64
 REPORT_HTML = "dedup_report.html"
+LEAKAGE_JSON = "leakage.json"
 MULTIHASH_BITS = 16  # bits per hash table
 MAX_FLIPS = 3  # beyond this, probing costs more than comparing every pair
 
@@ -218,7 +219,7 @@ def find_duplicates(
         kept_uri, meta.take(kept_rows), SELECTION_KIND, extra={"drop": config.drop}
     )
     report = render_report(images_uri, records, leakage, config)
-    storage.write_bytes(storage.join(out_uri, REPORT_HTML), report.encode("utf-8"))
+    storage.write_bytes(datasets.side_path(out_uri, REPORT_HTML), report.encode("utf-8"))
     datasets.save_config(out_uri, "dedup", config)
     result = DedupResult(
         out_uri=out_uri,
@@ -287,4 +288,4 @@ def _write_outputs(out_uri, ids, codes, readable, records, leakage, config) -> N
         pa.Table.from_pylist(records, GROUP_SCHEMA),
         "duplicate-groups",
     )
-    storage.write_json(storage.join(out_uri, "leakage.json"), leakage)
+    storage.write_json(datasets.side_path(out_uri, LEAKAGE_JSON), leakage)

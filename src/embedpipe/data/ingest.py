@@ -3,7 +3,7 @@
 Each image is decoded once to prove it is whole (JPEGs in draft mode, at an
 eighth of their size, which still reads every coded block), hashed, and
 written with its original bytes. Unreadable images are listed in
-``rejected.parquet`` with the reason and the run goes on. Decoding runs in a
+``.embedpipe/rejected.parquet`` with the reason and the run goes on. Decoding runs in a
 process pool fed a bounded window of chunks, so memory stays flat however
 many images there are, and rows keep the sources' order.
 """
@@ -144,7 +144,7 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
         )
         _write_rejected(out_uri, rejected)
         storage.write_json(
-            storage.join(out_uri, REPORT_NAME),
+            datasets.side_path(out_uri, REPORT_NAME),
             {**result.metrics(), "rejected_examples": rejected[:20]},
         )
         datasets.save_config(out_uri, "ingest", config)
@@ -158,12 +158,16 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
         result.rejected,
     )
     if rejected:
-        log.warning("%d unreadable file(s) listed in %s", len(rejected), REJECTED_NAME)
+        log.warning(
+            "%d unreadable file(s) listed in %s",
+            len(rejected),
+            datasets.side_path(out_uri, REJECTED_NAME),
+        )
     return result
 
 
 def _write_rejected(out_uri: str, rejected: list[tuple[str, str]]) -> None:
     columns = list(zip(*rejected, strict=True)) if rejected else [[], []]
     table = pa.table(dict(zip(REJECTED_SCHEMA.names, columns, strict=True)), schema=REJECTED_SCHEMA)
-    with storage.atomic_output(storage.join(out_uri, REJECTED_NAME)) as path:
+    with storage.atomic_output(datasets.side_path(out_uri, REJECTED_NAME)) as path:
         pq.write_table(table, path)

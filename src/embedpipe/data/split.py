@@ -9,9 +9,10 @@ the fraction is positive and there are test images, at most
 concept, and every concept of a smaller category, is a validation concept and
 keeps its catalog train/test lists unchanged (support and query images).
 
-Outputs: ``splits`` Parquet with one row per catalog image and where it went,
-``train_concepts.json`` and ``val_concepts.json`` in the PerVA layout, and
-``split_metadata.json`` recording every selection and sample.
+Outputs: ``splits`` Parquet with one row per catalog image and where it went;
+in ``.embedpipe/``, ``train_concepts.json`` and ``val_concepts.json`` in the PerVA
+layout, ``split_metadata.json`` recording every selection and sample, and
+``split_report.md``.
 """
 
 from __future__ import annotations
@@ -121,9 +122,9 @@ def create_concept_splits(catalog_uri: str, out_uri: str, config: SplitSettings)
     )
     out_uri = storage.normalize(out_uri)
     _write_layouts(out_uri, table, sorted(concepts_by_category))
-    storage.write_json(storage.join(out_uri, METADATA_JSON), metadata)
+    storage.write_json(datasets.side_path(out_uri, METADATA_JSON), metadata)
     report = render_report(table, metadata)
-    storage.write_bytes(storage.join(out_uri, REPORT_MD), report.encode("utf-8"))
+    storage.write_bytes(datasets.side_path(out_uri, REPORT_MD), report.encode("utf-8"))
     datasets.save_config(out_uri, "split", config)
     datasets.write_table(out_uri, table, SPLITS_KIND)
 
@@ -173,4 +174,4 @@ def _write_layouts(out_uri: str, table: pa.Table, categories: list[str]) -> None
     for name, rows in ((TRAIN_JSON, train_rows), (VAL_JSON, val_rows)):
         layout = {category: {} for category in categories}
         layout.update(perva_layout(rows))
-        storage.write_json(storage.join(out_uri, name), layout)
+        storage.write_json(datasets.side_path(out_uri, name), layout)

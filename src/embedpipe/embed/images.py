@@ -43,7 +43,7 @@ from embedpipe.models.registry import ModelEntry, get_entry
 
 log = logging.getLogger(__name__)
 
-PROGRESS_DIR = "_progress"
+PROGRESS_DIR = "progress"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -192,7 +192,7 @@ def embed_images(
             )
             shard = _publish(out_uri, index, table)
             storage.write_json(
-                storage.join(out_uri, PROGRESS_DIR, f"{name}.json"),
+                datasets.side_path(out_uri, PROGRESS_DIR, f"{name}.json"),
                 {"input": name, "shard": shard, "fingerprint": fingerprint},
             )
             shards.append(shard)
@@ -210,7 +210,7 @@ def embed_images(
             "normalized": config.normalize,
         },
     )
-    for marker in storage.list_files(storage.join(out_uri, PROGRESS_DIR)):
+    for marker in storage.list_files(datasets.side_path(out_uri, PROGRESS_DIR)):
         storage.delete(marker.uri)
     result = EmbedResult(
         out_uri, embedded, resumed, entry.embed_dim, round(time.perf_counter() - started, 3)
@@ -220,7 +220,7 @@ def embed_images(
 
 
 def _finished_shards(out_uri: str, fingerprint: str) -> dict[str, dict]:
-    markers = storage.list_files(storage.join(out_uri, PROGRESS_DIR))
+    markers = storage.list_files(datasets.side_path(out_uri, PROGRESS_DIR))
     finished = {}
     for marker in markers:
         record = storage.read_json(marker.uri)
@@ -277,7 +277,7 @@ def _embed_shard(
 
 
 def _publish(out_uri: str, index: int, table: pa.Table) -> dict:
-    handle, path = tempfile.mkstemp(suffix=".parquet")
+    handle, path = tempfile.mkstemp(suffix=storage.TMP_SUFFIX)
     os.close(handle)
     try:
         pq.write_table(table, path, compression="zstd")

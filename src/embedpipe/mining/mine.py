@@ -27,7 +27,12 @@ import pyarrow.compute as pc
 from embedpipe.config import MineSettings
 from embedpipe.core import datasets, storage
 from embedpipe.core.results import StageMetrics
-from embedpipe.core.schemas import EMBEDDINGS_KIND, NEGATIVES_KIND, PARTITION_KIND
+from embedpipe.core.schemas import (
+    EMBEDDINGS_KIND,
+    NEGATIVES_KIND,
+    PARTITION_KIND,
+    PARTITIONS_KIND,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +108,16 @@ def partition_by_category(metadata_uri: str, embeddings_uri: str, out_uri: str) 
             extra={"category": category},
         )
     # Folder names, not paths: a cluster task sees the artifact under a path of its own.
-    storage.write_json(storage.join(out_uri, PARTITIONS_JSON), folders)
+    storage.write_json(datasets.side_path(out_uri, PARTITIONS_JSON), folders)
+    datasets.finish_bundle(out_uri, PARTITIONS_KIND, sorted(folders.values()), {})
     return read_partitions(out_uri)
 
 
 def read_partitions(out_uri: str) -> dict[str, str]:
     """Category -> partition URI, for partitions written at ``out_uri``."""
     out_uri = storage.normalize(out_uri)
-    folders = storage.read_json(storage.join(out_uri, PARTITIONS_JSON))
+    datasets.read_manifest(out_uri, PARTITIONS_KIND)
+    folders = storage.read_json(datasets.side_path(out_uri, PARTITIONS_JSON))
     return {category: storage.join(out_uri, folder) for category, folder in folders.items()}
 
 

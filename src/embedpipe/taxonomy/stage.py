@@ -1,14 +1,15 @@
 """taxonomy: ingested images + a taxon table -> species ids, tree, rank keys, splits, indexes.
 
-Output folder:
+Output folder (a bundle: each subfolder is a dataset of its own):
 
 - ``species/``: one row per distinct name in the data (all), with status known
-  or unknown, the reason, and the accepted taxon; ``known_species.json`` and
-  ``unknown_species.json`` list them for people;
+  or unknown, the reason, and the accepted taxon;
 - ``tree/``: the kingdom -> species path of every known species;
-- ``rank_keys/`` and ``rank_keys.json``: the integer key of every lineage per rank;
+- ``rank_keys/``: the integer key of every lineage per rank;
 - ``index/<split>/``: per split, each image's species, key at every rank and caption;
-- ``taxon_split_metadata.json``, ``config.json``, and ``_manifest.json`` last.
+- ``.embedpipe/``: ``known_species.json`` and ``unknown_species.json`` (the
+  species lists for people), ``rank_keys.json``, ``taxon_split_metadata.json``,
+  ``config.json``, and ``manifest.json`` last.
 
 Names are resolved once per distinct spelling, not once per image, and mapped
 back to the images with Arrow ``take``: a million rows cost what their few
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 
 NAME = "name"
 ROW_ORDER = "__row"
+SPLIT_METADATA_JSON = "taxon_split_metadata.json"
+KNOWN_JSON = "known_species.json"
+UNKNOWN_JSON = "unknown_species.json"
+RANK_KEYS_JSON = "rank_keys.json"
 
 
 class TaxonomyInputError(ValueError):
@@ -167,7 +172,7 @@ def build_taxonomy(
     ]
     assignment, split_metadata = split_species(species, config)
     counts = _write_indexes(out_uri, taxa, images, accepted, assignment, paths, keys)
-    storage.write_json(storage.join(out_uri, "taxon_split_metadata.json"), split_metadata)
+    storage.write_json(datasets.side_path(out_uri, SPLIT_METADATA_JSON), split_metadata)
     datasets.save_config(out_uri, "taxonomy", config)
 
     known_names = sum(r.known for r in resolved.resolutions)
@@ -192,7 +197,9 @@ def build_taxonomy(
     log.info("taxonomy: %s", result.metrics())
     if result.unknown_names:
         log.warning(
-            "%d name(s) not resolved; reasons in unknown_species.json", result.unknown_names
+            "%d name(s) not resolved; reasons in %s",
+            result.unknown_names,
+            datasets.side_path(out_uri, UNKNOWN_JSON),
         )
     return result
 
@@ -245,8 +252,8 @@ def _write_species(
         if r["status"] == "known"
     }
     unknown = {r["raw_name"]: r["reason"] for r in rows if r["status"] == "unknown"}
-    storage.write_json(storage.join(out_uri, "known_species.json"), known)
-    storage.write_json(storage.join(out_uri, "unknown_species.json"), unknown)
+    storage.write_json(datasets.side_path(out_uri, KNOWN_JSON), known)
+    storage.write_json(datasets.side_path(out_uri, UNKNOWN_JSON), unknown)
 
 
 def _write_tree(out_uri: str, taxa: TaxonTable, paths: dict, images_per_species) -> None:
@@ -292,7 +299,7 @@ def _write_rank_keys(out_uri: str, keys: dict[str, dict[str, int]]) -> None:
     datasets.write_table(
         storage.join(out_uri, "rank_keys"), pa.Table.from_pylist(rows, schema), "taxonomy-rank-keys"
     )
-    storage.write_json(storage.join(out_uri, "rank_keys.json"), keys)
+    storage.write_json(datasets.side_path(out_uri, RANK_KEYS_JSON), keys)
 
 
 def _common_name(taxa: TaxonTable, row: int) -> str | None:
