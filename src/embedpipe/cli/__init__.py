@@ -273,12 +273,15 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from embedpipe.pipelines.local import run_locally
+    from embedpipe.pipelines.progress import Progress
 
     settings = _settings(args)
-    outputs = run_locally(args.pipeline, settings)
+    progress = Progress(sys.stdout)
+    outputs = run_locally(args.pipeline, settings, verbose=args.verbose, progress=progress)
     print(f"pipeline {args.pipeline} succeeded; outputs:")
     for name, uri in outputs.items():
         print(f"  {name}: {uri}")
+    print(f"task logs: {progress.log_dir}")
 
 
 def _cluster_settings(args: argparse.Namespace) -> Settings:
@@ -561,10 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a pipeline on this machine through kfp.local",
         description="Runs the real KFP pipeline with kfp.local's SubprocessRunner; "
-        "artifacts go under [global].pipeline_root.",
+        "artifacts go under [global].pipeline_root, each task's log under the run "
+        "folder's logs/.",
     )
     run.add_argument("pipeline", choices=PIPELINE_NAMES)
     run.add_argument("--config", metavar="FILE", required=True, help="TOML config")
+    run.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="stream kfp.local's output and every task's log (else: a line per task)",
+    )
     run.set_defaults(handler=cmd_run)
 
     overlay_help = "a manifests/overlays/ENV folder: its cluster.toml and pipeline root apply"
