@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 from embedpipe.config import Settings
 from embedpipe.core import storage
 from embedpipe.pipelines import pipeline_module
+from embedpipe.pipelines.progress import LOG_DIR, LocalRun, Progress
 
 
-def run_locally(name: str, settings: Settings) -> dict[str, str]:
+def run_locally(
+    name: str, settings: Settings, *, verbose: bool = False, progress: Progress | None = None
+) -> dict[str, str]:
     """Run pipeline ``name`` to completion; return every output artifact's URI.
 
     Keys are ``task/output``: conditional steps (taxonomy) have no pipeline-level
-    output, so the run folder is read for what each task wrote.
+    output, so the run folder is read for what each task wrote. ``progress`` (by default
+    on stdout) shows a line per task; each task's output goes to a log file under the
+    run folder (``progress.log_dir``), and also to stdout when ``verbose``. A failed task
+    raises ``PipelineFailed`` naming it, its cause and its log file.
     """
     from kfp import local
 
+    progress = progress if progress is not None else Progress(sys.stdout)
     module = pipeline_module(name)
     pipeline = module.build_pipeline(settings)
     arguments = module.run_arguments(settings)
@@ -27,7 +35,11 @@ def run_locally(name: str, settings: Settings) -> dict[str, str]:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-        task = pipeline(**arguments)
+        with LocalRun(pipeline, progress, verbose=verbose) as run:
+            try:
+                task = pipeline(**arguments)
+            except RuntimeError as error:  # kfp.local's: names the task, not the cause
+                raise run.failure(error) from None
     run_dir = os.path.dirname(os.path.dirname(next(iter(task.outputs.values())).uri))
     outputs = task_outputs(run_dir)
     storage.write_json(_latest_path(settings, name), outputs)
@@ -49,7 +61,7 @@ def task_outputs(run_dir: str) -> dict[str, str]:
     found = {}
     for task in sorted(os.listdir(run_dir)):
         task_dir = os.path.join(run_dir, task)
-        if not os.path.isdir(task_dir):
+        if task == LOG_DIR or not os.path.isdir(task_dir):
             continue
         for output in sorted(os.listdir(task_dir)):
             if output != "executor_output.json":

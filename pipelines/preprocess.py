@@ -25,9 +25,7 @@ def build_pipeline(settings: Settings):
     """The pipeline, with every stage's settings taken from ``settings`` explicitly."""
     parts = build_components(settings.images.data_image, settings.images.gpu_image)
     sections = compiled_sections(settings, stages(settings))
-    model_entry = get_entry(settings.embed.model, settings.models).model_dump(
-        mode="json", exclude_none=True
-    )
+    model_entry = get_entry(settings.embed.model, settings.models).model_dump_json()
     cluster, embed_cfg = settings.cluster, settings.embed
 
     class Outputs(NamedTuple):

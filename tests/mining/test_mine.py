@@ -207,5 +207,7 @@ def test_an_empty_export_still_reloads(tmp_path, demo_images):
     from embedpipe.mining.mine import NEGATIVES_SCHEMA
 
     datasets.write_table(str(tmp_path / "none"), NEGATIVES_SCHEMA.empty_table(), "hard-negatives")
-    assert export_to_hf(str(tmp_path / "none"), demo_images, str(tmp_path / "hf"), ToHfSettings()) == 0
+    assert (
+        export_to_hf(str(tmp_path / "none"), demo_images, str(tmp_path / "hf"), ToHfSettings()) == 0
+    )
     assert len(hf.load_from_disk(str(tmp_path / "hf"))) == 0

@@ -96,7 +96,7 @@ def test_every_step_retries_and_caching_is_chosen_per_step(gpu_cloud):
             assert task["retryPolicy"]["backoffDuration"] == "30s", name
             expected_cache = name not in UNCACHED_TASKS
             assert task.get("cachingOptions", {}).get("enableCache", False) is expected_cache, name
-    assert {"ingest", "taxonomy", "embed", "partition", "mine", "combine", "to-hf"} <= checked
+    assert {"check-settings", "ingest", "embed", "partition", "mine", "combine", "to-hf"} <= checked
 
 
 def test_the_compiled_yaml_carries_no_secret_and_no_local_path(gpu_cloud):

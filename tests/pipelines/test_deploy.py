@@ -190,7 +190,10 @@ def test_kfp_run_submit_sends_our_pipeline_spec_and_parameters(compiled, tmp_pat
             [
                 *(str(kfp_cli), "--endpoint", api.url, "run", "submit", "-e", "embedpipe-ci"),
                 *("-r", "nightly", "-f", str(package)),
-                *('sources=["s3://raw/flowers", "s3://raw/birds.tar"]', "rows_per_shard=1000"),
+                *(
+                    'sources=["s3://raw/flowers", "s3://raw/birds.tar"]',
+                    'dedup={"max_distance": 4}',
+                ),
             ],
             capture_output=True,
             text=True,
@@ -206,7 +209,7 @@ def test_kfp_run_submit_sends_our_pipeline_spec_and_parameters(compiled, tmp_pat
     assert run["pipeline_spec"]["platform_spec"] == platform
     assert run["runtime_config"]["parameters"] == {
         "sources": ["s3://raw/flowers", "s3://raw/birds.tar"],
-        "rows_per_shard": 1000,
+        "dedup": {"max_distance": 4},
     }
     assert run["run_id"] in result.stdout
 
@@ -219,7 +222,8 @@ def test_embedpipe_submit_makes_the_same_request(compiled, capsys):
                 *("submit", "mine", "--host", api.url, "--build-dir", str(compiled)),
                 *("-e", "embedpipe-ci", "-r", "mine-1", "--service-account", "embedpipe-runner"),
                 *("--param", "images_uri=s3://b/images", "--param", "metadata_uri=s3://b/kept"),
-                *("--param", "embeddings_uri=s3://b/emb", "--param", "top_k=7"),
+                *("--param", "embeddings_uri=s3://b/emb", "--set", "mine.top_k=7"),
+                *("--param", 'combine={"num_samples": 5}', "--set", "mine.index=hnsw"),
             ]
         )
         assert code == 0
@@ -230,7 +234,8 @@ def test_embedpipe_submit_makes_the_same_request(compiled, capsys):
         "images_uri": "s3://b/images",
         "metadata_uri": "s3://b/kept",
         "embeddings_uri": "s3://b/emb",
-        "top_k": 7,
+        "mine": {"top_k": 7, "index": "hnsw"},
+        "combine": {"num_samples": 5},
     }
     assert f"run {run['run_id']}" in capsys.readouterr().out
 
@@ -241,8 +246,19 @@ def test_submit_rejects_unknown_and_missing_parameters_before_calling_the_api(co
         submit.parse_params(["topk=3"], package)
     with pytest.raises(ConfigError, match="needs --param for: embeddings_uri, metadata_uri"):
         submit.parse_params(["images_uri=s3://b/i"], package)
-    given = ["images_uri=s3://b/i", "metadata_uri=m", "embeddings_uri=e", "band_quantiles=[0.5]"]
-    assert submit.parse_params(given, package)["band_quantiles"] == [0.5]  # JSON, as kfp parses
+    given = ["images_uri=s3://b/i", "metadata_uri=m", "embeddings_uri=e"]
+    edges = submit.parse_params(given, package, ["mine.band_quantiles=[0.25, 0.5]"])
+    assert edges["mine"] == {"band_quantiles": [0.25, 0.5]}  # JSON, as kfp parses
+    with pytest.raises(ConfigError, match=r"\[mine\]: .*one more name than band_quantiles"):
+        submit.parse_params(given, package, ["mine.band_quantiles=[0.5]"])
+    with pytest.raises(ConfigError, match=r"\[mine\]\.topk: unknown key"):
+        submit.parse_params(given, package, ["mine.topk=3"])
+    with pytest.raises(ConfigError, match=r"\[mine\]\.parallelism: set when the pipeline is"):
+        submit.parse_params(given, package, ["mine.parallelism=2"])
+    with pytest.raises(ConfigError, match=r"--set dedup\.max_distance: mine.yaml has no dedup"):
+        submit.parse_params(given, package, ["dedup.max_distance=2"])
+    with pytest.raises(ConfigError, match=r"\[combine\]\.num_samples: Input should be"):
+        submit.parse_params([*given, 'combine={"num_samples": -1}'], package)
     code = main(["submit", "mine", "--host", "http://127.0.0.1:9", "--build-dir", str(compiled)])
     assert code == 2
     assert "needs --param for" in capsys.readouterr().err

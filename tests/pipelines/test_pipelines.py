@@ -67,15 +67,25 @@ def test_compiled_pipeline_takes_images_and_defaults_from_config(tmp_path):
     assert accelerator["resourceType"] == "nvidia.com/gpu"
     assert str(accelerator["resourceCount"]) == "2"
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"ingest", "catalog", "split", "dedup", "embed", "condition-1"}
+    assert set(tasks) == {"check-settings", "ingest", "catalog", "split", "dedup", "embed"}
     assert tasks["embed"]["inputs"]["artifacts"]["select"]["taskOutputArtifact"] == {
         "outputArtifactKey": "kept",
         "producerTask": "dedup",
     }
-    condition = tasks["condition-1"]["triggerPolicy"]["condition"]
-    assert "pipelinechannel--taxonomy_table" in condition
+    assert tasks["ingest"]["dependentTasks"] == ["check-settings"]
+    ingest_settings = tasks["ingest"]["inputs"]["parameters"]["settings"]["runtimeValue"]
+    assert ingest_settings["constant"]["rows_per_shard"] == 123
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["rows_per_shard"]["defaultValue"] == 123
+    assert set(params) == {"sources", "ingest", "catalog", "split", "taxonomy", "dedup", "embed"}
+    assert params["ingest"]["defaultValue"] == {}
+    assert '"rows_per_shard": 123' in spec["pipelineInfo"]["description"]
+    table = tmp_path / "Taxon.tsv"
+    with_taxonomy = settings_for(
+        tmp_path, ["s3://b/raw"], sections=f'[taxonomy]\ntable = "{table}"\n'
+    )
+    compile_pipelines(with_taxonomy, str(tmp_path / "build-taxonomy"))
+    taxonomy_tasks = read_pipeline_spec(tmp_path / "build-taxonomy" / "preprocess.yaml")["root"]
+    assert "taxonomy" in taxonomy_tasks["dag"]["tasks"]
     assert "defaultValue" not in params["sources"]  # sources are given per run
     assert spec["root"]["dag"]["tasks"]["ingest"]["cachingOptions"] == {}
     assert spec["root"]["dag"]["tasks"]["catalog"]["cachingOptions"]["enableCache"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from embedpipe.config import Settings, load_settings
@@ -12,12 +13,15 @@ OVERLAY_HELP = "a manifests/overlays/ENV folder: its cluster.toml and pipeline r
 
 def cmd_run(args: argparse.Namespace) -> None:
     from embedpipe.pipelines.local import run_locally
+    from embedpipe.pipelines.progress import Progress
 
     settings = load_settings(args.config)
-    outputs = run_locally(args.pipeline, settings)
+    progress = Progress(sys.stdout)
+    outputs = run_locally(args.pipeline, settings, verbose=args.verbose, progress=progress)
     print(f"pipeline {args.pipeline} succeeded; outputs:")
     for name, uri in outputs.items():
         print(f"  {name}: {uri}")
+    print(f"task logs: {progress.log_dir}")
 
 
 def cluster_settings(args: argparse.Namespace) -> Settings:
@@ -61,10 +65,17 @@ def add_pipeline_commands(commands: argparse._SubParsersAction) -> None:
         "run",
         help="run a pipeline on this machine through kfp.local",
         description="Runs the real KFP pipeline with kfp.local's SubprocessRunner; "
-        "artifacts go under [global].pipeline_root.",
+        "artifacts go under [global].pipeline_root, each task's log under the run "
+        "folder's logs/.",
     )
     run.add_argument("pipeline", choices=PIPELINE_NAMES)
     run.add_argument("--config", metavar="FILE", required=True, help="TOML config")
+    run.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="stream kfp.local's output and every task's log (else: a line per task)",
+    )
     run.set_defaults(handler=cmd_run)
 
     compile_ = commands.add_parser("compile", help="compile every pipeline to IR YAML")

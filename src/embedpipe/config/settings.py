@@ -89,6 +89,8 @@ def _describe(error: dict[str, Any], labels: dict[str, str], section: str = "") 
     if not section and len(location) > 1:
         section, location = location[0], location[1:]
     key = ".".join(location)
+    if section and not key:  # a check across the section's keys
+        return f"[{section}]: {error['msg'].removeprefix('Value error, ')}"
     where = f"[{section}].{key}" if section else key
     where = labels.get(f"{section}.{key}", where)
     if error["type"] == "extra_forbidden":
