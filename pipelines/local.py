@@ -27,7 +27,10 @@ def run_locally(
 
     progress = progress if progress is not None else Progress(sys.stdout)
     module = pipeline_module(name)
-    pipeline = module.build_pipeline(settings)
+    # KFP retries are for pods that die on a cluster; kfp.local would retry a data or
+    # config error with back-off, so a local run has none.
+    without_retries = settings.cluster.model_copy(update={"retries": 0})
+    pipeline = module.build_pipeline(settings.model_copy(update={"cluster": without_retries}))
     arguments = module.run_arguments(settings)
     pipeline_root = os.path.abspath(settings.global_.pipeline_root)
     # use_venv=False: components run in this environment, where embedpipe is installed,

@@ -22,12 +22,13 @@ def run_cli(config: Path) -> subprocess.CompletedProcess:
 
 def mine_config(root: Path, images: str, metadata: str, embeddings: str) -> Path:
     """The mine pipeline on given inputs (no preprocess run, no model): the fastest
-    pipeline with a ParallelFor. No retries: a failure is final at once."""
+    pipeline with a ParallelFor. The cluster retries are not used locally: a failure is final
+    at once."""
     config = root / "config.toml"
     config.write_text(
         f'[global]\npipeline_root = "{root / "runs"}"\n'
-        f'[mine]\nimages = "{images}"\nmetadata = "{metadata}"\nembeddings = "{embeddings}"\n'
-        "[cluster]\nretries = 0\n"
+        f'[paths]\nimages = "{images}"\nmetadata = "{metadata}"\nembeddings = "{embeddings}"\n'
+        "[cluster]\nretries = 2\n"
     )
     return config
 
@@ -76,7 +77,7 @@ def test_a_failed_run_ends_with_the_task_its_cause_and_its_log(mine_inputs, tmp_
     images, meta, emb = mine_inputs
     damaged = tmp_path / "embeddings"
     shutil.copytree(emb, damaged)
-    (damaged / "_manifest.json").unlink()
+    (damaged / ".embedpipe" / "manifest.json").unlink()
     done = run_cli(mine_config(tmp_path, images, meta, str(damaged)))
     assert done.returncode == 1
     assert "Traceback" not in done.stdout + done.stderr
@@ -87,7 +88,7 @@ def test_a_failed_run_ends_with_the_task_its_cause_and_its_log(mine_inputs, tmp_
     error = done.stderr.strip().splitlines()[-1]
     match = re.fullmatch(r"embedpipe run: error: task partition failed: (.+); log: (\S+)", error)
     assert match, error
-    assert match[1].startswith("DatasetError: ") and "_manifest.json" in match[1]
+    assert match[1].startswith("DatasetError: ") and "manifest.json" in match[1]
     log = Path(match[2])
     assert log.name == "partition.log" and "Traceback" in log.read_text()
 
