@@ -28,7 +28,8 @@ import pyarrow as pa
 
 from embedpipe.config import MineSettings
 from embedpipe.core import datasets
-from embedpipe.mining.mine import mine_category, partition_by_category
+from embedpipe.mining.mine import mine_category
+from embedpipe.mining.partition import partition_by_category
 
 
 def generate(work: Path, vectors: int, categories: int, dim: int):

@@ -5,7 +5,7 @@ def partition(
     metadata: Input[Dataset], embeddings: Input[Dataset], partitions: Output[Dataset]
 ) -> list:
     """Each category's images and vectors as a slice of its own; returns the categories."""
-    from embedpipe.mining.mine import partition_by_category
+    from embedpipe.mining.partition import partition_by_category
 
     return sorted(partition_by_category(metadata.path, embeddings.path, partitions.path))
 
@@ -22,7 +22,8 @@ def mine(
     from embedpipe.config import stage_settings
     from embedpipe.core.results import log_metrics
     from embedpipe.core.schemas import NEGATIVES_KIND
-    from embedpipe.mining.mine import mine_category, read_partitions
+    from embedpipe.mining.mine import mine_category
+    from embedpipe.mining.partition import read_partitions
 
     config = stage_settings("mine", settings, overrides)
     result = mine_category(read_partitions(partitions.path)[category], negatives.path, config)

@@ -19,6 +19,7 @@ from gbif import write_images, write_table
 
 from embedpipe.config import (
     CatalogSettings,
+    CombineSettings,
     DedupSettings,
     EmbedSettings,
     IngestSettings,
@@ -33,7 +34,8 @@ from embedpipe.data.ingest import REJECTED_NAME, ingest_images
 from embedpipe.data.split import create_concept_splits
 from embedpipe.embed.images import embed_images
 from embedpipe.mining.combine import combine_negatives
-from embedpipe.mining.mine import mine_category, partition_by_category
+from embedpipe.mining.mine import mine_category
+from embedpipe.mining.partition import partition_by_category
 from embedpipe.taxonomy.split import SPLITS
 from embedpipe.taxonomy.stage import build_taxonomy
 
@@ -76,7 +78,7 @@ def run(tmp_path_factory, tiny_entry) -> dict[str, dict[str, str]]:
         mine_category(partition, negatives[-1], MineSettings(top_k=2))
         out[f"negatives/{category}"] = negatives[-1]
     out["combined"] = str(root / "combined")
-    combine_negatives(negatives, out["combined"])
+    combine_negatives(negatives, out["combined"], CombineSettings())
 
     write_images(root / "butterflies")
     ingest_images([str(root / "butterflies")], str(root / "bimages"), IngestSettings(workers=1))

@@ -13,7 +13,8 @@ from embedpipe.config import EmbedSettings, IngestSettings
 from embedpipe.core import datasets, storage
 from embedpipe.data.ingest import ingest_images
 from embedpipe.embed import images as embed
-from embedpipe.embed.images import embed_images, embed_texts
+from embedpipe.embed.images import embed_images
+from embedpipe.embed.texts import embed_texts
 from embedpipe.models.loading import load_model, save_model
 from embedpipe.models.registry import get_entry
 

@@ -10,7 +10,8 @@ from conftest import random_embeddings
 from embedpipe.config import CombineSettings, MineSettings, ToHfSettings
 from embedpipe.core import datasets, storage
 from embedpipe.mining.combine import combine_negatives
-from embedpipe.mining.mine import list_categories, mine_category, partition_by_category
+from embedpipe.mining.mine import mine_category
+from embedpipe.mining.partition import list_categories, partition_by_category
 from embedpipe.mining.to_hf import export_to_hf
 
 
@@ -204,7 +205,7 @@ def test_hugging_face_export_to_s3(demo_images, bucket, tmp_path):
 
 
 def test_an_empty_export_still_reloads(tmp_path, demo_images):
-    from embedpipe.mining.mine import NEGATIVES_SCHEMA
+    from embedpipe.core.schemas import NEGATIVES_SCHEMA
 
     datasets.write_table(str(tmp_path / "none"), NEGATIVES_SCHEMA.empty_table(), "hard-negatives")
     assert (

@@ -155,9 +155,11 @@ def test_every_flag_and_every_config_key_reaches_the_stage(
     command, captured, tmp_path, monkeypatch
 ):
     if command.name == "embed-text":
-        monkeypatch.setattr("embedpipe.embed.images.embed_texts", captured_stub(captured))
+        monkeypatch.setattr("embedpipe.embed.texts.embed_texts", captured_stub(captured))
     if command.name == "mine":  # partitions are written before the stage runs
-        monkeypatch.setattr("embedpipe.mining.mine.partition_by_category", lambda *a: {"c": "p"})
+        monkeypatch.setattr(
+            "embedpipe.mining.partition.partition_by_category", lambda *a: {"c": "p"}
+        )
     stage, model = command.stage, STAGE_SETTINGS[command.stage]
 
     flagged = _changed(stage, has_flag)
@@ -274,7 +276,7 @@ def _component_arguments(function, stage: str, settings: dict, overrides: dict) 
 def test_every_field_reaches_the_stage_through_its_component(stage, captured, monkeypatch):
     """What `embedpipe run` and the cluster execute: the component body, given the compiled
     section (every field changed), or the defaults plus the run's overrides."""
-    monkeypatch.setattr("embedpipe.mining.mine.read_partitions", lambda uri: {"c": "p"})
+    monkeypatch.setattr("embedpipe.mining.partition.read_partitions", lambda uri: {"c": "p"})
     (function, _), model = COMPONENTS[stage], STAGE_SETTINGS[stage]
     changed = _changed(stage)
     changed.setdefault("model", "clip_vitb32") if stage == "embed" else None

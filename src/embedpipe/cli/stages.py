@@ -112,7 +112,7 @@ def inputs_embed(parser: argparse.ArgumentParser) -> None:
 
 
 def run_embed_text(args: argparse.Namespace, settings: Settings) -> None:
-    from embedpipe.embed.images import embed_texts
+    from embedpipe.embed.texts import embed_texts
     from embedpipe.models.registry import get_entry
 
     entry = get_entry(settings.embed.model, settings.models)
@@ -129,7 +129,8 @@ def inputs_embed_text(parser: argparse.ArgumentParser) -> None:
 
 def run_mine(args: argparse.Namespace, settings: Settings) -> None:
     from embedpipe.core import storage
-    from embedpipe.mining.mine import mine_category, partition_by_category
+    from embedpipe.mining.mine import mine_category
+    from embedpipe.mining.partition import partition_by_category
 
     partitions = partition_by_category(
         args.metadata, args.embeddings, storage.join(args.out, "partitions")

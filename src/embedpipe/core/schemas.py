@@ -12,6 +12,12 @@ DEDUP_KIND = "dedup"
 SELECTION_KIND = "selection"
 NEGATIVES_KIND = "hard-negatives"
 PARTITION_KIND = "category-embeddings"
+TAXONOMY_SPECIES_KIND = "taxonomy-species"
+TAXONOMY_TREE_KIND = "taxonomy-tree"
+TAXONOMY_RANK_KEYS_KIND = "taxonomy-rank-keys"
+TAXONOMY_INDEX_KIND = "taxonomy-index"
+
+TAXONOMY_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 PARTITIONS_KIND = "category-partitions"  # the folder of every category's partition
 
 IMAGES_SCHEMA = pa.schema(
@@ -55,5 +61,76 @@ SPLITS_SCHEMA = pa.schema(
         pa.field("concept_split", pa.string(), nullable=False),  # train | val
         pa.field("split", pa.string(), nullable=False),  # train | val | unused
         *[CATALOG_SCHEMA.field(name) for name in ("width", "height")],
+    ]
+)
+
+NEGATIVES_SCHEMA = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("concept", pa.string(), nullable=False),
+        pa.field("positive_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("negative_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("negative_scores", pa.list_(pa.float32()), nullable=False),
+        pa.field("band", pa.list_(pa.string()), nullable=False),
+    ]
+)
+
+DEDUP_GROUPS_SCHEMA = pa.schema(
+    [
+        ("group_id", pa.int32()),
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("category", pa.string()),
+        ("concept", pa.string()),
+        ("split", pa.string()),
+        ("representative", pa.bool_()),
+        ("exact", pa.bool_()),
+        ("distance", pa.int32()),
+        ("leaks", pa.bool_()),
+    ]
+)
+
+TAXONOMY_SPECIES_SCHEMA = pa.schema(
+    [
+        ("raw_name", pa.string()),
+        ("name", pa.string()),
+        ("infraspecific", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("taxon_id", pa.string()),
+        ("accepted_name", pa.string()),
+        ("matched_status", pa.string()),
+        ("images", pa.int64()),
+    ]
+)
+
+TAXONOMY_TREE_SCHEMA = pa.schema(
+    [
+        ("taxon_id", pa.string()),
+        *[(rank, pa.string()) for rank in TAXONOMY_RANKS],
+        ("vernacular_name", pa.string()),
+        ("images", pa.int64()),
+    ]
+)
+
+TAXONOMY_RANK_KEYS_SCHEMA = pa.schema(
+    [
+        ("rank", pa.string()),
+        ("lineage", pa.string()),
+        ("name", pa.string()),
+        ("key", pa.int32()),
+    ]
+)
+
+TAXONOMY_INDEX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("species_id", pa.string()),
+        *[(f"{rank}_key", pa.int32()) for rank in TAXONOMY_RANKS],
+        ("taxonomic_name", pa.string()),
+        ("common_name", pa.string()),
+        ("caption", pa.string()),
     ]
 )

@@ -26,7 +26,13 @@ from tqdm import tqdm
 from embedpipe.config import DedupSettings
 from embedpipe.core import datasets, parallel, storage
 from embedpipe.core.results import StageMetrics
-from embedpipe.core.schemas import DEDUP_KIND, IMAGES_KIND, SELECTION_KIND, SPLITS_KIND
+from embedpipe.core.schemas import (
+    DEDUP_GROUPS_SCHEMA,
+    DEDUP_KIND,
+    IMAGES_KIND,
+    SELECTION_KIND,
+    SPLITS_KIND,
+)
 from embedpipe.data.dedup_report import render_report
 from embedpipe.data.fingerprints import code_bytes, fingerprint_chunk
 
@@ -260,22 +266,6 @@ def _leakage_summary(records: list[dict]) -> dict:
     return {"leaking_groups": len(leaking), "by_category": by_category}
 
 
-GROUP_SCHEMA = pa.schema(
-    [
-        ("group_id", pa.int32()),
-        ("image_id", pa.string()),
-        ("source", pa.string()),
-        ("category", pa.string()),
-        ("concept", pa.string()),
-        ("split", pa.string()),
-        ("representative", pa.bool_()),
-        ("exact", pa.bool_()),
-        ("distance", pa.int32()),
-        ("leaks", pa.bool_()),
-    ]
-)
-
-
 def _write_outputs(out_uri, ids, codes, readable, records, leakage, config) -> None:
     hashes = [codes[k].tobytes().hex() if readable[k] else None for k in range(len(ids))]
     fingerprints = pa.table({"image_id": ids, "hash": hashes})
@@ -285,7 +275,7 @@ def _write_outputs(out_uri, ids, codes, readable, records, leakage, config) -> N
     )
     datasets.write_table(
         storage.join(out_uri, "groups"),
-        pa.Table.from_pylist(records, GROUP_SCHEMA),
+        pa.Table.from_pylist(records, DEDUP_GROUPS_SCHEMA),
         "duplicate-groups",
     )
     storage.write_json(datasets.side_path(out_uri, LEAKAGE_JSON), leakage)

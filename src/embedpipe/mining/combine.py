@@ -15,8 +15,7 @@ import pyarrow.compute as pc
 
 from embedpipe.config import CombineSettings
 from embedpipe.core import datasets, storage
-from embedpipe.core.schemas import NEGATIVES_KIND
-from embedpipe.mining.mine import NEGATIVES_SCHEMA
+from embedpipe.core.schemas import NEGATIVES_KIND, NEGATIVES_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -6,4 +6,6 @@ GBIF/Darwin Core taxon table), ``resolve`` (names -> accepted species),
 ``stage`` (the ``embedpipe taxonomy`` entry point that writes every output).
 """
 
-RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+from embedpipe.core.schemas import TAXONOMY_RANKS as RANKS
+
+__all__ = ["RANKS"]

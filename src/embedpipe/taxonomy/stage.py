@@ -29,7 +29,18 @@ import pyarrow.parquet as pq
 from embedpipe.config import TaxonomySettings
 from embedpipe.core import datasets, storage
 from embedpipe.core.results import StageMetrics
-from embedpipe.core.schemas import IMAGES_KIND, TAXONOMY_KIND
+from embedpipe.core.schemas import (
+    IMAGES_KIND,
+    TAXONOMY_INDEX_KIND,
+    TAXONOMY_INDEX_SCHEMA,
+    TAXONOMY_KIND,
+    TAXONOMY_RANK_KEYS_KIND,
+    TAXONOMY_RANK_KEYS_SCHEMA,
+    TAXONOMY_SPECIES_KIND,
+    TAXONOMY_SPECIES_SCHEMA,
+    TAXONOMY_TREE_KIND,
+    TAXONOMY_TREE_SCHEMA,
+)
 from embedpipe.taxonomy import RANKS
 from embedpipe.taxonomy.labels import caption, key_of, lineage, rank_keys, taxonomic_name
 from embedpipe.taxonomy.names import ParsedName, parse_name
@@ -230,21 +241,10 @@ def _write_species(
             }
         )
     rows.sort(key=lambda row: row["raw_name"])
-    schema = pa.schema(
-        [
-            ("raw_name", pa.string()),
-            ("name", pa.string()),
-            ("infraspecific", pa.string()),
-            ("status", pa.string()),
-            ("reason", pa.string()),
-            ("taxon_id", pa.string()),
-            ("accepted_name", pa.string()),
-            ("matched_status", pa.string()),
-            ("images", pa.int64()),
-        ]
-    )
     datasets.write_table(
-        storage.join(out_uri, "species"), pa.Table.from_pylist(rows, schema), "taxonomy-species"
+        storage.join(out_uri, "species"),
+        pa.Table.from_pylist(rows, TAXONOMY_SPECIES_SCHEMA),
+        TAXONOMY_SPECIES_KIND,
     )
     known = {
         r["raw_name"]: {k: r[k] for k in ("taxon_id", "accepted_name", "matched_status")}
@@ -269,16 +269,10 @@ def _write_tree(out_uri: str, taxa: TaxonTable, paths: dict, images_per_species)
             columns[rank].append(path.get(rank))
         columns["vernacular_name"].append(_common_name(taxa, row))
         columns["images"].append(images_per_species[row])
-    schema = pa.schema(
-        [
-            ("taxon_id", pa.string()),
-            *[(r, pa.string()) for r in RANKS],
-            ("vernacular_name", pa.string()),
-            ("images", pa.int64()),
-        ]
-    )
     datasets.write_table(
-        storage.join(out_uri, "tree"), pa.table(columns, schema=schema), "taxonomy-tree"
+        storage.join(out_uri, "tree"),
+        pa.table(columns, schema=TAXONOMY_TREE_SCHEMA),
+        TAXONOMY_TREE_KIND,
     )
 
 
@@ -288,16 +282,10 @@ def _write_rank_keys(out_uri: str, keys: dict[str, dict[str, int]]) -> None:
         for rank in RANKS
         for value, key in keys[rank].items()
     ]
-    schema = pa.schema(
-        [
-            ("rank", pa.string()),
-            ("lineage", pa.string()),
-            ("name", pa.string()),
-            ("key", pa.int32()),
-        ]
-    )
     datasets.write_table(
-        storage.join(out_uri, "rank_keys"), pa.Table.from_pylist(rows, schema), "taxonomy-rank-keys"
+        storage.join(out_uri, "rank_keys"),
+        pa.Table.from_pylist(rows, TAXONOMY_RANK_KEYS_SCHEMA),
+        TAXONOMY_RANK_KEYS_KIND,
     )
     storage.write_json(datasets.side_path(out_uri, RANK_KEYS_JSON), keys)
 
@@ -325,23 +313,16 @@ def _write_indexes(out_uri, taxa, images, accepted, assignment, paths, keys) -> 
         columns["taxonomic_name"].append(taxonomic_name(path))
         columns["common_name"].append(common)
         columns["caption"].append(caption(path, common))
-    schema = pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("source", pa.string()),
-            ("species_id", pa.string()),
-            *[(f"{rank}_key", pa.int32()) for rank in RANKS],
-            ("taxonomic_name", pa.string()),
-            ("common_name", pa.string()),
-            ("caption", pa.string()),
-        ]
-    )
     counts = collections.Counter()
     for split in SPLITS:
-        columns = per_split.get(split, {name: [] for name in schema.names})
-        table = pa.table({name: columns[name] for name in schema.names}, schema=schema)
+        columns = per_split.get(split, {name: [] for name in TAXONOMY_INDEX_SCHEMA.names})
+        names = TAXONOMY_INDEX_SCHEMA.names
+        table = pa.table({name: columns[name] for name in names}, schema=TAXONOMY_INDEX_SCHEMA)
         datasets.write_table(
-            storage.join(out_uri, "index", split), table, "taxonomy-index", extra={"split": split}
+            storage.join(out_uri, "index", split),
+            table,
+            TAXONOMY_INDEX_KIND,
+            extra={"split": split},
         )
         counts[split] = table.num_rows
     return counts
