@@ -34,7 +34,7 @@ HOST_CA ?= /etc/ssl/certs/ca-certificates.crt
 CA_MOUNT = $(if $(and $(wildcard $(HOST_CA)),$(filter podman,$(notdir $(CONTAINER)))),\
 	-v $(HOST_CA):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt)
 
-.PHONY: help install demo test lint lint-cluster format bench compile constraints images \
+.PHONY: help install demo test lint lint-cluster format bench compile docs constraints images \
 	image-data image-gpu push image-test deploy submit clean
 
 help: ## list the targets
@@ -89,6 +89,9 @@ bench: $(STAMP) ## run the benchmarks (prints figures; not part of the tests)
 
 compile: $(STAMP) ## compile every pipeline to IR YAML under build/ (for ENV's cluster)
 	$(BIN)/embedpipe compile --config $(DEPLOY_CONFIG) --overlay $(OVERLAY)
+
+docs: $(STAMP) ## regenerate the settings reference in README.md from the settings models
+	$(BIN)/python -m embedpipe.config.reference README.md
 
 constraints: $(STAMP) ## regenerate images/constraints.txt after changing a pin in pyproject.toml
 	$(BIN)/python images/lock.py

@@ -109,3 +109,39 @@ def test_bad_cluster_settings_name_the_layer_and_key(tmp_path):
         load_settings(None, layers=(layer,))
     with pytest.raises(ConfigError, match=r"missing\.toml: config file not found"):
         load_settings(None, layers=(tmp_path / "missing.toml",))
+
+
+def test_the_readme_settings_reference_is_generated_from_the_models():
+    from embedpipe.config.reference import replace_block
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert replace_block(readme) == readme, "run: python -m embedpipe.config.reference README.md"
+
+
+def test_a_flag_error_names_the_flag_and_a_file_error_the_key(tmp_path):
+    from embedpipe.config import ConfigError, load_settings
+
+    labels = {"ingest.workers": "--workers"}
+    with pytest.raises(ConfigError, match=r"--workers: Input should be greater than or equal"):
+        load_settings(None, {"ingest.workers": -1}, labels=labels)
+    config = tmp_path / "c.toml"
+    config.write_text("[ingest]\nworkers = -1\n")
+    with pytest.raises(ConfigError, match=r"\[ingest\]\.workers: Input should be"):
+        load_settings(str(config), {"ingest.workers": None}, labels=labels)
+
+
+def test_overrides_are_checked_per_stage_and_compile_time_keys_are_refused():
+    from embedpipe.config import ConfigError, Settings, check_overrides, stage_settings
+
+    settings = Settings()
+    compiled = {stage: settings.section(stage) for stage in ("dedup", "embed")}
+    assert stage_settings("dedup", compiled["dedup"], {"max_distance": 2}).max_distance == 2
+    with pytest.raises(ConfigError) as raised:
+        check_overrides(
+            compiled, {"dedup": {"max_distanse": 2}, "embed": {"model": "x"}, "mine": {"top_k": 2}}
+        )
+    message = str(raised.value)
+    assert "[mine]: overrides given, but this pipeline has no mine step" in message
+    assert "[dedup].max_distanse: unknown key" in message
+    assert "[embed].model: set when the pipeline is compiled" in message
+    check_overrides(compiled, {"dedup": {}, "embed": {"batch_size": 8}, "mine": {}})
