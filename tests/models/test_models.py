@@ -176,3 +176,24 @@ def test_random_weights_differ_between_builds_but_checkpoints_do_not(tiny_entry,
     assert not same_outputs(a, b, 64)
     weights = [p.detach().numpy().copy() for p in a.module.parameters()]
     assert all(np.isfinite(w).all() for w in weights)
+
+
+def test_every_registry_library_has_a_backend_and_no_other():
+    from typing import get_args
+
+    from embedpipe.models.backends import BACKENDS
+    from embedpipe.models.registry import ModelEntry
+
+    assert set(BACKENDS) == set(get_args(ModelEntry.model_fields["library"].annotation))
+
+
+def test_an_unknown_library_names_the_entry_and_the_known_libraries():
+    from embedpipe.models.backends import backend_for
+
+    with pytest.raises(ModelError, match=r"\[models.mine\]: library"):
+        load_registry(
+            {"mine": {"library": "timm", "architecture": "x", "embed_dim": 8, "image_size": 8}}
+        )
+    unchecked = REGISTRY["clip_vitb32"].model_copy(update={"name": "mine", "library": "timm"})
+    with pytest.raises(ModelError, match="mine: unknown library 'timm'; known: open_clip, trans"):
+        backend_for(unchecked)

@@ -1,1 +1,1 @@
-"""Model registry and loading. ``registry`` needs no torch; ``loading`` does."""
+"""Model registry and loading. ``registry`` needs no torch; ``loading`` and ``backends`` do."""

@@ -15,7 +15,6 @@ entry, plus the architecture config) and ``model.safetensors``; no pickles.
 """
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -24,16 +23,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from embedpipe.core import storage
+from embedpipe.models.backends import Backend, backend_for
+from embedpipe.models.backends.base import CONFIG_NAME, EMBEDPIPE_NAME, WEIGHTS_NAME, Transform
+from embedpipe.models.backends.open_clip import register_open_clip_config
 from embedpipe.models.registry import ModelEntry, ModelError
 
+__all__ = [
+    "CACHE_DIR",
+    "CONFIG_NAME",
+    "EMBEDPIPE_NAME",
+    "RANDOM_WEIGHTS",
+    "WEIGHTS_NAME",
+    "LoadedModel",
+    "fetch_weights",
+    "load_model",
+    "register_open_clip_config",
+    "save_model",
+]
+
 RANDOM_WEIGHTS = "random"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-EMBEDPIPE_NAME = "embedpipe.json"  # beside a Hugging Face save_pretrained folder
 CACHE_DIR = Path(os.environ.get("EMBEDPIPE_CACHE", Path.home() / ".cache" / "embedpipe"))
 
 
@@ -41,31 +51,24 @@ CACHE_DIR = Path(os.environ.get("EMBEDPIPE_CACHE", Path.home() / ".cache" / "emb
 class LoadedModel:
     entry: ModelEntry
     module: torch.nn.Module
-    transform: Callable[[Image.Image], torch.Tensor]
+    transform: Transform
     weights_source: str
     tokenizer_dir: str = ""
     _tokenizer: Callable | None = field(default=None, repr=False)
 
+    @property
+    def backend(self) -> Backend:
+        return backend_for(self.entry)
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.entry.library == "open_clip":
-            return self.module.encode_image(pixels)
-        if self.entry.text:
-            features = self.module.get_image_features(pixel_values=pixels)
-            return features if torch.is_tensor(features) else features.pooler_output
-        return self.module(pixel_values=pixels).pooler_output
+        return self.backend.encode_images(self.entry, self.module, pixels)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         if not self.entry.text:
             raise ModelError(f"{self.entry.name}: an image-only model has no text tower")
         tokenizer = self.tokenizer()
         device = next(self.module.parameters()).device
-        if self.entry.library == "open_clip":
-            return self.module.encode_text(tokenizer(texts).to(device))
-        tokens = tokenizer(
-            texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt"
-        ).to(device)
-        features = self.module.get_text_features(**tokens)
-        return features if torch.is_tensor(features) else features.pooler_output
+        return self.backend.encode_texts(self.module, tokenizer, texts, device)
 
     def tokenizer(self) -> Callable:
         if self._tokenizer is None:
@@ -75,15 +78,7 @@ class LoadedModel:
 
 def _load_tokenizer(entry: ModelEntry, tokenizer_dir: str) -> Callable:
     try:
-        if entry.library == "open_clip":
-            import open_clip
-
-            if tokenizer_dir:
-                return open_clip.tokenizer.HFTokenizer(tokenizer_dir)
-            return open_clip.get_tokenizer(entry.architecture)
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(tokenizer_dir or entry.pretrained)
+        return backend_for(entry).load_tokenizer(entry, tokenizer_dir)
     except OSError as error:
         if entry.hub_tokenizer and not tokenizer_dir:
             raise ModelError(
@@ -123,112 +118,29 @@ def load_model(
 ) -> LoadedModel:
     source = weights or entry.pretrained
     local = fetch_weights(source) if source != RANDOM_WEIGHTS else source
-    if entry.library == "open_clip":
-        module, transform = _open_clip(entry, local, source)
-    else:
-        module, transform = _transformers(entry, local, source)
-    module = module.to(device).eval()
-    return LoadedModel(entry, module, transform, source, tokenizer_dir)
-
-
-def register_open_clip_config(entry: ModelEntry) -> None:
-    """Make a custom architecture from the entry known to open_clip (idempotent)."""
-    import open_clip
-
-    if entry.open_clip_config is None or open_clip.get_model_config(entry.architecture):
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder, f"{entry.architecture}.json")
-        path.write_text(json.dumps(entry.open_clip_config))
-        open_clip.add_model_config(str(path))
-
-
-def _open_clip(entry: ModelEntry, local: str, source: str):
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    register_open_clip_config(entry)
-    try:
-        if local == RANDOM_WEIGHTS or os.path.isdir(local):
-            module = open_clip.create_model(entry.architecture, pretrained=None)
-            if os.path.isdir(local):
-                _load_checkpoint(module, local, entry)
-        elif local.startswith("hf-hub:"):
-            module = open_clip.create_model(local)
-        else:  # a pretrained tag, or a checkpoint file
-            module = open_clip.create_model(
-                entry.architecture, pretrained=local, require_pretrained=True
-            )
-    except (OSError, RuntimeError, ValueError) as error:
-        raise ModelError(
-            f"{entry.name}: cannot load weights '{source}': {error}. Offline, pass weights= a "
-            "local directory or s3:// prefix holding a checkpoint, or 'random'"
-        ) from error
-    transform = image_transform_v2(PreprocessCfg(**module.visual.preprocess_cfg), is_train=False)
-    return module, transform
-
-
-def _transformers(entry: ModelEntry, local: str, source: str):
-    import transformers
-    from torchvision import transforms
-
-    model_class = getattr(transformers, entry.architecture)
-    config_class = getattr(transformers, entry.architecture.replace("Model", "Config"))
+    backend = backend_for(entry)
     try:
         if local == RANDOM_WEIGHTS:
-            module = model_class(config_class(**entry.arch))
+            module = backend.create(entry, None)
+        elif os.path.isdir(local):
+            module = backend.load_checkpoint(entry, local)
         else:
-            module = model_class.from_pretrained(local)
-    except OSError as error:
+            module = backend.create(entry, local)
+    except backend.load_errors as error:
         raise ModelError(
             f"{entry.name}: cannot load weights '{source}': {error}. Offline, pass weights= a "
             "local directory or s3:// prefix holding a checkpoint, or 'random'"
         ) from error
-    size = entry.image_size
-    resize = (
-        [transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC)]
-        if entry.resize == "squash"
-        else [
-            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(size),
-        ]
-    )
-    transform = transforms.Compose(
-        [*resize, transforms.ToTensor(), transforms.Normalize(entry.mean, entry.std)]
-    )
-    return module, transform
-
-
-def _load_checkpoint(module: torch.nn.Module, directory: str, entry: ModelEntry) -> None:
-    config_path = Path(directory) / CONFIG_NAME
-    weights_path = Path(directory) / WEIGHTS_NAME
-    if not (config_path.is_file() and weights_path.is_file()):
-        raise ModelError(f"{directory}: not a checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    saved = json.loads(config_path.read_text())
-    architecture = saved.get("entry", {}).get("architecture")
-    if architecture != entry.architecture:
-        raise ModelError(f"{directory}: checkpoint of {architecture}, not {entry.architecture}")
-    module.load_state_dict(load_file(str(weights_path)), strict=True)
+    transform = backend.eval_transform(entry, module)
+    module = module.to(device).eval()
+    return LoadedModel(entry, module, transform, source, tokenizer_dir)
 
 
 def save_model(model: LoadedModel, out_uri: str) -> str:
     """Write ``model`` as a checkpoint directory at ``out_uri`` (local or s3://)."""
     out_uri = storage.normalize(out_uri)
     with tempfile.TemporaryDirectory(prefix="embedpipe-save-") as staging:
-        if model.entry.library == "transformers":
-            model.module.save_pretrained(staging, safe_serialization=True)
-            meta = {"entry": model.entry.model_dump(mode="json")}
-            Path(staging, EMBEDPIPE_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        else:
-            state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
-            save_file(state, str(Path(staging, WEIGHTS_NAME)))
-            import open_clip
-
-            meta = {
-                "entry": model.entry.model_dump(mode="json"),
-                "model_cfg": open_clip.get_model_config(model.entry.architecture),
-            }
-            Path(staging, CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        model.backend.save_checkpoint(model.entry, model.module, Path(staging))
         # The config names the checkpoint complete, so it is published last.
         names = sorted(os.listdir(staging), key=lambda n: n in (CONFIG_NAME, EMBEDPIPE_NAME))
         for name in names:

@@ -1,0 +1,48 @@
+"""What a model library must provide, and the checkpoint file names backends share."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from embedpipe.models.registry import ModelEntry
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+EMBEDPIPE_NAME = "embedpipe.json"  # beside a Hugging Face save_pretrained folder
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+class Backend(Protocol):
+    """One model library. Stateless: every call takes the registry entry."""
+
+    # Errors from loading weights that mean "these weights cannot be had" (offline,
+    # missing, wrong), reported to the user as a ModelError with a hint.
+    load_errors: tuple[type[Exception], ...]
+
+    def create(self, entry: ModelEntry, source: str | None) -> torch.nn.Module:
+        """The module from the library's own ``source`` (tag, hub id, file); None: random."""
+        ...
+
+    def load_checkpoint(self, entry: ModelEntry, directory: str) -> torch.nn.Module:
+        """The module from a local checkpoint directory written by ``save_checkpoint``."""
+        ...
+
+    def save_checkpoint(
+        self, entry: ModelEntry, module: torch.nn.Module, directory: Path
+    ) -> None: ...
+
+    def eval_transform(self, entry: ModelEntry, module: torch.nn.Module) -> Transform: ...
+
+    def encode_images(
+        self, entry: ModelEntry, module: torch.nn.Module, pixels: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def encode_texts(
+        self, module: torch.nn.Module, tokenizer: Callable, texts: list[str], device: torch.device
+    ) -> torch.Tensor: ...
+
+    def load_tokenizer(self, entry: ModelEntry, tokenizer_dir: str) -> Callable: ...
