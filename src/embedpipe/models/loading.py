@@ -126,6 +126,8 @@ def load_model(
             module = backend.load_checkpoint(entry, local)
         else:
             module = backend.create(entry, local)
+    except ModelError:  # ours already says what is wrong (a checkpoint of another model)
+        raise
     except backend.load_errors as error:
         raise ModelError(
             f"{entry.name}: cannot load weights '{source}': {error}. Offline, pass weights= a "
