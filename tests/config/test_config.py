@@ -145,3 +145,36 @@ def test_overrides_are_checked_per_stage_and_compile_time_keys_are_refused():
     assert "[dedup].max_distanse: unknown key" in message
     assert "[embed].model: set when the pipeline is compiled" in message
     check_overrides(compiled, {"dedup": {}, "embed": {"batch_size": 8}, "mine": {}})
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("[ingest]\nrows_per_shard = true", "[ingest].rows_per_shard: expected a number, got True"),
+        ('[ingest]\nrows_per_shard = "5"', "[ingest].rows_per_shard: expected a number, got '5'"),
+        ("[ingest]\nrows_per_shard = 5.5", "[ingest].rows_per_shard: expected an integer"),
+        ('[catalog]\nrelative = "yes"', "[catalog].relative: expected true or false, got 'yes'"),
+        ("[catalog]\nrelative = 1", "[catalog].relative: expected true or false, got 1"),
+        ("[mine]\nquery_splits = [1]", "[mine].query_splits: expected text, got 1"),
+        ("[embed]\nmodel = 3", "[embed].model: expected text, got 3"),
+    ],
+)
+def test_values_are_not_coerced_across_types(tmp_path, line, problem):
+    with pytest.raises(ConfigError) as raised:
+        load_settings(str(write(tmp_path, line + "\n")))
+    assert problem in str(raised.value)
+
+
+def test_integral_floats_from_kfp_dicts_still_fill_integer_keys():
+    from embedpipe.config import stage_settings
+
+    assert stage_settings("ingest", {"rows_per_shard": 5000.0}, {}).rows_per_shard == 5000
+
+
+def test_config_files_that_cannot_be_read_are_one_line_errors(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"[ingest]\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 14\)"):
+        load_settings(str(latin1))
+    with pytest.raises(ConfigError, match="is a folder, not a TOML config file"):
+        load_settings(str(tmp_path))

@@ -60,6 +60,9 @@ def index_rows(result, split):
         ("Danaus sp.", None, None, "not identified to species"),
         ("Heliconius cf. erato", None, None, "uncertain identification (cf./aff.)"),
         ("Salix x rubens", None, None, "hybrid name"),
+        ("Mentha \u00d7piperita", None, None, "hybrid name"),
+        ("Mentha \u00d7 piperita L.", None, None, "hybrid name"),
+        ("\u00d7Triticosecale rimpaui", None, None, "hybrid name"),
         ("", None, None, "empty name"),
     ],
 )

@@ -95,6 +95,8 @@ def _describe(error: dict[str, Any], labels: dict[str, str], section: str = "") 
     where = labels.get(f"{section}.{key}", where)
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key"
+    if error["type"] == "value_error":  # our own validators say what they got
+        return f"{where}: {error['msg'].removeprefix('Value error, ')}"
     return f"{where}: {error['msg']} (got {error.get('input')!r})"
 
 
@@ -111,10 +113,18 @@ def _apply_override(data: dict[str, Any], dotted_key: str, value: Any) -> None:
 def _read_toml(path: str | Path) -> dict[str, Any]:
     try:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise ConfigError(f"{path}: config file not found") from error
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a TOML config file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from error
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
 
 
 def _merge_layer(data: dict[str, Any], layer: dict[str, Any], origin: str) -> None:

@@ -71,7 +71,11 @@ def parse_name(raw: str) -> ParsedName:
     if not text:
         return ParsedName(raw, problem="empty name")
     tokens = text.split(" ")
-    if tokens[0].startswith(HYBRID_SIGN) or any(t.lower() in HYBRID_MARKERS for t in tokens[1:3]):
+    # The sign stands alone ("Mentha x piperita") or, as botanists usually write it, on
+    # the epithet ("Mentha ×piperita") or on the genus of an intergeneric hybrid.
+    if tokens[0].startswith(HYBRID_SIGN) or any(
+        t.lower() in HYBRID_MARKERS or t.startswith(HYBRID_SIGN) for t in tokens[1:3]
+    ):
         return ParsedName(raw, problem="hybrid name")
     genus = tokens[0].capitalize()
     if not WORD.match(genus.lower()):
