@@ -72,7 +72,7 @@ def parse_name(raw: str) -> ParsedName:
         return ParsedName(raw, problem="empty name")
     tokens = text.split(" ")
     # The sign stands alone ("Mentha x piperita") or, as botanists usually write it, on
-    # the epithet ("Mentha ×piperita") or on the genus of an intergeneric hybrid.
+    # the epithet ("Mentha \u00d7piperita") or on the genus of an intergeneric hybrid.
     if tokens[0].startswith(HYBRID_SIGN) or any(
         t.lower() in HYBRID_MARKERS or t.startswith(HYBRID_SIGN) for t in tokens[1:3]
     ):
