@@ -270,3 +270,34 @@ def finish_bundle(out_uri: str, kind: str, parts: list[str], extra: dict[str, An
         **extra,
     }
     storage.write_json(side_path(out_uri, MANIFEST_NAME), manifest)
+
+
+def merge_datasets(parts: list[str], out_uri: str, kind: str) -> dict[str, Any]:
+    """One dataset of the shards of ``parts``, in order, held in its own folder.
+
+    The fan-out's merge: each part is a complete dataset; their non-empty shards are
+    linked (or copied server-side on S3) into ``out_uri`` under sequential names, and
+    the manifest, written last, carries the first part's extra fields.
+    """
+    out_uri = storage.normalize(out_uri)
+    manifests = [read_manifest(part, kind) for part in parts]
+    if not manifests:
+        raise DatasetError(f"{out_uri}: nothing to merge")
+    shards = []
+    for part, manifest in zip(parts, manifests, strict=True):
+        for shard, source in zip(manifest["shards"], shard_uris(part, manifest), strict=True):
+            if shard["rows"] == 0:
+                continue
+            digest = shard["path"].removesuffix(".parquet").rsplit("-", 1)[-1]
+            name = f"part-{len(shards):05d}-{digest}.parquet"
+            storage.copy_file(source, storage.join(out_uri, name))
+            shards.append({"path": name, "rows": shard["rows"]})
+    if not shards:  # an empty dataset keeps one (empty) shard, so it has a schema
+        first = manifests[0]["shards"][0]
+        storage.copy_file(
+            shard_uris(parts[0], manifests[0])[0], storage.join(out_uri, first["path"])
+        )
+        shards.append(first)
+    reserved = {"kind", "embedpipe_version", "rows", "shards"}
+    extra = {k: v for k, v in manifests[0].items() if k not in reserved}
+    return write_manifest(out_uri, kind, shards, {**extra, "merged_parts": len(parts)})

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -252,3 +253,29 @@ def delete(uri: str) -> None:
     fs, path = arrow_filesystem(uri)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
+
+
+def copy_file(source: str, target: str) -> str:
+    """Put a copy of ``source`` at ``target`` without moving its bytes through this
+    process where the store allows: a hard link on one local filesystem, a server-side
+    copy within S3; otherwise a plain copy. Returns how: "link", "server-side" or "copy"."""
+    if is_s3(source) and is_s3(target):
+        (source_bucket, source_key), (bucket, key) = split_s3(source), split_s3(target)
+        try:  # managed copy: multipart and server-side, also past 5 GB
+            s3_client().copy({"Bucket": source_bucket, "Key": source_key}, bucket, key)
+        except Exception as error:
+            raise StorageError(f"{target}: cannot copy from {source}: {error}") from error
+        return "server-side"
+    if not is_s3(source) and not is_s3(target):
+        source_path, target_path = normalize(source), normalize(target)
+        os.makedirs(os.path.dirname(target_path), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(target_path)
+        try:
+            os.link(source_path, target_path)
+            return "link"
+        except OSError:  # another filesystem, or links not allowed: copy below
+            pass
+    with open_input(source) as reader, atomic_output(target) as path, open(path, "wb") as out:
+        shutil.copyfileobj(reader, out, 1 << 20)
+    return "copy"
