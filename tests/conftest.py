@@ -2,13 +2,16 @@
 
 import io
 import os
+import struct
 import uuid
+import zlib
 from pathlib import Path
 
 # No model hub is reachable here: fail at once instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -26,6 +29,45 @@ def jpeg_bytes(colour=(200, 30, 30), size=(40, 30), quality=90) -> bytes:
 def png_bytes(colour=(30, 200, 30), size=(24, 36)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height and whose pixel data is one empty
+    chunk: Image.open sees the size, any decode fails or allocates the declared pixels."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    idat = zlib.compress(b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def strip_png(width=16000, height=1) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def sixteen_bit_png(levels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(levels.astype(np.uint16)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def jpeg_with_orientation(orientation: int) -> bytes:
+    """40x20 stored pixels: left half red, right half blue."""
+    image = Image.new("RGB", (40, 20), (220, 20, 20))
+    image.paste((20, 20, 220), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
     return buffer.getvalue()
 
 

@@ -5,7 +5,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import flat_tree, jpeg_bytes, png_bytes, upload_tree, write_tree
+from conftest import (
+    flat_tree,
+    jpeg_bytes,
+    jpeg_with_orientation,
+    png_bytes,
+    png_claiming,
+    sixteen_bit_png,
+    strip_png,
+    upload_tree,
+    write_tree,
+)
 
 from embedpipe.config import IngestSettings
 from embedpipe.core import datasets, storage
@@ -222,3 +232,217 @@ def test_reading_an_unfinished_dataset_says_so(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(datasets.DatasetError, match="not a complete embedpipe dataset"):
         datasets.read_table(str(tmp_path / "half"))
+
+
+def test_images_over_the_pixel_and_aspect_caps_are_rejected_with_the_reason(tmp_path, one_worker):
+    root = write_tree(
+        tmp_path / "src",
+        {
+            "cat/concept/ok.jpg": jpeg_bytes(size=(40, 30)),
+            "cat/concept/small.png": png_bytes(size=(20, 20)),
+            "cat/concept/strip.png": strip_png(),  # 16000x1
+            "cat/concept/bomb.png": png_claiming(20_000, 5_000),  # 100M pixels declared
+        },
+    )
+    result = ingest_images([str(root)], str(tmp_path / "out"), one_worker)
+    assert (result.images, result.rejected) == (2, 2)
+    reasons = {Path(r["source"]).name: r["reason"] for r in rejected(tmp_path / "out")}
+    assert reasons["strip.png"].startswith("extreme aspect ratio: 16000x1 is over")
+    assert reasons["bomb.png"].startswith("too many pixels: 20000x5000 is over max_pixels")
+    tight = IngestSettings(workers=1, max_pixels=1000)
+    result = ingest_images([str(root)], str(tmp_path / "tight"), tight)
+    assert (result.images, result.rejected) == (1, 3)
+    reasons = {Path(r["source"]).name: r["reason"] for r in rejected(tmp_path / "tight")}
+    assert reasons["ok.jpg"] == "too many pixels: 40x30 is over max_pixels=1000"
+
+
+def test_oversized_tar_member_is_rejected_from_its_header_unread(tmp_path, monkeypatch):
+    small = jpeg_bytes()
+    members = {"cat/concept/big.jpg": bytes(8 << 20), "cat/concept/small.jpg": small}
+    archive = make_tar(tmp_path / "a.tar.gz", members, "w:gz")
+    extracted = []
+    real_extract = tarfile.TarFile.extractfile
+
+    def spy(self, member):
+        extracted.append(member.name)
+        return real_extract(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    config = IngestSettings(workers=1, max_image_bytes=1 << 20)
+    result = ingest_images([str(archive)], str(tmp_path / "out"), config)
+    assert result.images == 1 and extracted == ["cat/concept/small.jpg"]
+    (row,) = rejected(tmp_path / "out")
+    assert row["source"] == f"{archive}::cat/concept/big.jpg"
+    assert row["reason"] == f"file is {8 << 20} bytes, over max_image_bytes={1 << 20}"
+
+
+def test_oversized_folder_file_is_rejected_unread(tmp_path, monkeypatch):
+    root = write_tree(
+        tmp_path / "src",
+        {"cat/concept/big.png": png_bytes(size=(300, 300)), "cat/concept/ok.jpg": jpeg_bytes()},
+    )
+    read = []
+    real_read = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: read.append(uri) or real_read(uri))
+    limit = (root / "cat/concept/big.png").stat().st_size - 1
+    config = IngestSettings(workers=1, max_image_bytes=limit)
+    result = ingest_images([str(root)], str(tmp_path / "out"), config)
+    assert result.images == 1 and read == [str(root / "cat/concept/ok.jpg")]
+    assert rejected(tmp_path / "out")[0]["reason"].endswith(f"over max_image_bytes={limit}")
+
+
+PEAK_RSS_SCRIPT = """
+import resource, sys
+from embedpipe.config import IngestSettings
+from embedpipe.data.ingest import ingest_images
+config = IngestSettings(workers=1, max_image_bytes=32 << 20)
+for archive in sys.argv[1:]:
+    result = ingest_images([archive], archive + ".out", config)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(result.images, result.rejected, peak)
+"""
+
+
+def test_a_huge_member_never_enters_memory(tmp_path):
+    """A 128 MiB member (under 1 MiB of gzip) over max_image_bytes is skipped by streaming
+    past it: ingesting its archive leaves the peak memory where a small archive put it."""
+    import subprocess
+    import sys
+
+    small = make_tar(tmp_path / "small.tar.gz", {"cat/c/ok.jpg": jpeg_bytes()}, "w:gz")
+    huge = tmp_path / "huge.tar.gz"
+    with tarfile.open(huge, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("cat/c/huge.jpg")
+        info.size = 128 << 20
+        tar.addfile(info, io.BufferedReader(ZeroReader(info.size)))
+        ok = jpeg_bytes()
+        info = tarfile.TarInfo("cat/c/ok.jpg")
+        info.size = len(ok)
+        tar.addfile(info, io.BytesIO(ok))
+    assert huge.stat().st_size < 2 << 20
+    lines = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_SCRIPT, str(small), str(huge)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    (images, rejects, baseline), (huge_images, huge_rejects, peak) = (
+        map(int, line.split()) for line in lines
+    )
+    assert (images, rejects, huge_images, huge_rejects) == (1, 0, 1, 1)
+    assert peak - baseline < 32 << 10  # KiB: far below the member's 128 MiB
+
+
+class ZeroReader(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.left)
+        buffer[:count] = bytes(count)
+        self.left -= count
+        return count
+
+
+def test_tar_gz_that_is_not_gzip_is_a_one_line_error_naming_it(tmp_path, one_worker):
+
+    not_gzip = tmp_path / "images.tar.gz"
+    not_gzip.write_bytes(b"this is a text file, not a gzip stream\n" * 50)
+    with pytest.raises(LayoutError, match=r"images\.tar\.gz: not a readable tar archive"):
+        ingest_images([str(not_gzip)], str(tmp_path / "out"), one_worker)
+    bad_stream = tmp_path / "bad.tar.gz"
+    bad_stream.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 20)  # gzip magic, garbage
+    with pytest.raises(LayoutError, match=r"bad\.tar\.gz: not a readable tar archive"):
+        ingest_images([str(bad_stream)], str(tmp_path / "out"), one_worker)
+
+
+def test_cli_reports_a_broken_tar_gz_in_one_line(tmp_path, capsys):
+    from embedpipe.cli import main
+
+    not_gzip = tmp_path / "images.tar.gz"
+    not_gzip.write_bytes(b"plain text\n" * 100)
+    assert main(["ingest", str(not_gzip), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "images.tar.gz: not a readable tar archive" in err
+
+
+def test_duplicate_tar_member_names_keep_the_first_and_report_the_rest(tmp_path, one_worker):
+    first, second = jpeg_bytes((200, 0, 0)), jpeg_bytes((0, 0, 200))
+    archive = tmp_path / "dup.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in (
+            ("cat/c/a.jpg", first),
+            ("cat/c/b.jpg", first),
+            ("./cat/c/a.jpg", second),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    result = ingest_images([str(archive)], str(tmp_path / "out"), one_worker)
+    table = rows(result.out_uri, ["source", "image"])
+    assert [(Path(r["source"]).name, r["image"]) for r in table] == [
+        ("a.jpg", first),
+        ("b.jpg", first),
+    ]
+    (row,) = rejected(tmp_path / "out")
+    assert row["source"] == f"{archive}::./cat/c/a.jpg"
+    assert row["reason"].startswith("duplicate member name")
+
+
+def test_symlinks_leaving_the_folder_are_rejected_not_followed(tmp_path, one_worker):
+    outside = write_tree(tmp_path / "outside", {"secret.jpg": jpeg_bytes((1, 2, 3))})
+    root = write_tree(tmp_path / "src", {"cat/concept/ok.jpg": jpeg_bytes()})
+    (root / "cat/concept/leak.jpg").symlink_to(outside / "secret.jpg")
+    (root / "cat/elsewhere").symlink_to(outside, target_is_directory=True)
+    (root / "cat/concept/alias.jpg").symlink_to(root / "cat/concept/ok.jpg")  # stays inside
+    (root / "cat/loop").symlink_to(root / "cat", target_is_directory=True)
+    result = ingest_images([str(root)], str(tmp_path / "out"), one_worker)
+    names = sorted(Path(r["source"]).name for r in rows(result.out_uri, ["source"]))
+    assert names == ["alias.jpg", "ok.jpg"]
+    reasons = {r["source"]: r["reason"] for r in rejected(tmp_path / "out")}
+    assert reasons == {
+        str(
+            root / "cat/concept/leak.jpg"
+        ): "symlink leads outside the source folder (not followed)",
+        str(root / "cat/elsewhere"): "symlink leads outside the source folder (not followed)",
+        str(root / "cat/loop"): "symlink loop (not followed)",
+    }
+
+
+def test_rejected_rows_are_identical_between_runs(tmp_path, one_worker):
+    root = write_tree(
+        tmp_path / "src",
+        {
+            "cat/c/ok.jpg": jpeg_bytes(),
+            "cat/c/junk.jpg": b"not an image",
+            "cat/c/cut.png": png_bytes()[:40],
+        },
+    )
+    ingest_images([str(root)], str(tmp_path / "a"), one_worker)
+    ingest_images([str(root)], str(tmp_path / "b"), one_worker)
+    first, second = rejected(tmp_path / "a"), rejected(tmp_path / "b")
+    assert first == second and len(first) == 2
+    assert not any(" at 0x" in r["reason"] for r in first)
+    a = (tmp_path / "a" / ".embedpipe" / REJECTED_NAME).read_bytes()
+    assert a == (tmp_path / "b" / ".embedpipe" / REJECTED_NAME).read_bytes()
+
+
+def test_width_and_height_are_the_displayed_ones(tmp_path, one_worker):
+    import numpy as np
+
+    root = write_tree(
+        tmp_path / "src",
+        {
+            "cat/c/turned.jpg": jpeg_with_orientation(6),  # stored 40x20
+            "cat/c/deep.png": sixteen_bit_png(np.full((10, 30), 40000)),
+        },
+    )
+    result = ingest_images([str(root)], str(tmp_path / "out"), one_worker)
+    sizes = {
+        Path(r["source"]).name: (r["width"], r["height"])
+        for r in rows(result.out_uri, ["source", "width", "height"])
+    }
+    assert sizes == {"turned.jpg": (20, 40), "deep.png": (30, 10)}

@@ -19,6 +19,24 @@ class IngestSettings(Section):
     split_dirnames: tuple[str, ...] = Field(
         ("train", "test"), description="top-level folder names that mean an explicit split"
     )
+    max_pixels: int = Field(
+        89_478_485,
+        gt=0,
+        description="larger images (width x height, read from the header before decoding) "
+        "are rejected; the default is Pillow's decompression-bomb threshold",
+    )
+    max_aspect_ratio: float = Field(
+        25.0,
+        ge=1.0,
+        description="images whose long side exceeds this many times the short side are "
+        "rejected (a shorter-side resize would blow them up to gigabytes)",
+    )
+    max_image_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="larger files and tar members are rejected unread (size from the "
+        "listing or the tar header)",
+    )
 
     @field_validator("split_dirnames")
     @classmethod

@@ -2,16 +2,18 @@
 
 Each image is decoded once to prove it is whole (JPEGs in draft mode, at an
 eighth of their size, which still reads every coded block), hashed, and
-written with its original bytes. Unreadable images are listed in
-``.embedpipe/rejected.parquet`` with the reason and the run goes on. Decoding runs in a
-process pool fed a bounded window of chunks, so memory stays flat however
-many images there are, and rows keep the sources' order.
+written with its original bytes and its displayed (EXIF-oriented) size.
+Unreadable images, and images over the size caps (checked before decoding or
+reading), are listed in ``.embedpipe/rejected.parquet`` with the reason and
+the run goes on. Decoding runs in a process pool fed a bounded window of
+chunks, so memory stays flat however many images there are, and rows keep the
+sources' order.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import io
 import itertools
 import logging
 import time
@@ -20,11 +22,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm import tqdm
 
 from embedpipe.config import IngestSettings
-from embedpipe.core import datasets, parallel, storage
+from embedpipe.core import datasets, images, parallel, storage
+from embedpipe.core.images import ImageLimits
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import IMAGES_KIND, IMAGES_SCHEMA, REJECTED_SCHEMA
 from embedpipe.data.sources import LayoutError, Member, SourceReader, resolve_source
@@ -47,20 +49,17 @@ class IngestResult(StageMetrics):
     seconds: float
 
 
-def inspect_image(data: bytes) -> tuple[str, int, int] | str:
-    """(sha256, width, height) of a whole image, or the reason it cannot be read."""
+def inspect_image(data: bytes, limits: ImageLimits) -> tuple[str, int, int] | str:
+    """(sha256, displayed width, height) of a whole image, or the reason it is rejected."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            image.load()
-    except Exception as error:  # Pillow raises many types for broken files
-        return f"cannot decode image: {type(error).__name__}: {error}"
+        width, height = images.inspect(data, limits)
+    except images.ImageRejected as rejected:
+        return str(rejected)
     return hashlib.sha256(data).hexdigest(), width, height
 
 
-def inspect_chunk(chunk: list[bytes]) -> list[tuple[str, int, int] | str]:
-    return [inspect_image(data) for data in chunk]
+def inspect_chunk(limits: ImageLimits, chunk: list[bytes]) -> list[tuple[str, int, int] | str]:
+    return [inspect_image(data, limits) for data in chunk]
 
 
 class _RowBuffer:
@@ -98,7 +97,7 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
     started = time.perf_counter()
     roots = [resolve_source(source) for source in sources]
     out_uri = storage.normalize(out_uri)
-    reader = SourceReader(config.split_dirnames, config.strip_components)
+    reader = SourceReader(config.split_dirnames, config.strip_components, config.max_image_bytes)
     members = itertools.chain.from_iterable(reader.members(root) for root in roots)
     rejected: list[tuple[str, str]] = []
     distinct: set[str] = set()
@@ -110,7 +109,8 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
             out_uri, IMAGES_SCHEMA, IMAGES_KIND, config.rows_per_shard, config.row_group_rows
         ) as writer,
     ):
-        inspected = parallel.map_chunks(inspect_chunk, _read_chunks(members), config.workers)
+        inspect = functools.partial(inspect_chunk, ImageLimits.of(config))
+        inspected = parallel.map_chunks(inspect, _read_chunks(members), config.workers)
         for chunk, outcomes in inspected:
             readable = iter(outcomes)
             for member, data in chunk:

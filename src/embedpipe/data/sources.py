@@ -8,7 +8,11 @@ one of the two PerVA layouts::
 
 Tar archives are read as a stream (``r|*``): members are never written to
 disk and the archive is never held in memory whole. Members that are links,
-devices, absolute paths or climb out with ``..`` are rejected, not read.
+devices, absolute paths or climb out with ``..`` are rejected, not read; so is
+a later member with the name of an earlier one (the first is kept, where
+``tar -x`` would keep the last). In folders, symlinks are followed only where
+they stay inside the folder. Files and members over ``max_image_bytes`` are
+rejected by the size their listing or tar header gives, before any byte is read.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from embedpipe.core import storage
+from embedpipe.core.storage import StorageError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
@@ -107,16 +112,19 @@ def resolve_source(uri: str) -> str:
 class SourceReader:
     """Yields the members of sources in order; counts what it skips."""
 
-    def __init__(self, split_dirnames: tuple[str, ...], strip_components: int) -> None:
+    def __init__(
+        self, split_dirnames: tuple[str, ...], strip_components: int, max_image_bytes: int
+    ) -> None:
         self.split_dirnames = split_dirnames
         self.strip_components = strip_components
+        self.max_image_bytes = max_image_bytes
         self.skipped_non_image = 0
 
     def members(self, source: str) -> Iterator[Member]:
         found_image = False
         walk = self._tar_members if is_tar(source) else self._tree_members
         for member in walk(source):
-            found_image = found_image or member.read is not None
+            found_image = found_image or member.placement is not None
             yield member
         if not found_image:
             raise LayoutError(f"{source}: no images found (looked for {_extensions_text()})")
@@ -124,22 +132,41 @@ class SourceReader:
     def _place(self, relative_path: str, where: str) -> Placement:
         return place(relative_path, self.split_dirnames, self.strip_components, where)
 
+    def _size_reason(self, size: int) -> str | None:
+        if size > self.max_image_bytes:
+            return f"file is {size} bytes, over max_image_bytes={self.max_image_bytes}"
+        return None
+
     def _tree_members(self, root: str) -> Iterator[Member]:
         prefix = root.rstrip("/") + "/"
-        for entry in storage.iter_files(root):
-            relative = entry.uri[len(prefix) :]
+        for uri, size, link_reason in _list_tree(root):
+            relative = uri[len(prefix) :]
+            if link_reason:
+                yield Member(uri, relative, None, None, rejected_reason=link_reason)
+                continue
             name = relative.rsplit("/", 1)[-1]
             if name.startswith(".") or not is_image_name(name):
                 self.skipped_non_image += 1
                 continue
-            placement = self._place(relative, entry.uri)
-            yield Member(entry.uri, relative, placement, _reader_for(entry.uri))
+            placement = self._place(relative, uri)
+            reason = self._size_reason(size)
+            if reason:
+                yield Member(uri, relative, placement, None, rejected_reason=reason)
+                continue
+            yield Member(uri, relative, placement, _reader_for(uri))
 
     def _tar_members(self, archive: str) -> Iterator[Member]:
-        with storage.open_input(archive) as stream:
+        # The raw bytes: tarfile recognises gzip itself and says so when a .tar.gz is not one
+        # (pyarrow's own decompression would fail with a bare zlib error).
+        fs, path = storage.arrow_filesystem(archive)
+        try:
+            stream = fs.open_input_stream(path, compression=None, buffer_size=1 << 20)
+        except OSError as error:
+            raise StorageError(f"{archive}: cannot open: {error}") from error
+        with stream:
             try:
                 tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (closed below)
-            except tarfile.TarError as error:
+            except (tarfile.TarError, EOFError, zlib.error) as error:
                 raise LayoutError(f"{archive}: not a readable tar archive: {error}") from error
             with tar:
                 try:
@@ -150,6 +177,7 @@ class SourceReader:
                     yield Member(archive, "", None, None, rejected_reason=reason)
 
     def _read_tar(self, tar: tarfile.TarFile, archive: str) -> Iterator[Member]:
+        seen_names: set[str] = set()
         for info in tar:
             source = f"{archive}::{info.name}"
             reason = unsafe_member_reason(info)
@@ -163,8 +191,58 @@ class SourceReader:
                 self.skipped_non_image += 1
                 continue
             placement = self._place(info.name, source)
+            key = posixpath.normpath(info.name)
+            if key in seen_names:
+                reason = "duplicate member name (the archive's first member of this name is kept)"
+            else:
+                seen_names.add(key)
+                reason = self._size_reason(info.size)
+            if reason:
+                yield Member(source, info.name, placement, None, rejected_reason=reason)
+                continue
             data = tar.extractfile(info).read()
             yield Member(source, info.name, placement, lambda data=data: data)
+
+
+def _list_tree(root: str) -> Iterator[tuple[str, int, str | None]]:
+    """(uri, size, reason it is rejected) for every file under a folder or S3 prefix."""
+    if storage.is_s3(root):
+        for entry in storage.iter_files(root):
+            yield entry.uri, entry.size, None
+        return
+    real_root = os.path.realpath(root)
+    yield from _walk_folder(root, real_root, (real_root,))
+
+
+def _walk_folder(
+    directory: str, real_root: str, ancestors: tuple[str, ...]
+) -> Iterator[tuple[str, int, str | None]]:
+    """Sorted and lazy; a symlink is followed only to a place inside the source folder
+    (a link that leaves it could read any file the process can)."""
+    try:
+        with os.scandir(directory) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+    except OSError as error:
+        raise StorageError(f"{directory}: cannot list: {error}") from error
+    for entry in entries:
+        if entry.is_symlink():
+            target = os.path.realpath(entry.path)
+            if os.path.commonpath([target, real_root]) != real_root:
+                yield entry.path, 0, "symlink leads outside the source folder (not followed)"
+            elif os.path.isdir(target):
+                if target in ancestors:
+                    yield entry.path, 0, "symlink loop (not followed)"
+                else:
+                    yield from _walk_folder(entry.path, real_root, (*ancestors, target))
+            elif os.path.isfile(target):
+                yield entry.path, os.path.getsize(target), None
+            else:
+                yield entry.path, 0, "broken symlink"
+        elif entry.is_dir(follow_symlinks=False):
+            real = os.path.realpath(entry.path)
+            yield from _walk_folder(entry.path, real_root, (*ancestors, real))
+        elif entry.is_file(follow_symlinks=False):
+            yield entry.path, entry.stat(follow_symlinks=False).st_size, None
 
 
 def _reader_for(uri: str) -> Callable[[], bytes]:

@@ -11,7 +11,6 @@ Parquet schema metadata.
 """
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from embedpipe.config import EmbedSettings
 from embedpipe.core import datasets, storage
+from embedpipe.core.images import DEFAULT_LIMITS, ImageLimits, decode_rgb
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import EMBEDDINGS_KIND, IMAGES_KIND
 from embedpipe.models.loading import LoadedModel, load_model
@@ -85,11 +85,12 @@ def embedding_schema(model: LoadedModel, normalized: bool, key: str = "image_id"
     return pa.schema(fields, metadata=metadata)
 
 
-def decode(data: bytes, draft_size: int | None) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    if draft_size:
-        image.draft("RGB", (draft_size, draft_size))  # JPEG only: decode at a reduced scale
-    return image.convert("RGB")
+def decode(
+    data: bytes, draft_size: int | None, limits: ImageLimits = DEFAULT_LIMITS
+) -> Image.Image:
+    """RGB pixels as displayed; ImageRejected (a ValueError) for an image over the caps
+    (one that an older ingest let through) instead of gigabytes of resize."""
+    return decode_rgb(data, limits, draft_size)
 
 
 class ShardImages(IterableDataset):
