@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from embedpipe import __version__
@@ -86,11 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread so that every ``with`` block unwinds: locks are
+    released and temporary files removed, as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         args.handler(args)
     except BrokenPipeError:  # output piped into `head` and the like
@@ -98,10 +111,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"embedpipe: {error}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
+    except (ValueError, RuntimeError, OSError) as error:
         log.debug("failed", exc_info=True)
         print(f"embedpipe {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except Terminated as terminated:
+        print(f"embedpipe {args.command}: terminated", file=sys.stderr)
+        return terminated.code
+    except KeyboardInterrupt:
+        print(f"embedpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

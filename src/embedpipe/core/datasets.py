@@ -10,23 +10,32 @@ names every shard, its row count and the dataset kind. Shards are named after a 
 their bytes, so rewriting a dataset never changes a file an older manifest
 still points at, and the same rows always give the same file names and
 bytes. Shards no longer listed are removed once the new manifest is in place.
+
+One run writes an output at a time: writers hold the output's lock
+(``.embedpipe/lock``, see ``core.locks``) while they write, and keep their temporary
+files in ``.embedpipe/staging/`` (in the system temp folder for an S3 output), which
+the next run of the same output clears if a run was killed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import inspect
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedpipe import __version__
-from embedpipe.core import storage
+from embedpipe.core import locks, storage
 from embedpipe.core.schemas import IMAGES_KIND
 
 # Hidden, so readers of the folder skip it; a name starting with "_" is not enough for
@@ -36,7 +45,15 @@ MANIFEST_NAME = "manifest.json"
 # Where older outputs kept their manifest; only looked for to explain a refusal.
 LEGACY_MANIFEST_NAME = "_manifest.json"
 CONFIG_NAME = "config.json"
+LOCK_NAME = "lock"
+STAGING_NAME = "staging"
 SHARD_PATTERN = re.compile(r"^part-\d{5}-[0-9a-f]{16}\.parquet$")
+# What a manifest may name as a shard: a plain file name in the dataset's own folder.
+SHARD_NAME = re.compile(r"^part-[A-Za-z0-9_.=-]*\.parquet$")
+# A bundle's part: a folder inside the bundle, one or more plain names deep.
+PART_NAME = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
+# Temporary files that writers of older versions left beside their targets.
+LEFTOVER_TMP = re.compile(r"^\..*\.tmp$")
 # Encoded images and float vectors do not shrink further; compressing them only costs time.
 NO_COMPRESSION_COLUMNS = ("image", "embedding")
 
@@ -48,6 +65,94 @@ class DatasetError(RuntimeError):
 def side_path(uri: str, *names: str) -> str:
     """Where a side file of the dataset (or bundle) at ``uri`` lives: ``URI/.embedpipe/NAME``."""
     return storage.join(storage.normalize(uri), SIDE_DIR, *names)
+
+
+_held: dict[str, tuple[locks.OutputLock, int]] = {}
+_held_guard = threading.Lock()
+
+
+def _staging_for(out_uri: str) -> str:
+    if storage.is_s3(out_uri):
+        digest = hashlib.sha256(out_uri.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), f"embedpipe-staging-{digest}")
+    return side_path(out_uri, STAGING_NAME)
+
+
+def _clear_leftovers(out_uri: str, staging: str) -> None:
+    """Remove what killed runs of this output left: we hold its lock, so no run is using it."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if storage.is_s3(out_uri):
+        return
+    for folder in (out_uri, side_path(out_uri), side_path(out_uri, "progress")):
+        for name in storage.list_names(folder):
+            if LEFTOVER_TMP.match(name):
+                storage.delete(os.path.join(folder, name))
+
+
+@contextlib.contextmanager
+def output_lock(out_uri: str) -> Iterator[locks.OutputLock]:
+    """Hold the lock of the output at ``out_uri`` for the block (re-entrant in a process).
+
+    A second run writing the same output stops with an error naming the lock.
+    """
+    out_uri = storage.normalize(out_uri)
+    with _held_guard:
+        if out_uri in _held:
+            lock, depth = _held[out_uri]
+            _held[out_uri] = (lock, depth + 1)
+        else:
+            lock = locks.OutputLock(out_uri, side_path(out_uri, LOCK_NAME))
+            lock.acquire()
+            try:
+                staging = _staging_for(out_uri)
+                _clear_leftovers(out_uri, staging)
+                storage._make_dirs(staging, out_uri)
+            except BaseException:
+                lock.release()
+                raise
+            storage.register_staging(out_uri, staging)
+            _held[out_uri] = (lock, 1)
+    try:
+        yield lock
+    finally:
+        with _held_guard:
+            lock, depth = _held[out_uri]
+            if depth > 1:
+                _held[out_uri] = (lock, depth - 1)
+            else:
+                del _held[out_uri]
+                storage.register_staging(out_uri, None)
+                shutil.rmtree(_staging_for(out_uri), ignore_errors=True)
+                lock.release()
+
+
+def writes_output(out: str = "out_uri", inputs: tuple[str, ...] = ()) -> Callable:
+    """Decorate a stage entry: refuse an output that overlaps an input (the parameters named
+    in ``inputs``: URIs, lists of URIs or None), then hold the output's lock while it runs."""
+
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            input_uris: list[str | None] = []
+            for name in inputs:
+                value = bound.arguments.get(name)
+                input_uris.extend(value if isinstance(value, list | tuple) else [value])
+            out_uri = bound.arguments[out]
+            storage.check_output_apart(out_uri, input_uris)
+            with output_lock(out_uri):
+                return function(*args, **kwargs)
+
+        return run
+
+    return decorate
+
+
+def staging_dir(out_uri: str) -> str | None:
+    """Where a run holding the lock of ``out_uri`` keeps its temporary files."""
+    return storage.staging_dir(out_uri)
 
 
 def _file_sha256(path: str) -> str:
@@ -82,7 +187,9 @@ class DatasetWriter:
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = row_group_rows
         self.shards: list[dict[str, Any]] = []
-        self._staging = tempfile.mkdtemp(prefix=".embedpipe-staging-")
+        self._lock = output_lock(self.out_uri)
+        self._lock.__enter__()
+        self._staging = tempfile.mkdtemp(prefix="writer-", dir=storage.staging_dir(self.out_uri))
         self._writer: pq.ParquetWriter | None = None
         self._writer_path = ""
         self._rows_in_shard = 0
@@ -98,6 +205,7 @@ class DatasetWriter:
             if self._writer is not None:
                 self._writer.close()
             shutil.rmtree(self._staging, ignore_errors=True)
+            self._lock.__exit__(exc_type, exc, tb)
 
     @property
     def rows(self) -> int:
@@ -157,7 +265,11 @@ def publish_shard(out_uri: str, index: int, local_path: str) -> str:
 def write_manifest(
     out_uri: str, kind: str, shards: list[dict[str, Any]], extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Mark the dataset complete with these shards, then remove shards no longer listed."""
+    """Mark the dataset complete with these shards, then remove shards no longer listed.
+
+    Under the output's lock, and only once every listed shard is there: a manifest never
+    names a missing shard.
+    """
     manifest = {
         "kind": kind,
         "embedpipe_version": __version__,
@@ -165,18 +277,26 @@ def write_manifest(
         "shards": shards,
         **(extra or {}),
     }
-    storage.write_json(side_path(out_uri, MANIFEST_NAME), manifest)
-    _remove_stale_shards(out_uri, {shard["path"] for shard in shards})
+    out_uri = storage.normalize(out_uri)
+    with output_lock(out_uri) as lock:
+        lock.verify_held()
+        present = storage.list_names(out_uri)
+        missing = [shard["path"] for shard in shards if shard["path"] not in present]
+        if missing:
+            raise DatasetError(
+                f"{out_uri}: shard {missing[0]} vanished before the manifest was written "
+                "(something else wrote or cleaned this folder); run the stage again"
+            )
+        storage.write_json(side_path(out_uri, MANIFEST_NAME), manifest)
+        _remove_stale_shards(out_uri, present - {shard["path"] for shard in shards})
     return manifest
 
 
-def _remove_stale_shards(out_uri: str, keep: set[str]) -> None:
+def _remove_stale_shards(out_uri: str, names: set[str]) -> None:
     """Delete this dataset's unlisted shards; datasets in subfolders are not its own."""
-    prefix = out_uri.rstrip("/") + "/"
-    for entry in storage.list_files(out_uri):
-        name = entry.uri[len(prefix) :]
-        if "/" not in name and SHARD_PATTERN.match(name) and name not in keep:
-            storage.delete(entry.uri)
+    for name in sorted(names):
+        if SHARD_PATTERN.match(name):
+            storage.delete(storage.join(out_uri, name))
 
 
 def write_table(
@@ -202,10 +322,60 @@ def read_manifest(uri: str, kind: str | None = None) -> dict[str, Any]:
             f"{uri}: not a complete embedpipe dataset (no {SIDE_DIR}/{MANIFEST_NAME}: {reason})"
         )
     manifest = storage.read_json(manifest_uri)
+    _check_manifest(manifest_uri, manifest)
     if kind is not None and manifest.get("kind") != kind:
         raise DatasetError(
             f"{uri}: expected a dataset of kind '{kind}', found '{manifest.get('kind')}'"
         )
+    return manifest
+
+
+def _check_manifest(manifest_uri: str, manifest: Any) -> None:
+    """Refuse a manifest that is not what embedpipe writes, or that names files outside its
+    dataset (a shard path like ``../../etc/hostname``)."""
+    if not isinstance(manifest, dict):
+        raise DatasetError(
+            f"{manifest_uri}: not an embedpipe manifest (a JSON {type(manifest).__name__}, "
+            "not an object)"
+        )
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise DatasetError(f"{manifest_uri}: not an embedpipe manifest (no list of shards)")
+    for number, shard in enumerate(shards):
+        path = shard.get("path") if isinstance(shard, dict) else None
+        rows = shard.get("rows") if isinstance(shard, dict) else None
+        if not isinstance(path, str) or not isinstance(rows, int):
+            raise DatasetError(f"{manifest_uri}: shard {number} needs a path and a row count")
+        if not SHARD_NAME.match(path) or ".." in path:
+            raise DatasetError(
+                f"{manifest_uri}: shard path {path!r} is not a part-*.parquet file of the "
+                "dataset's own folder; refusing to read it"
+            )
+    parts = manifest.get("parts", [])
+    if not isinstance(parts, list):
+        raise DatasetError(f"{manifest_uri}: 'parts' must be a list of folder names")
+    for part in parts:
+        if not isinstance(part, str) or not PART_NAME.match(part) or ".." in part.split("/"):
+            raise DatasetError(
+                f"{manifest_uri}: part {part!r} is not a folder inside the bundle; "
+                "refusing to read it"
+            )
+
+
+def verify_dataset(uri: str, kind: str | None = None) -> dict[str, Any]:
+    """The manifest of a complete dataset whose every listed shard exists (one listing);
+    a bundle's parts are verified in turn. Call it on a stage's inputs before heavy work."""
+    manifest = read_manifest(uri, kind)
+    present = storage.list_names(storage.normalize(uri))
+    missing = [shard["path"] for shard in manifest["shards"] if shard["path"] not in present]
+    if missing:
+        raise DatasetError(
+            f"{uri}: shard {missing[0]} listed in {SIDE_DIR}/{MANIFEST_NAME} is missing "
+            f"({len(missing)} of {len(manifest['shards'])} shards missing): the dataset was "
+            "changed after it was written; write it again with the stage that made it"
+        )
+    for part in manifest.get("parts", []):
+        verify_dataset(storage.join(storage.normalize(uri), part))
     return manifest
 
 
@@ -255,7 +425,8 @@ def image_bytes(images_uri: str, image_ids: set[str]) -> dict[str, bytes]:
 def save_config(out_uri: str, stage: str, config: Any) -> None:
     """Save the resolved stage config with its output (``.embedpipe/config.json``)."""
     payload = {"stage": stage, "config": config.model_dump(mode="json")}
-    storage.write_json(side_path(out_uri, CONFIG_NAME), payload)
+    with output_lock(out_uri):
+        storage.write_json(side_path(out_uri, CONFIG_NAME), payload)
 
 
 def finish_bundle(out_uri: str, kind: str, parts: list[str], extra: dict[str, Any]) -> None:
@@ -270,6 +441,10 @@ def finish_bundle(out_uri: str, kind: str, parts: list[str], extra: dict[str, An
         **extra,
     }
     storage.write_json(side_path(out_uri, MANIFEST_NAME), manifest)
+
+    with output_lock(out_uri) as lock:
+        lock.verify_held()
+        storage.write_json(side_path(out_uri, MANIFEST_NAME), manifest)
 
 
 def merge_datasets(parts: list[str], out_uri: str, kind: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import json
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,75 @@ TMP_SUFFIX = ".tmp"
 
 class StorageError(RuntimeError):
     """A URI could not be read, listed or written."""
+
+
+NO_CREDENTIALS = "no credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+ACCESS_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _unreachable(why: str) -> str:
+    where = endpoint_url() or "AWS S3 (set AWS_ENDPOINT_URL_S3 for MinIO, Ceph or another store)"
+    return f"cannot reach the endpoint {where} ({why})"
+
+
+def s3_error_reason(error: BaseException) -> str:
+    """One line saying why an S3 call failed, from botocore's, boto3's or pyarrow's error."""
+    from botocore import exceptions as boto
+
+    chain = _error_chain(error)
+    for link in chain:
+        if isinstance(link, boto.NoCredentialsError | boto.PartialCredentialsError):
+            return NO_CREDENTIALS
+        if isinstance(link, boto.ClientError):
+            details = link.response.get("Error", {})
+            code = str(details.get("Code", ""))
+            if code == "NoSuchBucket":
+                return "bucket does not exist"
+            if code in ACCESS_DENIED_CODES:
+                return f"access denied ({code}): check the credentials and the bucket policy"
+            return f"{code}: {details.get('Message') or link}"
+        if isinstance(link, boto.EndpointConnectionError | boto.ConnectionError):
+            if any(isinstance(cause, ConnectionRefusedError) for cause in chain):
+                return _unreachable("connection refused")
+            if any(isinstance(cause, socket.gaierror) for cause in chain):
+                return _unreachable("unknown host")
+            if isinstance(link, boto.ConnectTimeoutError):
+                return _unreachable("timed out")
+            return _unreachable(str(link))
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # pyarrow's S3 layer reports AWS SDK error names inside an OSError's text.
+    if "NETWORK_CONNECTION" in message or "Couldn't connect" in message:
+        return _unreachable("connection refused")
+    if "NoSuchBucket" in message or "Bucket does not exist" in message:
+        return "bucket does not exist"
+    if "ACCESS_DENIED" in message or "AccessDenied" in message:
+        return f"access denied: check the credentials and the bucket policy ({message})"
+    return message
+
+
+@contextlib.contextmanager
+def s3_errors(uri: str, action: str = "") -> Iterator[None]:
+    """Turn botocore/boto3/pyarrow errors about ``uri`` into one-line StorageErrors."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not isinstance(error, BotoCoreError | ClientError | Boto3Error | OSError):
+            raise
+        doing = f"cannot {action}: " if action else ""
+        raise StorageError(f"{uri}: {doing}{s3_error_reason(error)}") from None
 
 
 @dataclass(frozen=True)
@@ -80,7 +150,9 @@ def _s3_client(endpoint: str | None, region: str):
     from botocore.config import Config
 
     config = Config(retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    # A session of its own: boto3's default session keeps the credentials it found first.
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
 def s3_client():
@@ -111,16 +183,19 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def file_type(uri: str) -> pafs.FileType:
     fs, path = arrow_filesystem(uri)
-    try:
+    if not is_s3(uri):
+        try:
+            return fs.get_file_info(path).type
+        except OSError as error:
+            raise StorageError(f"{uri}: {error}") from None
+    with s3_errors(uri):
         info = fs.get_file_info(path)
-    except OSError as error:
-        raise StorageError(f"{uri}: {error}") from error
-    if info.type == pafs.FileType.NotFound and is_s3(uri):
-        # S3 has no directories: a prefix exists when some key starts with it.
-        selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
-        if fs.get_file_info(selector):
-            return pafs.FileType.Directory
-    return info.type
+        if info.type == pafs.FileType.NotFound:
+            # S3 has no directories: a prefix exists when some key starts with it.
+            selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+            if fs.get_file_info(selector):
+                return pafs.FileType.Directory
+        return info.type
 
 
 def exists(uri: str) -> bool:
@@ -138,13 +213,11 @@ def iter_files(uri: str) -> Iterator[FileEntry]:
         bucket, key = split_s3(uri)
         prefix = key.rstrip("/") + "/" if key else ""
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        try:
+        with s3_errors(uri, "list"):
             for page in pages:
                 for item in page.get("Contents", []):
                     if not item["Key"].endswith("/"):
                         yield FileEntry(f"{S3_SCHEME}{bucket}/{item['Key']}", item["Size"])
-        except Exception as error:
-            raise StorageError(f"{uri}: cannot list: {error}") from error
         return
     root = normalize(uri)
     if os.path.isdir(root):  # like an S3 prefix, a missing folder lists as empty
@@ -169,12 +242,44 @@ def list_files(uri: str) -> list[FileEntry]:
     return sorted(iter_files(uri), key=lambda entry: entry.uri)
 
 
+def list_names(uri: str) -> set[str]:
+    """Names of the files directly in the folder or prefix ``uri``: one listing, no recursion."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        paginator = s3_client().get_paginator("list_objects_v2")
+        with s3_errors(uri, "list"):
+            pages = paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            return {
+                item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", [])
+            }
+    try:
+        with os.scandir(normalize(uri)) as scan:
+            return {entry.name for entry in scan if entry.is_file()}
+    except FileNotFoundError:
+        return set()
+    except OSError as error:
+        raise StorageError(f"{uri}: cannot list: {error}") from None
+
+
+def delete_tree(uri: str) -> None:
+    """Remove every file under ``uri``, and the local folder itself."""
+    if not is_s3(uri):
+        shutil.rmtree(normalize(uri), ignore_errors=True)
+        return
+    for entry in list(iter_files(uri)):
+        delete(entry.uri)
+
+
 def open_input(uri: str) -> BinaryIO:
     """A sequential binary stream; it never loads the whole object into memory."""
     fs, path = arrow_filesystem(uri)
+    if is_s3(uri):
+        with s3_errors(uri, "open"):
+            return fs.open_input_stream(path)
     try:
         return fs.open_input_stream(path)
-    except (OSError, FileNotFoundError) as error:
+    except OSError as error:
         raise StorageError(f"{uri}: cannot open: {error}") from error
 
 
@@ -188,10 +293,8 @@ def read_bytes(uri: str) -> bytes:
         except OSError as error:
             raise StorageError(f"{uri}: cannot read: {error}") from error
     bucket, key = split_s3(uri)
-    try:
+    with s3_errors(uri, "read"):
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except Exception as error:
-        raise StorageError(f"{uri}: cannot read: {error}") from error
 
 
 def read_json(uri: str) -> Any:
@@ -201,30 +304,69 @@ def read_json(uri: str) -> Any:
         raise StorageError(f"{uri}: not valid JSON: {error}") from error
 
 
+# Output URI -> the folder for its temporary files, while a run holds that output's lock.
+_staging_dirs: dict[str, str] = {}
+
+
+def register_staging(out_uri: str, directory: str | None) -> None:
+    if directory is None:
+        _staging_dirs.pop(normalize(out_uri), None)
+    else:
+        _staging_dirs[normalize(out_uri)] = directory
+
+
+def staging_dir(uri: str) -> str | None:
+    """The staging folder of the locked output that holds ``uri`` (the innermost), if any."""
+    uri = normalize(uri)
+    holders = [out for out in _staging_dirs if uri == out or uri.startswith(out + _sep(out))]
+    return _staging_dirs[max(holders, key=len)] if holders else None
+
+
+def _sep(uri: str) -> str:
+    return "/" if is_s3(uri) else os.sep
+
+
+def _make_dirs(directory: str, uri: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StorageError(
+            f"{uri}: cannot create {directory}: it, or a folder above it, is a file"
+        ) from None
+    except OSError as error:
+        raise StorageError(f"{uri}: cannot create {directory}: {error.strerror}") from None
+
+
 @contextlib.contextmanager
 def atomic_output(uri: str) -> Iterator[str]:
     """Yield a local path to write; publish it at ``uri`` only if the block succeeds.
 
     The temporary file ends in ``.tmp``, never in the final extension: a reader that
-    globs a dataset folder for ``*.parquet`` must not pick up a half-written shard.
+    globs a dataset folder for ``*.parquet`` must not pick up a half-written shard. While
+    a run holds the lock of an output containing ``uri``, it lives in that output's
+    staging folder, which the next run of the same output clears if this one is killed.
     """
+    staging = staging_dir(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        handle, tmp_path = tempfile.mkstemp(prefix=".embedpipe-", suffix=TMP_SUFFIX)
+        handle, tmp_path = tempfile.mkstemp(prefix=".embedpipe-", suffix=TMP_SUFFIX, dir=staging)
         os.close(handle)
         try:
             yield tmp_path
             # upload_file aborts its multipart upload on failure: no partial object appears.
-            s3_client().upload_file(tmp_path, bucket, key)
+            with s3_errors(uri, "write"):
+                s3_client().upload_file(tmp_path, bucket, key)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp_path)
         return
     final_path = normalize(uri)
     directory = os.path.dirname(final_path)
-    os.makedirs(directory, exist_ok=True)
+    _make_dirs(directory, uri)
+    if os.path.isdir(final_path):
+        raise StorageError(f"{uri}: cannot write a file there: it is a folder")
     handle, tmp_path = tempfile.mkstemp(
-        prefix=f".{os.path.basename(final_path)}.", suffix=TMP_SUFFIX, dir=directory
+        prefix=f".{os.path.basename(final_path)}.", suffix=TMP_SUFFIX, dir=staging or directory
     )
     os.close(handle)
     try:
@@ -251,7 +393,11 @@ def write_json(uri: str, obj: Any) -> None:
 
 def delete(uri: str) -> None:
     fs, path = arrow_filesystem(uri)
-    with contextlib.suppress(FileNotFoundError):
+    if not is_s3(uri):
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(path)
+        return
+    with s3_errors(uri, "delete"), contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
 
 
@@ -279,3 +425,36 @@ def copy_file(source: str, target: str) -> str:
     with open_input(source) as reader, atomic_output(target) as path, open(path, "wb") as out:
         shutil.copyfileobj(reader, out, 1 << 20)
     return "copy"
+
+
+def _overlap(a: str, b: str) -> bool:
+    """``a`` is ``b`` or lies inside it."""
+    return a == b or a.startswith(b.rstrip(_sep(b)) + _sep(b))
+
+
+def _resolved(uri: str) -> str:
+    return normalize(uri) if is_s3(uri) else os.path.realpath(normalize(uri))
+
+
+def check_output_apart(out_uri: str, input_uris: list[str | None]) -> None:
+    """Refuse an output that is an input, lies inside one or contains one: writing it
+    would destroy or change what the run reads."""
+    out = _resolved(out_uri)
+    if not is_s3(out) and os.path.isfile(out):
+        raise StorageError(f"{out_uri}: is a file; the output must be a folder (or s3:// prefix)")
+    for input_uri in input_uris:
+        if not input_uri:
+            continue
+        source = _resolved(input_uri)
+        if out == source:
+            problem = "is also an input"
+        elif _overlap(out, source):
+            problem = f"lies inside the input {input_uri}"
+        elif _overlap(source, out):
+            problem = f"contains the input {input_uri}"
+        else:
+            continue
+        raise StorageError(
+            f"{out_uri}: the output {problem}; writing it would destroy the input: "
+            "choose an output folder apart from every input"
+        )

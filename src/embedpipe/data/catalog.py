@@ -82,9 +82,10 @@ def _assign_auto(indices: list[int], config: CatalogSettings, key) -> dict[int, 
     return {i: ("train" if rank < train_count else "test") for rank, i in enumerate(shuffled)}
 
 
+@datasets.writes_output(inputs=("images_uri",))
 def build_catalog(images_uri: str, out_uri: str, config: CatalogSettings) -> CatalogResult:
     """Assign every ingested image to train or test and write the catalog."""
-    manifest = datasets.read_manifest(images_uri, IMAGES_KIND)
+    manifest = datasets.verify_dataset(images_uri, IMAGES_KIND)
     table = datasets.read_table(images_uri, IMAGES_KIND, columns=SOURCE_COLUMNS)
     columns = {name: table.column(name).to_pylist() for name in SOURCE_COLUMNS}
     sources, splits = columns["source"], columns["split"]

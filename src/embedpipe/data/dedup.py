@@ -159,6 +159,7 @@ def hash_images(
     return codes, readable
 
 
+@datasets.writes_output(inputs=("images_uri", "splits_uri"))
 def find_duplicates(
     images_uri: str,
     out_uri: str,
@@ -170,6 +171,10 @@ def find_duplicates(
     started = time.perf_counter()
     out_uri = storage.normalize(out_uri)
     kept_uri = kept_uri or storage.join(out_uri, "kept")
+    storage.check_output_apart(kept_uri, [images_uri, splits_uri])
+    datasets.verify_dataset(images_uri, IMAGES_KIND)
+    if splits_uri:
+        datasets.verify_dataset(splits_uri)
     meta = _read_meta(images_uri, splits_uri)
     columns = {name: meta.column(name).to_pylist() for name in META_COLUMNS}
     ids = list(dict.fromkeys(columns["image_id"]))

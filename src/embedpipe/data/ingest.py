@@ -90,6 +90,7 @@ def _read_chunks(members: Iterable[Member]) -> Iterator[tuple[list, list[bytes]]
         yield read, [data for _, data in read if data is not None]
 
 
+@datasets.writes_output(inputs=("sources",))
 def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) -> IngestResult:
     """Ingest every image under ``sources`` into a Parquet image dataset at ``out_uri``."""
     if not sources:

@@ -65,8 +65,10 @@ def select_concepts(category: str, concepts: list[str], config: SplitSettings) -
     return sorted(shuffled[: math.ceil(config.concept_frac * len(concepts))])
 
 
+@datasets.writes_output(inputs=("catalog_uri",))
 def create_concept_splits(catalog_uri: str, out_uri: str, config: SplitSettings) -> SplitResult:
     """Split a catalog's concepts into train and val and write the outputs."""
+    datasets.verify_dataset(catalog_uri, CATALOG_KIND)
     catalog = datasets.read_table(catalog_uri, CATALOG_KIND)
     columns = {name: catalog.column(name).to_pylist() for name in catalog.schema.names}
     catalog_split, paths = columns["split"], columns["path"]

@@ -136,6 +136,7 @@ def _fingerprint(entry: ModelEntry, config: EmbedSettings, inputs: list, select:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+@datasets.writes_output(inputs=("images_uri", "select_uri"))
 def embed_images(
     images_uri: str,
     out_uri: str,
@@ -147,10 +148,11 @@ def embed_images(
     started = time.perf_counter()
     entry = entry or get_entry(config.model)
     out_uri = storage.normalize(out_uri)
-    manifest = datasets.read_manifest(images_uri, IMAGES_KIND)
+    manifest = datasets.verify_dataset(images_uri, IMAGES_KIND)
     inputs = datasets.shard_uris(images_uri, manifest)
     wanted = None
     if select_uri:
+        datasets.verify_dataset(select_uri)
         selection = datasets.read_table(select_uri, columns=["image_id"]).column("image_id")
         wanted = set(pc.unique(selection).to_pylist())
     device = resolve_device(config.device)
@@ -211,8 +213,7 @@ def embed_images(
             "normalized": config.normalize,
         },
     )
-    for marker in storage.list_files(datasets.side_path(out_uri, PROGRESS_DIR)):
-        storage.delete(marker.uri)
+    storage.delete_tree(datasets.side_path(out_uri, PROGRESS_DIR))
     result = EmbedResult(
         out_uri, embedded, resumed, entry.embed_dim, round(time.perf_counter() - started, 3)
     )
@@ -278,7 +279,7 @@ def _embed_shard(
 
 
 def _publish(out_uri: str, index: int, table: pa.Table) -> dict:
-    handle, path = tempfile.mkstemp(suffix=storage.TMP_SUFFIX)
+    handle, path = tempfile.mkstemp(suffix=storage.TMP_SUFFIX, dir=datasets.staging_dir(out_uri))
     os.close(handle)
     try:
         pq.write_table(table, path, compression="zstd")

@@ -30,6 +30,7 @@ def read_texts(texts_uri: str, column: str) -> list[str]:
     return [text for text in table.column(column).to_pylist() if text]
 
 
+@datasets.writes_output(inputs=("texts_uri",))
 def embed_texts(
     texts_uri: str,
     out_uri: str,

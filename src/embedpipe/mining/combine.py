@@ -38,11 +38,12 @@ class CombineResult:
         }
 
 
+@datasets.writes_output(inputs=("inputs",))
 def combine_negatives(inputs: list[str], out_uri: str, config: CombineSettings) -> CombineResult:
     num_samples, seed = config.num_samples, config.seed
     tables, skipped = [], {}
     for uri in inputs:
-        mining = datasets.read_manifest(uri, NEGATIVES_KIND).get("mining", {})
+        mining = datasets.verify_dataset(uri, NEGATIVES_KIND).get("mining", {})
         if mining.get("skipped"):
             skipped[mining["category"]] = mining["skipped"]
         tables.append(datasets.read_table(uri, NEGATIVES_KIND))

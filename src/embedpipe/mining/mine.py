@@ -89,11 +89,12 @@ def assign_bands(scores: np.ndarray, config: MineSettings) -> tuple[np.ndarray, 
     return np.searchsorted(edges, scores, side="right"), edges
 
 
+@datasets.writes_output(inputs=("partition_uri",))
 def mine_category(partition_uri: str, out_uri: str, config: MineSettings) -> MineResult:
     """Hard negatives for the category of one partition, written as a dataset at ``out_uri``."""
     started = time.perf_counter()
     out_uri = storage.normalize(out_uri)
-    category = datasets.read_manifest(partition_uri, PARTITION_KIND)["category"]
+    category = datasets.verify_dataset(partition_uri, PARTITION_KIND)["category"]
     rows = datasets.read_table(partition_uri, PARTITION_KIND)
     splits = np.array(rows.column("split").to_pylist(), dtype=object)
     concepts = np.array(rows.column("concept").to_pylist(), dtype=object)

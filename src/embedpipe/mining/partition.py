@@ -24,6 +24,7 @@ def list_categories(metadata_uri: str) -> list[str]:
     return sorted(pc.unique(table.column("category")).to_pylist())
 
 
+@datasets.writes_output(inputs=("metadata_uri", "embeddings_uri"))
 def partition_by_category(metadata_uri: str, embeddings_uri: str, out_uri: str) -> dict[str, str]:
     """Write each category's distinct images with their vectors as a dataset of its own.
 
@@ -31,6 +32,8 @@ def partition_by_category(metadata_uri: str, embeddings_uri: str, out_uri: str) 
     slice. Returns category -> partition URI (a category without vectors gets an empty one).
     """
     out_uri = storage.normalize(out_uri)
+    datasets.verify_dataset(metadata_uri)
+    datasets.verify_dataset(embeddings_uri, EMBEDDINGS_KIND)
     meta = datasets.read_table(metadata_uri, columns=META_COLUMNS)
     first_row: dict[str, int] = {}
     for row, image_id in enumerate(meta.column("image_id").to_pylist()):

@@ -16,7 +16,7 @@ import datasets as hf
 
 from embedpipe.config import ToHfSettings
 from embedpipe.core import datasets, storage
-from embedpipe.core.schemas import NEGATIVES_KIND
+from embedpipe.core.schemas import IMAGES_KIND, NEGATIVES_KIND
 from embedpipe.core.seeding import rng_for
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ PUBLISHED_LAST = "state.json"
 def export_to_hf(negatives_uri: str, images_uri: str, out_uri: str, config: ToHfSettings) -> int:
     """Write the Dataset at ``out_uri``; return its number of rows."""
     max_positives, seed = config.max_positives, config.seed
+    storage.check_output_apart(out_uri, [negatives_uri, images_uri])
+    datasets.verify_dataset(negatives_uri, NEGATIVES_KIND)
+    datasets.verify_dataset(images_uri, IMAGES_KIND)
     rows = datasets.read_table(negatives_uri, NEGATIVES_KIND).to_pylist()
     for row in rows:  # a fixed, seeded choice of positives per query
         positives = sorted(row["positive_ids"])

@@ -144,11 +144,13 @@ def read_names(images_uri: str, config: TaxonomySettings) -> pa.Table:
     return joined.select(["image_id", "source", NAME])
 
 
+@datasets.writes_output(inputs=("images_uri", "table_uri"))
 def build_taxonomy(
     images_uri: str, table_uri: str, out_uri: str, config: TaxonomySettings
 ) -> TaxonomyResult:
     """Resolve every image's species name and write labels, splits and indexes."""
     out_uri = storage.normalize(out_uri)
+    datasets.verify_dataset(images_uri, IMAGES_KIND)
     taxa = load_taxon_table(table_uri)
     lineages = Lineages(taxa)
     resolver = SpeciesResolver(taxa, lineages, config.kingdom)
