@@ -440,13 +440,12 @@ def finish_bundle(out_uri: str, kind: str, parts: list[str], extra: dict[str, An
         "parts": parts,
         **extra,
     }
-    storage.write_json(side_path(out_uri, MANIFEST_NAME), manifest)
-
     with output_lock(out_uri) as lock:
         lock.verify_held()
         storage.write_json(side_path(out_uri, MANIFEST_NAME), manifest)
 
 
+@writes_output(inputs=("parts",))
 def merge_datasets(parts: list[str], out_uri: str, kind: str) -> dict[str, Any]:
     """One dataset of the shards of ``parts``, in order, held in its own folder.
 
@@ -455,7 +454,7 @@ def merge_datasets(parts: list[str], out_uri: str, kind: str) -> dict[str, Any]:
     the manifest, written last, carries the first part's extra fields.
     """
     out_uri = storage.normalize(out_uri)
-    manifests = [read_manifest(part, kind) for part in parts]
+    manifests = [verify_dataset(part, kind) for part in parts]
     if not manifests:
         raise DatasetError(f"{out_uri}: nothing to merge")
     shards = []
