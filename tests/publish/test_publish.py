@@ -463,3 +463,28 @@ def test_hf_hub_weights_build_their_entry_and_load_from_the_repo_files(
 def test_hf_hub_weights_offline_say_how_to_use_a_local_copy():
     with pytest.raises(ModelError, match="offline, download the repo and pass local-dir:DIR"):
         entry_for_weights("hf-hub:org/absent")
+
+
+def test_publish_to_s3_and_load_back_with_local_dir_s3(
+    small_checkpoint, bucket, tmp_path, monkeypatch
+):
+    from embedpipe.core import storage
+
+    monkeypatch.setattr("embedpipe.models.loading.CACHE_DIR", tmp_path / "cache")
+    out = f"s3://{bucket}/models/micro"
+    publish_checkpoint(str(small_checkpoint), out, PublishSettings())
+    names = sorted(e.uri.rsplit("/", 1)[-1] for e in storage.list_files(out))
+    assert names == ["README.md", "open_clip_config.json", "open_clip_model.safetensors"]
+    entry = entry_for_weights(f"local-dir:{out}")
+    assert (entry.name, entry.embed_dim, entry.image_size) == ("micro", 8, 32)
+    model = load_model(entry)
+    from embedpipe.models.registry import ModelEntry
+
+    saved = json.loads((small_checkpoint / "config.json").read_text())["entry"]
+    ours = load_model(ModelEntry(**saved), str(small_checkpoint))
+    images = _images(2)
+    np.testing.assert_allclose(
+        _embed(model.module, model.transform, images),
+        _embed(ours.module, ours.transform, images),
+        atol=1e-6,
+    )
