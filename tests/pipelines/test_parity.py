@@ -40,7 +40,10 @@ ENTRY_POINTS = {
     "mine": ("embedpipe.mining.mine", "mine_category"),
     "combine": ("embedpipe.mining.combine", "combine_negatives"),
     "to_hf": ("embedpipe.mining.to_hf", "export_to_hf"),
+    "publish": ("embedpipe.publish.stage", "publish_checkpoint"),
 }
+# Stages with a command but no component or pipeline step yet (#15.4).
+NOT_IN_PIPELINES_YET = {"publish"}
 
 
 def _other_value(stage: str, key: str, field):
@@ -142,6 +145,7 @@ INPUTS = {  # positional inputs and --out of each command
     "mine": ["metadata", "embeddings"],
     "combine": ["negatives"],
     "to-hf": ["negatives", "images"],
+    "publish": ["checkpoint"],
 }
 
 
@@ -238,7 +242,7 @@ def test_each_step_gets_exactly_its_stage_section(everything_compiled):
         assert checked == {stage: settings.section(stage) for stage in stages}, name
         run_parameters = set(spec["root"]["inputDefinitions"]["parameters"])
         assert stages <= run_parameters
-    assert reached == set(STAGE_SETTINGS)
+    assert reached == set(STAGE_SETTINGS) - NOT_IN_PIPELINES_YET
 
 
 def test_the_check_step_takes_every_stage():
@@ -272,7 +276,7 @@ def _component_arguments(function, stage: str, settings: dict, overrides: dict) 
     return arguments
 
 
-@pytest.mark.parametrize("stage", list(ENTRY_POINTS))
+@pytest.mark.parametrize("stage", sorted(set(ENTRY_POINTS) - NOT_IN_PIPELINES_YET))
 def test_every_field_reaches_the_stage_through_its_component(stage, captured, monkeypatch):
     """What `embedpipe run` and the cluster execute: the component body, given the compiled
     section (every field changed), or the defaults plus the run's overrides."""

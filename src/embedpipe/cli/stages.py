@@ -95,9 +95,13 @@ def inputs_dedup(parser: argparse.ArgumentParser) -> None:
 
 def run_embed(args: argparse.Namespace, settings: Settings) -> None:
     from embedpipe.embed.images import embed_images
+    from embedpipe.models.loading import entry_for_weights
     from embedpipe.models.registry import get_entry
 
-    entry = get_entry(settings.embed.model, settings.models)
+    # A published model (local-dir:, hf-hub:) carries its own entry: no --model needed.
+    entry = entry_for_weights(settings.embed.weights) or get_entry(
+        settings.embed.model, settings.models
+    )
     _print_result(embed_images(args.images, args.out, settings.embed, entry, args.select))
 
 
@@ -113,9 +117,12 @@ def inputs_embed(parser: argparse.ArgumentParser) -> None:
 
 def run_embed_text(args: argparse.Namespace, settings: Settings) -> None:
     from embedpipe.embed.texts import embed_texts
+    from embedpipe.models.loading import entry_for_weights
     from embedpipe.models.registry import get_entry
 
-    entry = get_entry(settings.embed.model, settings.models)
+    entry = entry_for_weights(settings.embed.weights) or get_entry(
+        settings.embed.model, settings.models
+    )
     _print_result(embed_texts(args.texts, args.out, settings.embed, entry, args.column))
 
 
@@ -182,6 +189,43 @@ def inputs_to_hf(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("negatives", metavar="NEGATIVES", help="`combine` (or `mine`) output")
     _images_input(parser)
     _out(parser, "save_to_disk folder or s3://")
+
+
+def run_publish(args: argparse.Namespace, settings: Settings) -> None:
+    from embedpipe.publish.stage import publish_checkpoint
+
+    _print_result(
+        publish_checkpoint(
+            args.checkpoint,
+            args.out,
+            settings.publish,
+            args.metrics or "",
+            args.lineage or [],
+            args.check_images or "",
+        )
+    )
+
+
+def inputs_publish(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint folder (local or s3://) from training"
+    )
+    _out(parser, "folder (local or s3://) to write the published model to")
+    parser.add_argument(
+        "--metrics", metavar="URI", help="an evaluation's metrics.json, for the card"
+    )
+    parser.add_argument(
+        "--lineage",
+        action="append",
+        metavar="URI",
+        help="a dataset the model was trained from (images, dedup output...), for the card "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--check-images",
+        metavar="URI",
+        help="images dataset whose first images the reload check embeds (default: generated)",
+    )
 
 
 @dataclass(frozen=True)
@@ -273,6 +317,17 @@ STAGE_COMMANDS = (
     ),
     StageCommand(
         "to-hf", "to_hf", inputs_to_hf, run_to_hf, "negatives + images -> Hugging Face Dataset"
+    ),
+    StageCommand(
+        "publish",
+        "publish",
+        inputs_publish,
+        run_publish,
+        "checkpoint -> open_clip Hugging Face layout (or transformers head) + model card",
+        "Write what open_clip loads with create_model_and_transforms('local-dir:OUT') or "
+        "'hf-hub:ORG/NAME' (a projection head: a transformers custom model), with a model "
+        "card; reload it and compare embeddings with the checkpoint's; --push uploads it "
+        "(token from HF_TOKEN or --token-file).",
     ),
 )
 

@@ -18,6 +18,7 @@ from embedpipe.config.cluster import ClusterSettings, ImagesSettings, Toleration
 from embedpipe.config.data import CatalogSettings, DedupSettings, IngestSettings, SplitSettings
 from embedpipe.config.mining import CombineSettings, MineSettings, ToHfSettings
 from embedpipe.config.models import EmbedSettings
+from embedpipe.config.publish import PublishSettings
 from embedpipe.config.settings import (
     STAGE_SETTINGS,
     GlobalSettings,
@@ -45,6 +46,7 @@ __all__ = [
     "IngestSettings",
     "MineSettings",
     "PathsSettings",
+    "PublishSettings",
     "Section",
     "Settings",
     "SplitSettings",

@@ -8,13 +8,16 @@ Weights come from:
 - a local directory: an embedpipe checkpoint (``config.json`` + ``model.safetensors``)
   or a Hugging Face ``save_pretrained`` folder;
 - a local checkpoint file (open_clip ``.pt``/``.bin``/``.safetensors``);
-- an ``s3://`` prefix holding either kind of folder, downloaded once to a cache.
+- an ``s3://`` prefix holding either kind of folder, downloaded once to a cache;
+- ``local-dir:DIR`` (DIR local or s3://) or ``hf-hub:ORG/NAME``: a model published in
+  open_clip's Hugging Face layout; ``entry_for_weights`` builds its entry, no registry needed.
 
 Checkpoints are written as a directory with ``config.json`` (the registry
 entry, plus the architecture config) and ``model.safetensors``; no pickles.
 """
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -37,6 +40,7 @@ __all__ = [
     "RANDOM_WEIGHTS",
     "WEIGHTS_NAME",
     "LoadedModel",
+    "entry_for_weights",
     "fetch_weights",
     "load_model",
     "register_open_clip_config",
@@ -44,6 +48,8 @@ __all__ = [
 ]
 
 RANDOM_WEIGHTS = "random"
+LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
+OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
 CACHE_DIR = Path(os.environ.get("EMBEDPIPE_CACHE", Path.home() / ".cache" / "embedpipe"))
 
 
@@ -113,11 +119,81 @@ def fetch_weights(uri: str) -> str:
     return str(target)
 
 
+def _published_source(source: str) -> str:
+    """``local-dir:s3://...`` downloaded once, as ``local-dir:LOCAL``; other sources as given."""
+    if source.startswith(LOCAL_DIR):
+        return LOCAL_DIR + fetch_weights(source[len(LOCAL_DIR) :])
+    return source
+
+
+def _read_published_config(source: str) -> dict:
+    if source.startswith(LOCAL_DIR):
+        path = Path(source[len(LOCAL_DIR) :], OPEN_CLIP_CONFIG_NAME)
+        if not path.is_file():
+            raise ModelError(f"{source}: no {OPEN_CLIP_CONFIG_NAME} in this folder")
+        text = path.read_text(encoding="utf-8")
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            text = Path(hf_hub_download(source[len(HF_HUB) :], OPEN_CLIP_CONFIG_NAME)).read_text()
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+            raise ModelError(
+                f"{source}: cannot fetch {OPEN_CLIP_CONFIG_NAME} ({type(error).__name__}); "
+                "offline, download the repo and pass local-dir:DIR"
+            ) from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{source}: {OPEN_CLIP_CONFIG_NAME} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise ModelError(f"{source}: {OPEN_CLIP_CONFIG_NAME} has no 'model_cfg' object")
+    return config
+
+
+def entry_for_weights(weights: str) -> ModelEntry | None:
+    """The entry of a published model (``local-dir:DIR`` or ``hf-hub:ORG/NAME``), read from
+    its ``open_clip_config.json``; None for every other kind of weights."""
+    if not weights.startswith((LOCAL_DIR, HF_HUB)):
+        return None
+    source = _published_source(weights)
+    config = _read_published_config(source)
+    model_cfg, preprocess = config["model_cfg"], config.get("preprocess_cfg") or {}
+    identifier = weights.split(":", 1)[1].rstrip("/")
+    name = identifier.rsplit("/", 1)[-1] or identifier
+    digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:8]
+    size = preprocess.get("size") or model_cfg.get("vision_cfg", {}).get("image_size")
+    text_cfg = model_cfg.get("text_cfg") or {}
+    fields = {
+        "name": name,
+        "library": "open_clip",
+        "architecture": f"{name}-{digest}",  # its own name: never a built-in's config
+        "pretrained": source,
+        "embed_dim": model_cfg.get("embed_dim"),
+        "image_size": size[0] if isinstance(size, list | tuple) else size,
+        "text": bool(text_cfg),
+        "hub_tokenizer": bool(text_cfg.get("hf_tokenizer_name")),
+        "open_clip_config": model_cfg,
+        "resize": "squash" if preprocess.get("resize_mode") == "squash" else "shortest",
+    }
+    fields.update({key: tuple(preprocess[key]) for key in ("mean", "std") if key in preprocess})
+    try:
+        return ModelEntry(**fields)
+    except ValueError as error:
+        raise ModelError(
+            f"{weights}: {OPEN_CLIP_CONFIG_NAME} does not describe a model: {error}"
+        ) from None
+
+
 def load_model(
     entry: ModelEntry, weights: str = "", device: str = "cpu", tokenizer_dir: str = ""
 ) -> LoadedModel:
     source = weights or entry.pretrained
-    local = fetch_weights(source) if source != RANDOM_WEIGHTS else source
+    if source.startswith(LOCAL_DIR):
+        local = _published_source(source)
+    else:
+        local = fetch_weights(source) if source != RANDOM_WEIGHTS else source
     backend = backend_for(entry)
     try:
         if local == RANDOM_WEIGHTS:

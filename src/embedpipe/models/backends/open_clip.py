@@ -33,7 +33,7 @@ class OpenClipBackend:
         register_open_clip_config(entry)
         if source is None:
             return open_clip.create_model(entry.architecture, pretrained=None)
-        if source.startswith("hf-hub:"):
+        if source.startswith(("hf-hub:", "local-dir:")):  # config and weights from there
             return open_clip.create_model(source)
         return open_clip.create_model(
             entry.architecture, pretrained=source, require_pretrained=True
@@ -86,4 +86,6 @@ class OpenClipBackend:
 
         if tokenizer_dir:
             return open_clip.tokenizer.HFTokenizer(tokenizer_dir)
+        if entry.pretrained.startswith(("hf-hub:", "local-dir:")):  # a published model's own
+            return open_clip.get_tokenizer(entry.pretrained)
         return open_clip.get_tokenizer(entry.architecture)

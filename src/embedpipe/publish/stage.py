@@ -1,0 +1,290 @@
+"""`embedpipe publish`: a checkpoint -> a folder open_clip (or transformers, for a
+projection head) loads as is, with its model card; checked by reloading it.
+
+An open_clip checkpoint becomes ``open_clip_config.json`` (model and preprocess config),
+``open_clip_model.safetensors``, the tokenizer files of a hub-tokenizer model and README.md:
+``open_clip.create_model_and_transforms("local-dir:DIR")`` (or ``"hf-hub:ORG/NAME"`` once
+pushed) loads it. A head checkpoint becomes ``config.json`` with ``auto_map``,
+``modeling_embedpipe_head.py`` and ``model.safetensors``, loaded with
+``AutoModel.from_pretrained(DIR, trust_remote_code=True)``.
+
+Everything is written to a staging folder and reloaded from there first; only a model
+whose reloaded embeddings match the checkpoint's is copied to ``--out`` (the config file
+last) and pushed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from embedpipe.config import PublishSettings
+from embedpipe.core import datasets, storage
+from embedpipe.core.schemas import IMAGES_KIND
+from embedpipe.models.backends.base import CONFIG_NAME, EMBEDPIPE_NAME
+from embedpipe.models.heads import is_head_config, load_head_checkpoint
+from embedpipe.models.loading import LoadedModel, fetch_weights, load_model
+from embedpipe.models.registry import ModelEntry, ModelError
+from embedpipe.publish import card, hub
+
+log = logging.getLogger(__name__)
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+HEAD_WEIGHTS = "model.safetensors"
+CARD_NAME = "README.md"
+# Files of the checkpoint that are not the model: never published.
+CHECKPOINT_ONLY = ("training_state.pt",)
+# What a tokenizer folder may hold besides tokenizer files.
+NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", "config.json", ".md")
+CHECK_TEXTS = ["a photo of a bird", "a leaf", "an insect on a flower"]
+# Keys of a checkpoint's config.json that describe the model, not its training.
+MODEL_KEYS = ("kind", "entry", "model_cfg", "backbone", "head")
+
+
+@dataclass
+class PublishResult:
+    out_uri: str
+    kind: str
+    files: list[str]
+    parameters: int
+    max_difference: float
+    pushed: str
+    seconds: float
+
+
+def _read_checkpoint_config(directory: str, uri: str) -> dict[str, Any]:
+    path = Path(directory, CONFIG_NAME)
+    if not path.is_file():
+        if Path(directory, EMBEDPIPE_NAME).is_file():
+            raise ModelError(
+                f"{uri}: a transformers model checkpoint; publish takes open_clip checkpoints "
+                "and projection heads"
+            )
+        raise ModelError(f"{uri}: not an embedpipe checkpoint (no {CONFIG_NAME})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{uri}/{CONFIG_NAME}: not valid JSON: {error}") from None
+    if not isinstance(config, dict) or not (
+        is_head_config(config) or isinstance(config.get("entry"), dict)
+    ):
+        raise ModelError(f"{uri}/{CONFIG_NAME}: names neither a model 'entry' nor a head")
+    return config
+
+
+def _training_settings(config: dict[str, Any]) -> dict[str, Any]:
+    rest = {key: value for key, value in config.items() if key not in MODEL_KEYS}
+    return rest["train"] if set(rest) == {"train"} and isinstance(rest["train"], dict) else rest
+
+
+def _check_images(count: int, images_uri: str) -> list:
+    """The first ``count`` images of a dataset, or ``count`` seeded random images of
+    assorted sizes (resizing and cropping are part of what is checked)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    if images_uri:
+        manifest = datasets.read_manifest(images_uri, IMAGES_KIND)
+        shards = datasets.shard_uris(images_uri, manifest)
+        if not shards:
+            raise ValueError(f"--check-images {images_uri}: the dataset has no images")
+        column = datasets.read_table_file(shards[0], ["image"]).column("image")
+        return [Image.open(BytesIO(data)).convert("RGB") for data in column.to_pylist()[:count]]
+    rng = np.random.default_rng(0)
+    sizes = [(96, 80), (64, 64), (120, 150), (50, 70)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (*sizes[i % 4], 3), dtype=np.uint8))
+        for i in range(count)
+    ]
+
+
+def _size(state: dict[str, torch.Tensor]) -> tuple[int, dict[str, int]]:
+    by_dtype: dict[str, int] = {}
+    for tensor in state.values():
+        name = str(tensor.dtype).removeprefix("torch.")
+        by_dtype[name] = by_dtype.get(name, 0) + tensor.numel() * tensor.element_size()
+    return sum(t.numel() for t in state.values()), by_dtype
+
+
+def _tokenizer_files(model_cfg: dict, config: PublishSettings, staging: Path) -> None:
+    """A hub-tokenizer model's tokenizer goes with it: open_clip reads it from the folder."""
+    hub_name = (model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name")
+    if not hub_name:
+        return  # open_clip's own tokenizer: nothing to ship
+    if config.tokenizer_dir:
+        source = Path(config.tokenizer_dir)
+        if not source.is_dir():
+            raise FileNotFoundError(f"--tokenizer-dir {source}: no such folder")
+        for path in sorted(source.iterdir()):
+            if path.is_file() and not path.name.endswith(NOT_TOKENIZER):
+                shutil.copyfile(path, staging / path.name)
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(hub_name).save_pretrained(str(staging))
+    except OSError as error:
+        raise ModelError(
+            f"the model's tokenizer {hub_name} could not be fetched ({type(error).__name__}); "
+            "offline, save it with AutoTokenizer.save_pretrained(DIR) and pass --tokenizer-dir"
+        ) from None
+
+
+def _stage_open_clip(
+    directory: str, saved: dict, config: PublishSettings, staging: Path, images: list
+) -> tuple[card.CardInputs, float]:
+    import open_clip
+    from safetensors.torch import save_file
+
+    entry = ModelEntry(**saved["entry"])
+    if entry.library != "open_clip":
+        raise ModelError(f"{directory}: a {entry.library} model; publish takes open_clip models")
+    model = load_model(entry, directory, config.device, config.tokenizer_dir)
+    model_cfg = saved.get("model_cfg") or open_clip.get_model_config(entry.architecture)
+    if not model_cfg:
+        raise ModelError(f"{directory}: no model_cfg, and {entry.architecture} is not built in")
+    preprocess_cfg = dict(model.module.visual.preprocess_cfg)
+    (staging / OPEN_CLIP_CONFIG).write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
+    )
+    state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
+    save_file(state, str(staging / OPEN_CLIP_WEIGHTS))
+    _tokenizer_files(model_cfg, config, staging)
+    if entry.hub_tokenizer and not model.tokenizer_dir:
+        model.tokenizer_dir = str(staging)
+    difference = _reload_difference(model, staging, images, config.device)
+    parameters, by_dtype = _size(state)
+    inputs = card.CardInputs(
+        name="",
+        kind="open_clip",
+        entry=entry.model_dump(mode="json"),
+        training=_training_settings(saved),
+        parameters=parameters,
+        bytes_by_dtype=by_dtype,
+    )
+    return inputs, difference
+
+
+@torch.no_grad()
+def _reload_difference(model: LoadedModel, staging: Path, images: list, device: str) -> float:
+    """The largest difference between the checkpoint's embeddings and those of the
+    published folder loaded by open_clip itself (images, and texts for text models)."""
+    import open_clip
+
+    source = f"local-dir:{staging}"
+    published, _, preprocess = open_clip.create_model_and_transforms(source, device=device)
+    published.eval()
+    expected = model.encode_images(torch.stack([model.transform(i) for i in images]).to(device))
+    got = published.encode_image(torch.stack([preprocess(i) for i in images]).to(device))
+    differences = [(expected - got).abs().max().item()]
+    if model.entry.text:
+        tokens = open_clip.get_tokenizer(source)(CHECK_TEXTS).to(device)
+        expected = model.encode_texts(CHECK_TEXTS)
+        differences.append((expected - published.encode_text(tokens)).abs().max().item())
+    return max(differences)
+
+
+def _stage_head(
+    directory: str, config: PublishSettings, staging: Path
+) -> tuple[card.CardInputs, float]:
+    from transformers import AutoModel
+
+    from embedpipe.publish.modeling_embedpipe_head import EmbedpipeHeadConfig, EmbedpipeHeadModel
+
+    head, backbone, saved = load_head_checkpoint(directory)
+    EmbedpipeHeadConfig.register_for_auto_class()
+    EmbedpipeHeadModel.register_for_auto_class("AutoModel")
+    published = EmbedpipeHeadModel(
+        EmbedpipeHeadConfig(**head.config, backbone=backbone.model_dump(mode="json"))
+    )
+    published.layers.load_state_dict(head.layers.state_dict(), strict=True)
+    published.save_pretrained(str(staging))
+
+    reloaded = AutoModel.from_pretrained(str(staging), trust_remote_code=True).eval()
+    inputs = torch.from_numpy(
+        np.random.default_rng(0).normal(size=(config.check_count, head.config["in_dim"]))
+    ).float()
+    with torch.no_grad():
+        difference = (head(inputs) - reloaded(inputs)).abs().max().item()
+    state = {k: v.detach() for k, v in head.state_dict().items()}
+    parameters, by_dtype = _size(state)
+    card_inputs = card.CardInputs(
+        name="",
+        kind="head",
+        entry=backbone.model_dump(mode="json"),
+        training=_training_settings(saved),
+        parameters=parameters,
+        bytes_by_dtype=by_dtype,
+        head=head.config,
+    )
+    return card_inputs, difference
+
+
+def publish_checkpoint(
+    checkpoint_uri: str,
+    out_uri: str,
+    config: PublishSettings,
+    metrics_uri: str = "",
+    lineage_uris: tuple[str, ...] | list[str] = (),
+    check_images_uri: str = "",
+) -> PublishResult:
+    started = time.perf_counter()
+    token = hub.hub_token(config) if config.push else ""  # before anything is read or sent
+    directory = fetch_weights(checkpoint_uri)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{checkpoint_uri}: no checkpoint folder here")
+    saved = _read_checkpoint_config(directory, checkpoint_uri)
+    metrics = card.read_metrics(metrics_uri) if metrics_uri else []
+    lineage = [card.read_lineage(uri) for uri in lineage_uris]
+    out_uri = storage.normalize(out_uri)
+    with tempfile.TemporaryDirectory(prefix="embedpipe-publish-") as folder:
+        staging = Path(folder)
+        if is_head_config(saved):
+            inputs, difference = _stage_head(directory, config, staging)
+            config_name = CONFIG_NAME
+        else:
+            images = _check_images(config.check_count, check_images_uri)
+            inputs, difference = _stage_open_clip(directory, saved, config, staging, images)
+            config_name = OPEN_CLIP_CONFIG
+        if not difference <= config.check_tolerance:  # NaN fails too
+            raise RuntimeError(
+                f"{checkpoint_uri}: the published model's outputs differ from the checkpoint's "
+                f"by {difference:.3g} (check_tolerance {config.check_tolerance:g}); "
+                "nothing was written"
+            )
+        inputs.name = config.name or config.push.rsplit("/", 1)[-1] or inputs.entry["name"]
+        if inputs.kind == "head" and not config.name and not config.push:
+            inputs.name = f"{inputs.entry['name']}-head"
+        inputs.repo_id, inputs.metrics, inputs.lineage = config.push, metrics, lineage
+        (staging / CARD_NAME).write_text(card.render_card(inputs, config), encoding="utf-8")
+        for leftover in CHECKPOINT_ONLY:
+            (staging / leftover).unlink(missing_ok=True)
+        files = sorted(p.name for p in staging.iterdir() if p.is_file())
+        # The config names the folder a model, so it is written last.
+        for name in sorted(files, key=lambda n: n == config_name):
+            with storage.atomic_output(storage.join(out_uri, name)) as target:
+                shutil.copyfile(staging / name, target)
+        pushed = hub.push_folder(str(staging), config, token) if config.push else ""
+    result = PublishResult(
+        out_uri=out_uri,
+        kind=inputs.kind,
+        files=files,
+        parameters=inputs.parameters,
+        max_difference=difference,
+        pushed=pushed,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    log.info("published %s (%s) to %s", inputs.name, inputs.kind, out_uri)
+    return result
