@@ -2,11 +2,21 @@ from kfp.dsl import Dataset, Input, Metrics, Output
 
 
 def partition(
-    metadata: Input[Dataset], embeddings: Input[Dataset], partitions: Output[Dataset]
+    images: Input[Dataset],
+    metadata: Input[Dataset],
+    embeddings: Input[Dataset],
+    partitions: Output[Dataset],
 ) -> list:
-    """Each category's images and vectors as a slice of its own; returns the categories."""
+    """Each category's images and vectors as a slice of its own; returns the categories.
+
+    The images are read only by the last step (to_hf); they are verified here, before
+    any mining, so a damaged input fails the run in seconds.
+    """
+    from embedpipe.core.datasets import verify_dataset
+    from embedpipe.core.schemas import IMAGES_KIND
     from embedpipe.mining.partition import partition_by_category
 
+    verify_dataset(images.path, IMAGES_KIND)
     return sorted(partition_by_category(metadata.path, embeddings.path, partitions.path))
 
 

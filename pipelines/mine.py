@@ -53,9 +53,9 @@ def build_pipeline(settings: Settings):
         embeddings = dsl.importer(
             artifact_uri=embeddings_uri, artifact_class=Dataset, reimport=False
         )
-        partitioned = parts.partition(metadata=metadata.output, embeddings=embeddings.output).after(
-            check_task
-        )
+        partitioned = parts.partition(
+            images=images.output, metadata=metadata.output, embeddings=embeddings.output
+        ).after(check_task)
         place(partitioned, cluster, cache=True)
         with dsl.ParallelFor(
             partitioned.outputs["Output"], parallelism=cfg.parallelism

@@ -147,3 +147,17 @@ def test_a_terminal_gets_the_lines_redrawn_in_place():
     last = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line) for line in text.splitlines()[-3:]]
     assert last[0].split() == ["ingest", "done", "3.2", "s", "images=397"]
     assert last[2].split() == ["combine", "skipped"]
+
+
+@pytest.mark.slow
+def test_a_missing_images_shard_fails_the_first_step_not_the_last(mine_inputs, tmp_path):
+    images, meta, emb = mine_inputs
+    damaged = tmp_path / "images"
+    shutil.copytree(images, damaged)
+    next(damaged.glob("part-*.parquet")).unlink()
+    done = run_cli(mine_config(tmp_path, str(damaged), meta, emb))
+    assert done.returncode == 1
+    assert re.search(r"^partition failed", done.stdout, re.MULTILINE)
+    assert not re.search(r"^mine \[.*\] running", done.stdout, re.MULTILINE)
+    error = done.stderr.strip().splitlines()[-1]
+    assert "task partition failed: DatasetError: " in error and "part-" in error
