@@ -38,6 +38,15 @@ class IngestSettings(Section):
         "listing or the tar header)",
     )
 
+    imagenet_meta: str = Field(
+        "",
+        description="folder with the ImageNet validation ground truth "
+        "(ILSVRC2012_val_synsets.txt or LOC_val_solution.csv) and class names "
+        "(wnid_to_label.json or LOC_synset_mapping.txt); when set, sources are read as "
+        "ImageNet validation images (ILSVRC2012_img_val.tar or a folder of "
+        "ILSVRC2012_val_*.JPEG) with concept = wnid and a label column",
+    )
+
     @field_validator("split_dirnames")
     @classmethod
     def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:

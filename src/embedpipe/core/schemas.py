@@ -33,6 +33,24 @@ IMAGES_SCHEMA = pa.schema(
     ]
 )
 
+# Columns an images dataset has only when a source provides them, after the fixed ones;
+# stages read the fixed columns by name, so they accept datasets with or without these.
+IMAGES_OPTIONAL_FIELDS = (
+    pa.field("label", pa.string()),  # ImageNet: the class name of the concept (a wnid)
+    pa.field("captions", pa.list_(pa.string())),  # COCO: every caption of the image
+)
+
+
+def images_schema(optional_columns: set[str] | frozenset[str] = frozenset()) -> pa.Schema:
+    """IMAGES_SCHEMA followed by the named optional columns, in a fixed order."""
+    known = {field.name for field in IMAGES_OPTIONAL_FIELDS}
+    unknown = set(optional_columns) - known
+    if unknown:
+        raise ValueError(f"unknown optional image column(s): {', '.join(sorted(unknown))}")
+    extra = [field for field in IMAGES_OPTIONAL_FIELDS if field.name in optional_columns]
+    return pa.schema([*IMAGES_SCHEMA, *extra])
+
+
 REJECTED_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string(), nullable=False),

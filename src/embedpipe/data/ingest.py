@@ -1,5 +1,9 @@
 """ingest: folders, tar archives or s3:// prefixes of images -> Parquet image shards.
 
+Sources follow the PerVA layout, or are the ImageNet validation set or COCO
+captions (``known_sources``), whose rows carry the optional ``label`` or
+``captions`` column.
+
 Each image is decoded once to prove it is whole (JPEGs in draft mode, at an
 eighth of their size, which still reads every coded block), hashed, and
 written with its original bytes and its displayed (EXIF-oriented) size.
@@ -28,7 +32,8 @@ from embedpipe.config import IngestSettings
 from embedpipe.core import datasets, images, parallel, storage
 from embedpipe.core.images import ImageLimits
 from embedpipe.core.results import StageMetrics
-from embedpipe.core.schemas import IMAGES_KIND, IMAGES_SCHEMA, REJECTED_SCHEMA
+from embedpipe.core.schemas import IMAGES_KIND, IMAGES_SCHEMA, REJECTED_SCHEMA, images_schema
+from embedpipe.data import known_sources
 from embedpipe.data.sources import LayoutError, Member, SourceReader, resolve_source
 
 log = logging.getLogger(__name__)
@@ -63,8 +68,10 @@ def inspect_chunk(limits: ImageLimits, chunk: list[bytes]) -> list[tuple[str, in
 
 
 class _RowBuffer:
-    def __init__(self) -> None:
-        self.columns: dict[str, list] = {name: [] for name in IMAGES_SCHEMA.names}
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.optional_names = schema.names[len(IMAGES_SCHEMA) :]
+        self.columns: dict[str, list] = {name: [] for name in schema.names}
 
     def __len__(self) -> int:
         return len(self.columns["image_id"])
@@ -76,10 +83,12 @@ class _RowBuffer:
             IMAGES_SCHEMA.names, (*values, placement.split, width, height), strict=True
         ):
             self.columns[name].append(value)
+        for name in self.optional_names:  # null where this row's source has no such column
+            self.columns[name].append(placement.columns.get(name))
 
     def drain(self) -> pa.RecordBatch:
-        batch = pa.RecordBatch.from_pydict(self.columns, schema=IMAGES_SCHEMA)
-        self.columns = {name: [] for name in IMAGES_SCHEMA.names}
+        batch = pa.RecordBatch.from_pydict(self.columns, schema=self.schema)
+        self.columns = {name: [] for name in self.schema.names}
         return batch
 
 
@@ -97,17 +106,22 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
         raise LayoutError("ingest: no sources given")
     started = time.perf_counter()
     roots = [resolve_source(source) for source in sources]
+    planned = known_sources.plan_sources(roots, config)
+    schema = images_schema(frozenset().union(*(source.columns for source in planned)))
     out_uri = storage.normalize(out_uri)
-    reader = SourceReader(config.split_dirnames, config.strip_components, config.max_image_bytes)
-    members = itertools.chain.from_iterable(reader.members(root) for root in roots)
+    reader = SourceReader(config.max_image_bytes)
+    members = itertools.chain.from_iterable(
+        reader.members(source.read_from, source.layout) for source in planned
+    )
     rejected: list[tuple[str, str]] = []
     distinct: set[str] = set()
-    rows = _RowBuffer()
+    rows = _RowBuffer(schema)
+    uncaptioned = 0
     progress = tqdm(desc="ingest", unit="img", disable=None)
     with (
         progress,
         datasets.DatasetWriter(
-            out_uri, IMAGES_SCHEMA, IMAGES_KIND, config.rows_per_shard, config.row_group_rows
+            out_uri, schema, IMAGES_KIND, config.rows_per_shard, config.row_group_rows
         ) as writer,
     ):
         inspect = functools.partial(inspect_chunk, ImageLimits.of(config))
@@ -123,6 +137,7 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
                     rejected.append((member.source, outcome))
                     continue
                 rows.add(member, data, *outcome)
+                uncaptioned += member.placement.columns.get("captions") == []
                 distinct.add(outcome[0])
                 if len(rows) >= config.row_group_rows:
                     writer.write(rows.drain())
@@ -143,13 +158,26 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
             shards=len(writer.shards),
             seconds=round(time.perf_counter() - started, 3),
         )
+        coco_report = {}
+        if any(source.kind == known_sources.COCO_KIND for source in planned):
+            coco_report = {"coco_images_without_captions": uncaptioned}
         _write_rejected(out_uri, rejected)
         storage.write_json(
             datasets.side_path(out_uri, REPORT_NAME),
-            {**result.metrics(), "rejected_examples": rejected[:20]},
+            {**result.metrics(), **coco_report, "rejected_examples": rejected[:20]},
         )
+        for source in planned:
+            if isinstance(source.layout, known_sources.ImageNetLayout):
+                known_sources.write_imagenet_label_files(out_uri, source.layout.meta)
+                break
         datasets.save_config(out_uri, "ingest", config)
-        writer.finish({"sources": roots, "split_dirnames": list(config.split_dirnames)})
+        writer.finish(
+            {
+                "sources": roots,
+                "source_kinds": [source.kind for source in planned],
+                "split_dirnames": list(config.split_dirnames),
+            }
+        )
     log.info(
         "ingested %d images (%d distinct) from %d source(s) into %d shard(s); %d rejected",
         result.images,
@@ -158,6 +186,11 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
         result.shards,
         result.rejected,
     )
+    if uncaptioned:
+        log.warning(
+            "%d COCO image(s) have no caption in the annotations: kept with an empty captions list",
+            uncaptioned,
+        )
     if rejected:
         log.warning(
             "%d unreadable file(s) listed in %s",

@@ -1,10 +1,12 @@
-"""Enumerate image files from folders, tar archives and S3 prefixes, in a stable order.
+"""Enumerate image files from folders, tar and zip archives and S3 prefixes, in a stable order.
 
-Every image is reached through a relative path whose last components follow
-one of the two PerVA layouts::
+A layout places every image by its relative path; the PerVA layout expects
+the last components to follow one of::
 
     <category>/<concept>/<file>
     <split>/<category>/<concept>/<file>      (split is one of split_dirnames)
+
+(the ImageNet and COCO layouts live in ``known_sources``).
 
 Tar archives are read as a stream (``r|*``): members are never written to
 disk and the archive is never held in memory whole. Members that are links,
@@ -13,16 +15,22 @@ a later member with the name of an earlier one (the first is kept, where
 ``tar -x`` would keep the last). In folders, symlinks are followed only where
 they stay inside the folder. Files and members over ``max_image_bytes`` are
 rejected by the size their listing or tar header gives, before any byte is read.
+Zip archives (COCO's ``val2017.zip``) are read in place through their central
+directory, in name order, with the same rejections; a member's declared size
+is checked before it is decompressed, and decompression stops at that size.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import tarfile
+import zipfile
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import pyarrow.fs as pafs
 
@@ -33,10 +41,15 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
 )
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+ZIP_SUFFIX = ".zip"
 
 
 class LayoutError(ValueError):
     """A source does not follow the category/concept layout, or holds no images."""
+
+
+class MemberRejected(Exception):
+    """A layout refuses one image: it is listed as rejected and the run goes on."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,14 @@ class Placement:
     split: str | None
     category: str
     concept: str
+    # Values of the optional image columns a layout provides (ImageNet's label, COCO's captions).
+    columns: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Layout(Protocol):
+    def place(self, relative_path: str, where: str) -> Placement:
+        """Where the image at ``relative_path`` belongs; raises LayoutError (the run
+        stops, naming ``where``) or MemberRejected (this image only is rejected)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,10 @@ class Member:
 
 def is_tar(uri: str) -> bool:
     return uri.lower().endswith(TAR_SUFFIXES)
+
+
+def is_zip(uri: str) -> bool:
+    return uri.lower().endswith(ZIP_SUFFIX)
 
 
 def is_image_name(name: str) -> bool:
@@ -82,12 +107,32 @@ def place(
     raise LayoutError(f"{where}: image is not in the expected layout {expected}")
 
 
+@dataclass(frozen=True)
+class PervaLayout:
+    split_dirnames: tuple[str, ...]
+    strip_components: int
+
+    def place(self, relative_path: str, where: str) -> Placement:
+        return place(relative_path, self.split_dirnames, self.strip_components, where)
+
+
 def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
-    name = member.name
     if member.issym() or member.islnk():
         return "link member (symlinks and hard links are not followed)"
     if not (member.isfile() or member.isdir()):
         return "special file member (device, fifo or other)"
+    return _unsafe_name_reason(member.name)
+
+
+def unsafe_zip_member_reason(member: zipfile.ZipInfo) -> str | None:
+    if stat.S_ISLNK(member.external_attr >> 16):
+        return "link member (symlinks and hard links are not followed)"
+    if member.flag_bits & 0x1:
+        return "encrypted member"
+    return _unsafe_name_reason(member.filename)
+
+
+def _unsafe_name_reason(name: str) -> str | None:
     if name.startswith("/") or posixpath.isabs(name) or (len(name) > 1 and name[1] == ":"):
         return "absolute path member"
     if ".." in name.replace("\\", "/").split("/"):
@@ -104,7 +149,8 @@ def resolve_source(uri: str) -> str:
     if kind == pafs.FileType.File and not is_tar(normalized):
         raise LayoutError(
             f"{uri}: a source must be a folder, an s3:// prefix or a tar archive "
-            f"({', '.join(TAR_SUFFIXES)})"
+            f"({', '.join(TAR_SUFFIXES)}); a zip is read only as COCO's val2017.zip, "
+            "beside annotations/ in the folder given as the source"
         )
     return normalized
 
@@ -112,50 +158,57 @@ def resolve_source(uri: str) -> str:
 class SourceReader:
     """Yields the members of sources in order; counts what it skips."""
 
-    def __init__(
-        self, split_dirnames: tuple[str, ...], strip_components: int, max_image_bytes: int
-    ) -> None:
-        self.split_dirnames = split_dirnames
-        self.strip_components = strip_components
+    def __init__(self, max_image_bytes: int) -> None:
         self.max_image_bytes = max_image_bytes
         self.skipped_non_image = 0
+        self._saw_image = False
 
-    def members(self, source: str) -> Iterator[Member]:
-        found_image = False
-        walk = self._tar_members if is_tar(source) else self._tree_members
-        for member in walk(source):
-            found_image = found_image or member.placement is not None
-            yield member
-        if not found_image:
+    def members(self, source: str, layout: Layout) -> Iterator[Member]:
+        """The members of a folder, S3 prefix, tar or zip archive, placed by ``layout``."""
+        self._saw_image = False
+        if is_tar(source):
+            walk = self._tar_members
+        elif is_zip(source):
+            walk = self._zip_members
+        else:
+            walk = self._tree_members
+        yield from walk(source, layout)
+        if not self._saw_image:
             raise LayoutError(f"{source}: no images found (looked for {_extensions_text()})")
 
-    def _place(self, relative_path: str, where: str) -> Placement:
-        return place(relative_path, self.split_dirnames, self.strip_components, where)
+    def _is_image(self, name: str) -> bool:
+        if name.startswith(".") or not is_image_name(name):
+            self.skipped_non_image += 1
+            return False
+        self._saw_image = True
+        return True
 
     def _size_reason(self, size: int) -> str | None:
         if size > self.max_image_bytes:
             return f"file is {size} bytes, over max_image_bytes={self.max_image_bytes}"
         return None
 
-    def _tree_members(self, root: str) -> Iterator[Member]:
+    def _tree_members(self, root: str, layout: Layout) -> Iterator[Member]:
         prefix = root.rstrip("/") + "/"
         for uri, size, link_reason in _list_tree(root):
             relative = uri[len(prefix) :]
             if link_reason:
                 yield Member(uri, relative, None, None, rejected_reason=link_reason)
                 continue
-            name = relative.rsplit("/", 1)[-1]
-            if name.startswith(".") or not is_image_name(name):
-                self.skipped_non_image += 1
+            if not self._is_image(relative.rsplit("/", 1)[-1]):
                 continue
-            placement = self._place(relative, uri)
+            try:
+                placement = layout.place(relative, uri)
+            except MemberRejected as rejected:
+                yield Member(uri, relative, None, None, rejected_reason=str(rejected))
+                continue
             reason = self._size_reason(size)
             if reason:
                 yield Member(uri, relative, placement, None, rejected_reason=reason)
                 continue
             yield Member(uri, relative, placement, _reader_for(uri))
 
-    def _tar_members(self, archive: str) -> Iterator[Member]:
+    def _tar_members(self, archive: str, layout: Layout) -> Iterator[Member]:
         # The raw bytes: tarfile recognises gzip itself and says so when a .tar.gz is not one
         # (pyarrow's own decompression would fail with a bare zlib error).
         fs, path = storage.arrow_filesystem(archive)
@@ -170,13 +223,13 @@ class SourceReader:
                 raise LayoutError(f"{archive}: not a readable tar archive: {error}") from error
             with tar:
                 try:
-                    yield from self._read_tar(tar, archive)
+                    yield from self._read_tar(tar, archive, layout)
                 except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
                     # Members read so far stay good; the rest of the archive is reported.
                     reason = f"archive is truncated or corrupt past this point: {error}"
                     yield Member(archive, "", None, None, rejected_reason=reason)
 
-    def _read_tar(self, tar: tarfile.TarFile, archive: str) -> Iterator[Member]:
+    def _read_tar(self, tar: tarfile.TarFile, archive: str, layout: Layout) -> Iterator[Member]:
         seen_names: set[str] = set()
         for info in tar:
             source = f"{archive}::{info.name}"
@@ -184,24 +237,74 @@ class SourceReader:
             if reason:
                 yield Member(source, info.name, None, None, rejected_reason=reason)
                 continue
-            if info.isdir():
+            if info.isdir() or not self._is_image(posixpath.basename(info.name)):
                 continue
-            name = posixpath.basename(info.name)
-            if name.startswith(".") or not is_image_name(name):
-                self.skipped_non_image += 1
+            try:
+                placement = layout.place(info.name, source)
+            except MemberRejected as rejected:
+                yield Member(source, info.name, None, None, rejected_reason=str(rejected))
                 continue
-            placement = self._place(info.name, source)
-            key = posixpath.normpath(info.name)
-            if key in seen_names:
-                reason = "duplicate member name (the archive's first member of this name is kept)"
-            else:
-                seen_names.add(key)
-                reason = self._size_reason(info.size)
+            reason = self._first_of_name(seen_names, info.name) or self._size_reason(info.size)
             if reason:
                 yield Member(source, info.name, placement, None, rejected_reason=reason)
                 continue
             data = tar.extractfile(info).read()
             yield Member(source, info.name, placement, lambda data=data: data)
+
+    def _zip_members(self, archive: str, layout: Layout) -> Iterator[Member]:
+        fs, path = storage.arrow_filesystem(archive)
+        try:
+            handle = fs.open_input_file(path)
+        except OSError as error:
+            raise StorageError(f"{archive}: cannot open: {error}") from error
+        with handle:
+            try:
+                opened = zipfile.ZipFile(handle)
+            except (zipfile.BadZipFile, OSError, EOFError) as error:
+                raise LayoutError(f"{archive}: not a readable zip archive: {error}") from error
+            with opened:
+                yield from self._read_zip(opened, archive, layout)
+
+    def _read_zip(self, opened: zipfile.ZipFile, archive: str, layout: Layout) -> Iterator[Member]:
+        seen_names: set[str] = set()
+        # Name order, as a folder is walked; sorting is stable, so of two members of one
+        # name the archive's first stays first.
+        for info in sorted(opened.infolist(), key=lambda info: info.filename):
+            name = info.filename
+            source = f"{archive}::{name}"
+            reason = unsafe_zip_member_reason(info)
+            if reason:
+                yield Member(source, name, None, None, rejected_reason=reason)
+                continue
+            if info.is_dir() or not self._is_image(posixpath.basename(name)):
+                continue
+            try:
+                placement = layout.place(name, source)
+            except MemberRejected as rejected:
+                yield Member(source, name, None, None, rejected_reason=str(rejected))
+                continue
+            reason = self._first_of_name(seen_names, name) or self._size_reason(info.file_size)
+            if not reason:
+                try:
+                    # ZipExtFile stops at the declared size, so the cap above holds.
+                    with opened.open(info) as member:
+                        data = member.read()
+                except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as error:
+                    reason = f"cannot read zip member: {error}"
+                except zlib.error as error:
+                    reason = f"cannot read zip member: corrupt compressed data: {error}"
+            if reason:
+                yield Member(source, name, placement, None, rejected_reason=reason)
+                continue
+            yield Member(source, name, placement, lambda data=data: data)
+
+    @staticmethod
+    def _first_of_name(seen_names: set[str], name: str) -> str | None:
+        key = posixpath.normpath(name)
+        if key in seen_names:
+            return "duplicate member name (the archive's first member of this name is kept)"
+        seen_names.add(key)
+        return None
 
 
 def _list_tree(root: str) -> Iterator[tuple[str, int, str | None]]:
