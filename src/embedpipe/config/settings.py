@@ -19,6 +19,7 @@ from embedpipe.config.data import CatalogSettings, DedupSettings, IngestSettings
 from embedpipe.config.mining import CombineSettings, MineSettings, ToHfSettings
 from embedpipe.config.models import EmbedSettings
 from embedpipe.config.taxonomy import TaxonomySettings
+from embedpipe.config.train import TrainSettings
 
 
 class GlobalSettings(Section):
@@ -56,6 +57,7 @@ STAGE_SETTINGS: dict[str, type[Section]] = {
     "mine": MineSettings,
     "combine": CombineSettings,
     "to_hf": ToHfSettings,
+    "train": TrainSettings,
 }
 
 
@@ -72,6 +74,7 @@ class Settings(Section):
     mine: MineSettings = Field(default_factory=MineSettings)
     combine: CombineSettings = Field(default_factory=CombineSettings)
     to_hf: ToHfSettings = Field(default_factory=ToHfSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     models: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="extra registry entries, [models.NAME]"
