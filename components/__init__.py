@@ -22,6 +22,7 @@ from embedpipe.components.ingest import ingest
 from embedpipe.components.mine import combine, mine, partition, to_hf
 from embedpipe.components.split import split
 from embedpipe.components.taxonomy import taxonomy
+from embedpipe.components.train import train
 
 DATA, GPU = "data", "gpu"
 # Component name -> (function, image). Adding a stage is one entry here.
@@ -39,6 +40,7 @@ COMPONENTS = MappingProxyType(
         "mine_gpu": (mine, GPU),  # or faiss-gpu in the GPU image when GPUs are asked for
         "combine": (combine, DATA),
         "to_hf": (to_hf, DATA),
+        "train": (train, GPU),
     }
 )
 

@@ -7,6 +7,7 @@ from types import ModuleType
 PIPELINE_MODULES = {
     "preprocess": "embedpipe.pipelines.preprocess",
     "mine": "embedpipe.pipelines.mine",
+    "train": "embedpipe.pipelines.train",
 }
 PIPELINE_NAMES = tuple(PIPELINE_MODULES)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -93,15 +94,24 @@ def inputs_dedup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kept", metavar="URI", help="write the kept selection here (OUT/kept)")
 
 
-def run_embed(args: argparse.Namespace, settings: Settings) -> None:
-    from embedpipe.embed.images import embed_images
-    from embedpipe.models.loading import entry_for_weights
+def _embed_entry(settings: Settings):
+    """A published model (local-dir:, hf-hub:) or a trained checkpoint carries its own
+    entry, so --weights needs no --model; else the registry's entry of --model."""
+    from embedpipe.models.loading import checkpoint_entry, entry_for_weights
     from embedpipe.models.registry import get_entry
 
-    # A published model (local-dir:, hf-hub:) carries its own entry: no --model needed.
-    entry = entry_for_weights(settings.embed.weights) or get_entry(
-        settings.embed.model, settings.models
+    weights = settings.embed.weights
+    return (
+        entry_for_weights(weights)
+        or checkpoint_entry(weights)
+        or get_entry(settings.embed.model, settings.models)
     )
+
+
+def run_embed(args: argparse.Namespace, settings: Settings) -> None:
+    from embedpipe.embed.images import embed_images
+
+    entry = _embed_entry(settings)
     _print_result(embed_images(args.images, args.out, settings.embed, entry, args.select))
 
 
@@ -117,12 +127,8 @@ def inputs_embed(parser: argparse.ArgumentParser) -> None:
 
 def run_embed_text(args: argparse.Namespace, settings: Settings) -> None:
     from embedpipe.embed.texts import embed_texts
-    from embedpipe.models.loading import entry_for_weights
-    from embedpipe.models.registry import get_entry
 
-    entry = entry_for_weights(settings.embed.weights) or get_entry(
-        settings.embed.model, settings.models
-    )
+    entry = _embed_entry(settings)
     _print_result(embed_texts(args.texts, args.out, settings.embed, entry, args.column))
 
 
@@ -189,6 +195,54 @@ def inputs_to_hf(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("negatives", metavar="NEGATIVES", help="`combine` (or `mine`) output")
     _images_input(parser)
     _out(parser, "save_to_disk folder or s3://")
+
+
+def run_train(args: argparse.Namespace, settings: Settings) -> None:
+    from embedpipe.models.registry import get_entry
+    from embedpipe.train.distributed import launched, processes_wanted, relaunch
+
+    config = settings.train
+    nproc = processes_wanted(config.nproc_per_node)
+    if nproc > 1 and not launched():
+        status = relaunch(nproc, args.argv)
+        if status:
+            raise RuntimeError(f"{nproc} training processes (torchrun) exited with status {status}")
+        return
+    from embedpipe.train.stage import train_model
+
+    # head mode: the model that made the embeddings (the head's backbone)
+    entry = get_entry(config.model, settings.models)
+    result = train_model(
+        args.images,
+        args.out,
+        config,
+        entry,
+        splits_uri=args.splits,
+        negatives_uri=args.negatives,
+        embeddings_uri=args.embeddings,
+        captions_uri=args.captions,
+    )
+    if os.environ.get("RANK", "0") == "0":  # one result line, from rank 0
+        _print_result(result)
+
+
+def inputs_train(parser: argparse.ArgumentParser) -> None:
+    _images_input(parser)
+    parser.add_argument(
+        "--splits",
+        metavar="URI",
+        help="`split` output (train/val rows) or a selection (dedup kept)",
+    )
+    parser.add_argument(
+        "--negatives", metavar="URI", help="`mine`/`combine` output: hard negatives in the batch"
+    )
+    parser.add_argument(
+        "--embeddings", metavar="URI", help="`embed` output: the frozen inputs of a head"
+    )
+    parser.add_argument(
+        "--captions", metavar="URI", help="taxonomy index: captions and rank keys per image"
+    )
+    _out(parser, "output folder: the trained model, checkpoints/, .embedpipe/metrics.json")
 
 
 def run_publish(args: argparse.Namespace, settings: Settings) -> None:
@@ -317,6 +371,17 @@ STAGE_COMMANDS = (
     ),
     StageCommand(
         "to-hf", "to_hf", inputs_to_hf, run_to_hf, "negatives + images -> Hugging Face Dataset"
+    ),
+    StageCommand(
+        "train",
+        "train",
+        inputs_train,
+        run_train,
+        "fine-tune an open_clip model or train a projection head (contrastive losses)",
+        "Fine-tune a registry model on image-text or image-image pairs, or train an MLP "
+        "head on frozen embeddings; hard negatives in the batch, validation recall@K on "
+        "held-out concepts, checkpoints that a rerun of the same command resumes from, "
+        "several GPUs with --nproc-per-node.",
     ),
     StageCommand(
         "publish",

@@ -29,6 +29,7 @@ from embedpipe.config.settings import (
     stage_settings,
 )
 from embedpipe.config.taxonomy import TaxonomySettings
+from embedpipe.config.train import TrainSettings
 
 __all__ = [
     "COMPILE_TIME",
@@ -53,6 +54,7 @@ __all__ = [
     "TaxonomySettings",
     "ToHfSettings",
     "Toleration",
+    "TrainSettings",
     "check_overrides",
     "compile_time_keys",
     "has_flag",

@@ -20,6 +20,7 @@ from embedpipe.config.mining import CombineSettings, MineSettings, ToHfSettings
 from embedpipe.config.models import EmbedSettings
 from embedpipe.config.publish import PublishSettings
 from embedpipe.config.taxonomy import TaxonomySettings
+from embedpipe.config.train import TrainSettings
 
 
 class GlobalSettings(Section):
@@ -42,7 +43,13 @@ class PathsSettings(Section):
     metadata: str = Field(
         "", description="mine pipeline: image ids with category/concept/split (dedup kept)"
     )
-    embeddings: str = Field("", description="mine pipeline: the embeddings dataset")
+    embeddings: str = Field("", description="mine and train pipelines: the embeddings dataset")
+    splits: str = Field(
+        "", description="train pipeline: the split output; empty: the latest preprocess run"
+    )
+    negatives: str = Field(
+        "", description="train pipeline: combined hard negatives; empty: the latest mine run"
+    )
 
 
 # Stage name -> its section of the config file. A stage's name is the same in the config
@@ -57,6 +64,7 @@ STAGE_SETTINGS: dict[str, type[Section]] = {
     "mine": MineSettings,
     "combine": CombineSettings,
     "to_hf": ToHfSettings,
+    "train": TrainSettings,
     "publish": PublishSettings,
 }
 
@@ -74,6 +82,7 @@ class Settings(Section):
     mine: MineSettings = Field(default_factory=MineSettings)
     combine: CombineSettings = Field(default_factory=CombineSettings)
     to_hf: ToHfSettings = Field(default_factory=ToHfSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     models: dict[str, dict[str, Any]] = Field(

@@ -1,12 +1,19 @@
-"""Projection heads trained on a frozen backbone's embeddings, and their checkpoints.
+"""Projection heads on a frozen backbone, their checkpoints, and the model that runs
+backbone then head.
 
-A head checkpoint is a directory with ``config.json``::
+A head checkpoint is a directory with ``model.safetensors`` (the MLP's state dict) and
+``config.json``::
 
-    {"kind": "head", "backbone": {registry entry of the backbone}, "head": {"in_dim": 512,
-     "out_dim": 128, "width": 512, "depth": 2, "activation": "gelu", "normalize": true}}
+    {"kind": "head",
+     "backbone": {"entry": {registry entry}, "weights": "...", "normalized": true},
+     "head": {"in_dim": 512, "depth": 2, "width": 512, "out_dim": 128,
+              "activation": "gelu", "normalize": false},
+     ...resolved training settings...}
 
-and ``model.safetensors`` holding the MLP's state dict. The published transformers
-model (``embedpipe.publish.modeling_embedpipe_head``) builds the same layers.
+``backbone`` names the model whose embeddings the head learnt from, its weights and
+whether those embeddings were normalised; ``load_model`` builds both from it. The
+published transformers model (``embedpipe.publish.modeling_embedpipe_head``) builds the
+same layers.
 """
 
 from __future__ import annotations
@@ -20,63 +27,99 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from embedpipe.core import storage
 from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME
 from embedpipe.models.registry import ModelEntry, ModelError
 
 HEAD_KIND = "head"
-ACTIVATIONS = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU}
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def head_layers(
-    in_dim: int, out_dim: int, width: int = 0, depth: int = 1, activation: str = "gelu"
-) -> torch.nn.Sequential:
-    """``depth`` linear layers: in_dim -> width (x depth-1, each followed by the activation)
-    -> out_dim. Depth 1 is a single linear projection."""
+    in_dim: int, depth: int, width: int, out_dim: int, activation: str = "gelu"
+) -> nn.Sequential:
+    """``depth`` linear layers, in_dim -> width (x depth-1, each followed by the
+    activation) -> out_dim; depth 1 is a single linear projection."""
     if depth < 1:
         raise ModelError(f"head depth must be at least 1, got {depth}")
     if activation not in ACTIVATIONS:
         raise ModelError(f"head activation '{activation}': known {', '.join(ACTIVATIONS)}")
-    sizes = [in_dim] + [width or in_dim] * (depth - 1) + [out_dim]
-    layers: list[torch.nn.Module] = []
-    for index, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(torch.nn.Linear(a, b))
-        if index < depth - 1:
+    sizes = [in_dim, *([width or in_dim] * (depth - 1)), out_dim or in_dim]
+    layers: list[nn.Module] = []
+    for index, (size_in, size_out) in enumerate(itertools.pairwise(sizes)):
+        if index:
             layers.append(ACTIVATIONS[activation]())
-    return torch.nn.Sequential(*layers)
+        layers.append(nn.Linear(size_in, size_out))
+    return nn.Sequential(*layers)
 
 
-class ProjectionHead(torch.nn.Module):
+class ProjectionHead(nn.Module):
     def __init__(
         self,
         in_dim: int,
-        out_dim: int,
-        width: int = 0,
         depth: int = 1,
+        width: int = 0,
+        out_dim: int = 0,
         activation: str = "gelu",
-        normalize: bool = True,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
+        self.layers = head_layers(in_dim, depth, width, out_dim, activation)
+        self.normalize = normalize
         self.config = {
             "in_dim": in_dim,
-            "out_dim": out_dim,
-            "width": width,
             "depth": depth,
+            "width": width or in_dim,
+            "out_dim": out_dim or in_dim,
             "activation": activation,
             "normalize": normalize,
         }
-        self.layers = head_layers(in_dim, out_dim, width, depth, activation)
-        self.normalize = normalize
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        projected = self.layers(embeddings)
-        return torch.nn.functional.normalize(projected, dim=-1) if self.normalize else projected
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        projected = self.layers(features)
+        return F.normalize(projected, dim=-1) if self.normalize else projected
+
+
+class HeadOnBackbone(nn.Module):
+    """Backbone features (normalised if the head learnt from normalised ones), then the head."""
+
+    def __init__(self, backbone: nn.Module, head: ProjectionHead, normalize_input: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.normalize_input = normalize_input
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.float()
+        if self.normalize_input:
+            features = F.normalize(features, dim=-1)
+        return self.head(features)
+
+
+def is_head_config(config: dict[str, Any]) -> bool:
+    return config.get("kind") == HEAD_KIND
+
+
+def backbone_of(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"entry", "weights", "normalized"}`` of a head checkpoint's config."""
+    backbone = config.get("backbone")
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("entry"), dict):
+        raise ModelError("a head checkpoint's config.json must name its backbone's entry")
+    return {"weights": "", "normalized": True, **backbone}
 
 
 def save_head_checkpoint(
-    head: ProjectionHead, backbone: ModelEntry, out_uri: str, extra: dict[str, Any] | None = None
+    head: ProjectionHead,
+    backbone: ModelEntry,
+    out_uri: str,
+    extra: dict[str, Any] | None = None,
+    *,
+    weights: str = "",
+    normalized: bool = True,
 ) -> str:
     """Write a head checkpoint at ``out_uri`` (local or s3://); config.json comes last.
     ``extra`` (e.g. the resolved training settings) is stored in config.json beside it."""
@@ -84,7 +127,11 @@ def save_head_checkpoint(
     config = {
         **(extra or {}),
         "kind": HEAD_KIND,
-        "backbone": backbone.model_dump(mode="json"),
+        "backbone": {
+            "entry": backbone.model_dump(mode="json"),
+            "weights": weights,
+            "normalized": normalized,
+        },
         "head": head.config,
     }
     with tempfile.TemporaryDirectory(prefix="embedpipe-head-") as staging:
@@ -97,10 +144,6 @@ def save_head_checkpoint(
     return out_uri
 
 
-def is_head_config(config: dict[str, Any]) -> bool:
-    return config.get("kind") == HEAD_KIND
-
-
 def load_head_checkpoint(directory: str) -> tuple[ProjectionHead, ModelEntry, dict[str, Any]]:
     """The head, its backbone's entry and the whole config.json of a local checkpoint dir."""
     config_path, weights_path = Path(directory, CONFIG_NAME), Path(directory, WEIGHTS_NAME)
@@ -109,11 +152,8 @@ def load_head_checkpoint(directory: str) -> tuple[ProjectionHead, ModelEntry, di
     config = json.loads(config_path.read_text())
     if not is_head_config(config):
         raise ModelError(f"{config_path}: not a head checkpoint (kind is not '{HEAD_KIND}')")
-    backbone = config.get("backbone") or config.get("entry")
-    if not isinstance(backbone, dict):
-        raise ModelError(f"{config_path}: 'backbone' must hold the backbone's registry entry")
     try:
-        entry = ModelEntry(**backbone)
+        entry = ModelEntry(**backbone_of(config)["entry"])
         head = ProjectionHead(**config["head"])
     except (KeyError, TypeError, ValueError) as error:
         raise ModelError(f"{config_path}: invalid head checkpoint config: {error}") from None

@@ -31,6 +31,7 @@ from embedpipe.core import storage
 from embedpipe.models.backends import Backend, backend_for
 from embedpipe.models.backends.base import CONFIG_NAME, EMBEDPIPE_NAME, WEIGHTS_NAME, Transform
 from embedpipe.models.backends.open_clip import register_open_clip_config
+from embedpipe.models.heads import HEAD_KIND
 from embedpipe.models.registry import ModelEntry, ModelError
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "RANDOM_WEIGHTS",
     "WEIGHTS_NAME",
     "LoadedModel",
+    "checkpoint_entry",
     "entry_for_weights",
     "fetch_weights",
     "load_model",
@@ -61,12 +63,16 @@ class LoadedModel:
     weights_source: str
     tokenizer_dir: str = ""
     _tokenizer: Callable | None = field(default=None, repr=False)
+    backbone_entry: ModelEntry | None = None  # a head checkpoint: the model under the head
 
     @property
     def backend(self) -> Backend:
-        return backend_for(self.entry)
+        return backend_for(self.backbone_entry or self.entry)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.backbone_entry is not None:
+            features = self.backend.encode_images(self.backbone_entry, self.module.backbone, pixels)
+            return self.module.project(features)
         return self.backend.encode_images(self.entry, self.module, pixels)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -186,14 +192,63 @@ def entry_for_weights(weights: str) -> ModelEntry | None:
         ) from None
 
 
+def checkpoint_entry(weights: str) -> ModelEntry | None:
+    """The model entry a checkpoint directory carries in its ``config.json`` (a trained
+    model or a head), or None when ``weights`` is not such a directory."""
+    if not weights or weights == RANDOM_WEIGHTS:
+        return None
+    if storage.is_s3(weights) and not storage.exists(storage.join(weights, CONFIG_NAME)):
+        return None
+    local = fetch_weights(weights)
+    path = os.path.join(local, CONFIG_NAME)
+    if not (os.path.isdir(local) and os.path.isfile(path)):
+        return None
+    try:
+        saved = json.loads(Path(path).read_text())
+        if saved.get("kind") == HEAD_KIND:
+            backbone = ModelEntry.model_validate(saved["backbone"]["entry"])
+            out_dim = saved["head"]["out_dim"]
+            return backbone.model_copy(
+                update={"name": f"{backbone.name}+head", "embed_dim": out_dim}
+            )
+        return ModelEntry.model_validate(saved["entry"]) if "entry" in saved else None
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"{weights}: unreadable {CONFIG_NAME}: {error}") from error
+
+
+def _load_head(entry: ModelEntry, local: str, source: str, device: str, tokenizer_dir: str):
+    from safetensors.torch import load_file
+
+    from embedpipe.models.heads import HeadOnBackbone, ProjectionHead, backbone_of
+
+    saved = json.loads(Path(local, CONFIG_NAME).read_text())
+    described = backbone_of(saved)
+    backbone_entry = ModelEntry.model_validate(described["entry"])
+    backbone = load_model(backbone_entry, described["weights"], device, tokenizer_dir)
+    head = ProjectionHead(**saved["head"])
+    head.load_state_dict(load_file(os.path.join(local, WEIGHTS_NAME)), strict=True)
+    module = HeadOnBackbone(backbone.module, head, described["normalized"])
+    module = module.to(device).eval()
+    headed = entry if entry.embed_dim == head.config["out_dim"] else checkpoint_entry(local)
+    return LoadedModel(
+        headed, module, backbone.transform, source, tokenizer_dir, backbone_entry=backbone_entry
+    )
+
+
 def load_model(
     entry: ModelEntry, weights: str = "", device: str = "cpu", tokenizer_dir: str = ""
 ) -> LoadedModel:
+    """The model with its weights. A checkpoint directory is loaded strictly against the
+    config it carries; a head checkpoint loads its backbone, then the head."""
     source = weights or entry.pretrained
     if source.startswith(LOCAL_DIR):
         local = _published_source(source)
     else:
         local = fetch_weights(source) if source != RANDOM_WEIGHTS else source
+    if os.path.isfile(os.path.join(local, CONFIG_NAME)):
+        kind = json.loads(Path(local, CONFIG_NAME).read_text()).get("kind")
+        if kind == HEAD_KIND:
+            return _load_head(entry, local, source, device, tokenizer_dir)
     backend = backend_for(entry)
     try:
         if local == RANDOM_WEIGHTS:

@@ -40,9 +40,10 @@ class OpenClipBackend:
         )
 
     def load_checkpoint(self, entry: ModelEntry, directory: str) -> torch.nn.Module:
+        import open_clip
+
         config_path = Path(directory) / CONFIG_NAME
         weights_path = Path(directory) / WEIGHTS_NAME
-        module = self.create(entry, None)
         if not (config_path.is_file() and weights_path.is_file()):
             raise ModelError(
                 f"{directory}: not a checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
@@ -51,6 +52,12 @@ class OpenClipBackend:
         architecture = saved.get("entry", {}).get("architecture")
         if architecture != entry.architecture:
             raise ModelError(f"{directory}: checkpoint of {architecture}, not {entry.architecture}")
+        register_open_clip_config(entry)
+        # A model trained with a sigmoid loss carries a logit bias its base config may lack;
+        # it is built as saved, so the strict load below holds for it too.
+        bias = (saved.get("model_cfg") or {}).get("init_logit_bias")
+        extra = {"init_logit_bias": bias} if bias is not None else {}
+        module = open_clip.create_model(entry.architecture, pretrained=None, **extra)
         module.load_state_dict(load_file(str(weights_path)), strict=True)
         return module
 

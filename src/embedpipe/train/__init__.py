@@ -1,0 +1,1 @@
+"""Contrastive training: losses, data, sampling, loop, checkpoints, modes."""

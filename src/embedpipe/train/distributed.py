@@ -1,0 +1,105 @@
+"""Several processes in one pod: torchrun re-launches the command, DDP inside.
+
+``embedpipe train --nproc-per-node N`` (N > 1, or 0 with several GPUs visible) starts
+``python -m torch.distributed.run --standalone --nproc-per-node N -m embedpipe train ...``
+with the same arguments; in the children ``WORLD_SIZE`` is set, so they train instead of
+launching again. Every rank reads the same seeded order and takes its own contiguous
+slice of each global batch; the losses gather features across ranks; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def processes_wanted(nproc_per_node: int) -> int:
+    """0 means every visible GPU (one process on a machine without one)."""
+    if nproc_per_node:
+        return nproc_per_node
+    return max(1, torch.cuda.device_count())
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run ``embedpipe <argv>`` under torchrun with ``nproc`` processes; its exit status."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "embedpipe",
+        *argv,
+    ]
+    return subprocess.run(command, check=False).returncode
+
+
+def setup(device: str) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (gloo on CPU, nccl on GPUs)."""
+    if not launched():
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return World(), torch.device(device)
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        chosen = torch.device("cuda", local_rank)
+    else:
+        chosen = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return World(rank, size, local_rank), chosen
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def train_in_processes(nproc: int, spec: dict) -> None:
+    """Run one training, described by ``spec`` (what ``embedpipe.train.worker`` takes), in
+    ``nproc`` processes under torchrun: the component's way to use every GPU of its pod."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(spec, handle)
+    try:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "embedpipe.train.worker",
+            handle.name,
+        ]
+        status = subprocess.run(command, check=False).returncode
+    finally:
+        os.remove(handle.name)
+    if status:
+        raise RuntimeError(f"{nproc} training processes (torchrun) exited with status {status}")

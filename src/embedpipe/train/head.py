@@ -1,0 +1,221 @@
+"""head: an MLP projection head trained on frozen embeddings of any registry model.
+
+The embeddings come from an ``embed`` output; the head checkpoint names the backbone
+entry and weights that made them, so ``embedpipe embed --weights HEAD_CKPT`` runs the
+backbone and then the head (see ``embedpipe.models.loading``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedpipe.config import ConfigError, TrainSettings
+from embedpipe.core import datasets
+from embedpipe.core.schemas import EMBEDDINGS_KIND
+from embedpipe.core.seeding import derived_seed
+from embedpipe.models.heads import HEAD_KIND, ProjectionHead
+from embedpipe.models.registry import ModelEntry
+from embedpipe.train import losses
+from embedpipe.train.data import Examples, positive_for, rows_by_concept
+from embedpipe.train.finetune import init_scale, param_groups
+from embedpipe.train.sampling import BandBandit, MinedNegatives, triplet_negatives
+from embedpipe.train.validation import image_recall, validation_rows
+
+__all__ = ["HeadModule", "HeadTask", "ProjectionHead", "load_embeddings"]
+
+
+class HeadModule(nn.Module):
+    """The head with a learnable logit scale and bias; the module DDP wraps."""
+
+    def __init__(self, head: ProjectionHead, init_scale: float, init_bias: float | None):
+        super().__init__()
+        self.head = head
+        self.logit_scale = nn.Parameter(torch.full([], init_scale))
+        self.logit_bias = None if init_bias is None else nn.Parameter(torch.full([], init_bias))
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor, third: torch.Tensor | None):
+        # One pass over every view keeps DDP's single-forward bookkeeping simple.
+        views = [first, second] if third is None else [first, second, third]
+        out = F.normalize(self.head(torch.cat(views)), dim=-1).split(len(first))
+        negative = out[2] if third is not None else None
+        return out[0], out[1], negative, self.logit_scale.exp(), self.logit_bias
+
+
+def load_embeddings(embeddings_uri: str, examples: Examples) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The embedding of each example row (zeros where none) and which rows have one."""
+    manifest = datasets.read_manifest(embeddings_uri, EMBEDDINGS_KIND)
+    table = datasets.read_table(embeddings_uri, EMBEDDINGS_KIND, ["image_id", "embedding"])
+    dim = table.schema.field("embedding").type.list_size
+    vectors = table.column("embedding").combine_chunks().flatten().to_numpy()
+    vectors = vectors.reshape(-1, dim).astype(np.float32)
+    matrix = np.zeros((len(examples.image_ids), dim), dtype=np.float32)
+    present = np.zeros(len(examples.image_ids), dtype=bool)
+    for position, image_id in enumerate(table.column("image_id").to_pylist()):
+        row = examples.index.get(image_id)
+        if row is not None:
+            matrix[row] = vectors[position]
+            present[row] = True
+    if not present[examples.split == "train"].any():
+        raise ConfigError(
+            f"embeddings: {embeddings_uri} has no vector for any training image "
+            "(embed the same images dataset first)"
+        )
+    return matrix, present, manifest
+
+
+class HeadTask:
+    """Batches of embedding rows: anchor, positive (another image of the concept) and,
+    for ``triplet``, a negative from the band the bandit picks."""
+
+    def __init__(
+        self,
+        entry: ModelEntry,
+        config: TrainSettings,
+        examples: Examples,
+        embeddings_uri: str,
+        device: torch.device,
+        loss_options: dict,
+        mined: MinedNegatives | None,
+    ):
+        self.entry, self.config, self.examples, self.device = entry, config, examples, device
+        matrix, present, manifest = load_embeddings(embeddings_uri, examples)
+        if manifest.get("model") and manifest["model"] != entry.name:
+            raise ConfigError(
+                f"model: {embeddings_uri} holds embeddings of {manifest['model']}, "
+                f"not of {entry.name}"
+            )
+        examples.split = np.where(present, examples.split, "unused")
+        self.embeddings_uri = embeddings_uri
+        self.manifest = manifest
+        self.matrix = torch.from_numpy(matrix)
+        in_dim = matrix.shape[1]
+        torch.manual_seed(config.seed)
+        self.head = ProjectionHead(in_dim, config.depth, config.width, config.out_dim or in_dim)
+        self.module = HeadModule(
+            self.head, init_scale(config.loss), losses.init_logit_bias(config.loss)
+        ).to(device)
+        self.train_rows = examples.rows("train")
+        self.same_concept = rows_by_concept(examples, self.train_rows)
+        self.queries, self.candidates = validation_rows(examples)
+        self.loss = losses.get_loss(config.loss, **loss_options)
+        self.mined = mined
+        self.bandit = None
+        if config.loss == "triplet" and mined and mined.band_names:
+            self.bandit = BandBandit(mined.band_names, config.exploration)
+        self.step = 0
+
+    def param_groups(self) -> list[dict]:
+        new = {name for name, _ in self.module.named_parameters()}
+        return param_groups(self.module, new, self.config)
+
+    def batches(self, epoch: int, micro_batches: list[list[int]]) -> Iterator:
+        config, examples = self.config, self.examples
+        for rows in micro_batches:
+            positives = [
+                positive_for(examples, row, self.same_concept, config.seed, epoch) for row in rows
+            ]
+            batch = {
+                "rows": torch.tensor(rows),
+                "first": self.matrix[rows].to(self.device),
+                "second": self.matrix[positives].to(self.device),
+                "third": None,
+                "arm": None,
+            }
+            if config.loss == "triplet":
+                arm = self.bandit.choose() if self.bandit else None
+                band = self.bandit.bands[arm] if self.bandit else None
+                negatives = triplet_negatives(
+                    rows,
+                    band,
+                    self.mined,
+                    examples,
+                    self.train_rows,
+                    config.seed,
+                    self._draw(epoch, rows),
+                )
+                batch["third"] = self.matrix[negatives].to(self.device)
+                batch["arm"] = arm
+            yield batch
+
+    @staticmethod
+    def _draw(epoch: int, rows: list[int]) -> int:
+        return derived_seed(epoch, *map(str, rows[:4]))
+
+    def loss_of(self, forward: nn.Module, batch: dict) -> torch.Tensor:
+        first, second, negative, scale, bias = forward(
+            batch["first"], batch["second"], batch["third"]
+        )
+        labels = torch.from_numpy(self.examples.labels[batch["rows"].numpy()]).to(self.device)
+        loss = self.loss(first, second, scale, bias, labels=labels, negative_features=negative)
+        if batch["arm"] is not None:
+            with torch.no_grad():
+                hinge = F.relu(
+                    (first - second).norm(dim=1)
+                    - (first - negative).norm(dim=1)
+                    + self.config.margin
+                ).mean()
+            self.pending_reward = (batch["arm"], hinge)
+        return loss
+
+    def after_step(self, reduce) -> dict:
+        """Feed the bandit the (all-reduced) violation of the band it picked."""
+        pending = getattr(self, "pending_reward", None)
+        if self.bandit is None or pending is None:
+            return {}
+        arm, hinge = pending
+        reward = float(reduce(hinge.detach()))
+        self.bandit.update(arm, reward)
+        self.pending_reward = None
+        return {"band": self.bandit.bands[arm], "band_reward": reward}
+
+    def flops_per_sample(self, batch: dict) -> float:
+        params = sum(p.numel() for p in self.head.parameters())
+        views = 3 if batch["third"] is not None else 2
+        return 6.0 * params * views
+
+    @torch.no_grad()
+    def evaluate(self, autocast) -> dict[str, float]:
+        if not len(self.queries):
+            return {}
+        vectors = self.matrix[self.candidates].to(self.device)
+        projected = F.normalize(self.head(vectors).float(), dim=-1).cpu()
+        return image_recall(
+            self.examples, self.queries, self.candidates, projected, self.config.val_k
+        )
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.head.state_dict()
+
+    def training_weights(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_training_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state, strict=True)
+
+    def extra_state(self) -> dict:
+        return {"bandit": self.bandit.state()} if self.bandit else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.bandit and "bandit" in state:
+            self.bandit.pulls = list(state["bandit"]["pulls"])
+            self.bandit.reward_sums = list(state["bandit"]["reward_sums"])
+
+    def summary(self) -> dict:
+        return {"bandit": self.bandit.summary()} if self.bandit else {}
+
+    def checkpoint_config(self) -> dict:
+        return {
+            "kind": HEAD_KIND,
+            "backbone": {
+                "entry": self.entry.model_dump(mode="json"),
+                "weights": self.manifest.get("weights", ""),
+                "normalized": bool(self.manifest.get("normalized", True)),
+            },
+            "head": self.head.config,
+            "embeddings": self.embeddings_uri,
+        }

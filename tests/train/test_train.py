@@ -1,0 +1,370 @@
+"""The train stage: settings checked before a model is built, checkpoints that resume
+mid-epoch to the same weights, trained models that load through the registry."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from embedpipe.cli import main
+from embedpipe.config import ConfigError, SplitSettings, TrainSettings, load_settings
+from embedpipe.core import datasets
+from embedpipe.models.registry import ModelEntry
+from embedpipe.train import checkpoint as ckpt
+from embedpipe.train.loop import Loop, metric_line
+from embedpipe.train.stage import train_model
+
+
+@pytest.fixture(scope="session")
+def demo_splits(demo_catalog, tmp_path_factory) -> str:
+    from embedpipe.data.split import create_concept_splits
+
+    out = tmp_path_factory.mktemp("train-splits") / "splits"
+    create_concept_splits(demo_catalog, str(out), SplitSettings())
+    return str(out)
+
+
+def write_embeddings(uri: str, ids: list[str], matrix: np.ndarray, model: str = "") -> str:
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+    table = pa.table({"image_id": ids, "embedding": vectors})
+    datasets.write_table(uri, table, "embeddings")
+    if model:  # as embed records it
+        manifest = datasets.read_manifest(uri)
+        manifest.update(model=model, weights="random", normalized=True)
+        from embedpipe.core import storage
+
+        storage.write_json(datasets.side_path(uri, datasets.MANIFEST_NAME), manifest)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def demo_embeddings(demo_images, tmp_path_factory) -> str:
+    ids = list(
+        dict.fromkeys(
+            datasets.read_table(demo_images, "images", ["image_id"]).column(0).to_pylist()
+        )
+    )
+    matrix = np.random.default_rng(0).normal(size=(len(ids), 32)).astype(np.float32)
+    return write_embeddings(str(tmp_path_factory.mktemp("train-emb") / "emb"), ids, matrix)
+
+
+@pytest.fixture(scope="session")
+def backbone_entry() -> ModelEntry:
+    """A stand-in backbone for heads whose embeddings the test writes itself."""
+    return ModelEntry(
+        name="frozen", library="transformers", architecture="Frozen", embed_dim=32, image_size=32
+    )
+
+
+def test_bad_combinations_are_errors_naming_the_setting():
+    with pytest.raises(ValueError, match="loss: triplet"):
+        TrainSettings(loss="triplet")  # image-text fine-tuning
+    TrainSettings(loss="triplet", mode="head", pairs="image_image")
+    with pytest.raises(ValueError, match="loss"):
+        TrainSettings(loss="hinge")
+    with pytest.raises(ValueError, match="mode"):
+        TrainSettings(mode="lora")
+    with pytest.raises(ValueError, match="lock_image_unlocked_groups: needs lock_image"):
+        TrainSettings(lock_image_unlocked_groups=2)
+    with pytest.raises(ValueError, match="templates"):
+        TrainSettings(templates=("a photo of {thing}",))
+    with pytest.raises(ValueError, match="labels"):
+        TrainSettings(labels="tribe")
+
+
+def test_the_config_file_has_a_train_section(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nloss = "multipos_sigmoid"\npos_weight = 2.0\nlabels = "genus"\n')
+    config = load_settings(str(path)).train
+    assert (config.loss, config.pos_weight, config.labels) == ("multipos_sigmoid", 2.0, "genus")
+    path.write_text('[train]\nmode = "head"\nloss = "triplet"\nmargin = "0.3"\n')
+    with pytest.raises(ConfigError, match=r"\[train\].margin"):
+        load_settings(str(path))
+
+
+def test_metric_lines_are_katib_safe():
+    line = metric_line({"step": 3, "loss": 0.5, "val_recall_at_1": 0.25, "band": "hard"})
+    assert line == "step=3 loss=0.5 val_recall_at_1=0.25"
+    assert not any(c in line for c in "/.@" if c != ".") and "@" not in line
+
+
+def test_checks_before_any_model_is_built(demo_images, demo_splits, tiny_entry, tmp_path):
+    text_free = tiny_entry.model_copy(update={"text": False, "name": "tiny-image"})
+    with pytest.raises(ConfigError, match="model: tiny-image has no text tower"):
+        train_model(demo_images, str(tmp_path / "a"), TrainSettings(weights="random"), text_free)
+    empty = tmp_path / "sel"
+    ids = datasets.read_table(demo_splits, columns=["image_id"]).column(0).to_pylist()[:3]
+    import pyarrow as pa
+
+    datasets.write_table(str(empty), pa.table({"image_id": ids, "split": ["val"] * 3}), "selection")
+    with pytest.raises(ConfigError, match="training split is empty"):
+        train_model(
+            demo_images,
+            str(tmp_path / "b"),
+            TrainSettings(weights="random"),
+            tiny_entry,
+            splits_uri=str(empty),
+        )
+    with pytest.raises(ConfigError, match="labels: genus labels come from a taxonomy index"):
+        train_model(
+            demo_images,
+            str(tmp_path / "c"),
+            TrainSettings(weights="random", loss="multipos_sigmoid", labels="genus"),
+            tiny_entry,
+        )
+    with pytest.raises(ConfigError, match="mode: head trains on frozen embeddings"):
+        train_model(
+            demo_images,
+            str(tmp_path / "d"),
+            TrainSettings(mode="head", pairs="image_image"),
+            tiny_entry,
+        )
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tiny_entry, tmp_path):
+    from embedpipe.models.loading import load_model, save_model
+
+    save_model(load_model(tiny_entry, "random"), str(tmp_path / "ckpt"))
+    other = tiny_entry.model_copy(update={"architecture": "ViT-S-32-alt", "name": "small"})
+    with pytest.raises(ConfigError, match=r"weights: .* checkpoint of embedpipe-tiny"):
+        train_model(
+            "unused", str(tmp_path / "o"), TrainSettings(weights=str(tmp_path / "ckpt")), other
+        )
+
+
+def _head_settings(**changes) -> TrainSettings:
+    values = dict(
+        mode="head",
+        pairs="image_image",
+        loss="infonce",
+        batch_size=16,
+        steps=9,
+        lr=1e-2,
+        depth=2,
+        width=32,
+        out_dim=16,
+        checkpoint_every=4,
+        val_every=3,
+        num_workers=0,
+        warmup_steps=2,
+        hard_negative_share=0.0,
+    )
+    return TrainSettings(**{**values, **changes})
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_mid_epoch_to_the_same_weights(
+    demo_images, demo_splits, demo_embeddings, backbone_entry, tmp_path, monkeypatch
+):
+    config = _head_settings()
+    inputs = dict(splits_uri=demo_splits, embeddings_uri=demo_embeddings)
+    whole = train_model(demo_images, str(tmp_path / "whole"), config, backbone_entry, **inputs)
+    assert whole.steps == 9
+
+    saved = Loop.save_last
+
+    def save_then_die(self):
+        saved(self)
+        raise Crash  # dies right after the step-4 checkpoint, as kill -9 would
+
+    monkeypatch.setattr(Loop, "save_last", save_then_die)
+    with pytest.raises(Crash):
+        train_model(demo_images, str(tmp_path / "cut"), config, backbone_entry, **inputs)
+    monkeypatch.setattr(Loop, "save_last", saved)
+    ((step, folder),) = ckpt.complete_checkpoints(str(tmp_path / "cut"), "last")
+    state = torch.load(f"{folder}/training_state.pt", weights_only=True)
+    per_epoch = 326 // 16  # training rows of the demo split // batch
+    assert step == 4 and state["position"] == 4 and state["position"] < per_epoch  # mid-epoch
+
+    resumed = train_model(demo_images, str(tmp_path / "cut"), config, backbone_entry, **inputs)
+    assert resumed.resumed_from_step == 4 and resumed.steps == 9
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    history = json.loads((tmp_path / "cut" / ".embedpipe" / "metrics.json").read_text())
+    whole_history = json.loads((tmp_path / "whole" / ".embedpipe" / "metrics.json").read_text())
+    assert [r["loss"] for r in history["history"] if "loss" in r] == pytest.approx(
+        [r["loss"] for r in whole_history["history"] if "loss" in r], abs=0
+    )
+
+
+def test_resuming_with_other_settings_is_refused(
+    demo_images, demo_splits, demo_embeddings, backbone_entry, tmp_path
+):
+    inputs = dict(splits_uri=demo_splits, embeddings_uri=demo_embeddings)
+    train_model(demo_images, str(tmp_path / "o"), _head_settings(steps=4), backbone_entry, **inputs)
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        train_model(
+            demo_images,
+            str(tmp_path / "o"),
+            _head_settings(steps=4, lr=0.5),
+            backbone_entry,
+            **inputs,
+        )
+
+
+def test_triplet_head_bandit_logs_pulls_per_band(
+    demo_images, demo_splits, demo_embeddings, backbone_entry, tmp_path
+):
+    from embedpipe.config import MineSettings
+    from embedpipe.mining.mine import mine_category
+    from embedpipe.mining.partition import partition_by_category
+
+    parts = partition_by_category(demo_splits, demo_embeddings, str(tmp_path / "parts"))
+    category = sorted(parts)[0]
+    negatives = str(tmp_path / "neg")
+    mine_category(parts[category], negatives, MineSettings(gpu=False, top_k=5))
+    config = _head_settings(loss="triplet", steps=12, exploration=0.5, hard_negative_share=0.5)
+    result = train_model(
+        demo_images,
+        str(tmp_path / "t"),
+        config,
+        backbone_entry,
+        splits_uri=demo_splits,
+        embeddings_uri=demo_embeddings,
+        negatives_uri=negatives,
+    )
+    metrics = json.loads((tmp_path / "t" / ".embedpipe" / "metrics.json").read_text())
+    bandit = metrics["bandit"]
+    assert set(bandit) == {"easy", "medium", "hard"}
+    assert sum(band["pulls"] for band in bandit.values()) == 12
+    assert all(band["pulls"] >= 1 for band in bandit.values())  # UCB tries every arm
+    assert result.steps == 12
+    assert all("band" in r for r in metrics["history"] if "loss" in r)
+
+
+def test_a_finetuned_sigmoid_checkpoint_embeds_without_model(
+    demo_images, demo_splits, tiny_entry, tmp_path
+):
+    """`embed --weights CKPT`: the entry comes from the checkpoint; the logit bias a sigmoid
+    loss added loads strictly."""
+    from embedpipe.models.loading import load_model
+    from embedpipe.models.registry import ModelEntry
+
+    config = TrainSettings(
+        weights="random",
+        loss="pairwise_sigmoid",
+        steps=2,
+        batch_size=8,
+        num_workers=0,
+        val_every=0,
+    )
+    out = tmp_path / "ft"
+    train_model(demo_images, str(out), config, tiny_entry, splits_uri=demo_splits)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["loss"] == "pairwise_sigmoid" and saved["kind"] == "finetune"
+    assert "logit_bias" in load_file(out / "model.safetensors")
+    state = torch.load(
+        out / "checkpoints" / "last-00000002" / "training_state.pt", weights_only=True
+    )
+    assert state["step"] == 2 and "optimizer" in state
+
+    emb = tmp_path / "emb"
+    argv = [
+        "embed",
+        demo_images,
+        "--weights",
+        str(out),
+        "--out",
+        str(emb),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+    ]
+    assert main(argv) == 0
+    table = datasets.read_table(str(emb), "embeddings")
+    assert table.schema.field("embedding").type.list_size == 64
+    model = load_model(ModelEntry.model_validate(saved["entry"]), str(out))
+    assert float(model.module.logit_bias) == pytest.approx(
+        float(load_file(out / "model.safetensors")["logit_bias"])
+    )
+
+
+def test_a_head_checkpoint_embeds_backbone_then_head(demo_images, tiny_entry, tmp_path):
+    from embedpipe.config import EmbedSettings
+    from embedpipe.embed.images import embed_images
+    from embedpipe.models.loading import load_model, save_model
+
+    backbone = tmp_path / "backbone"
+    save_model(load_model(tiny_entry, "random"), str(backbone))
+    settings = EmbedSettings(weights=str(backbone), num_workers=0, device="cpu")
+    embed_images(demo_images, str(tmp_path / "emb"), settings, tiny_entry)
+    config = _head_settings(steps=3, val_every=0, checkpoint_every=0)
+    train_model(
+        demo_images,
+        str(tmp_path / "head"),
+        config,
+        tiny_entry,
+        embeddings_uri=str(tmp_path / "emb"),
+    )
+    argv = [
+        "embed",
+        demo_images,
+        "--weights",
+        str(tmp_path / "head"),
+        "--out",
+        str(tmp_path / "headed"),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--no-normalize",
+    ]
+    assert main(argv) == 0
+    headed = datasets.read_table(str(tmp_path / "headed"), "embeddings")
+    assert headed.schema.field("embedding").type.list_size == 16
+    from embedpipe.models.heads import ProjectionHead
+
+    head = ProjectionHead(64, 2, 32, 16)
+    head.load_state_dict(load_file(tmp_path / "head" / "model.safetensors"))
+    frozen = datasets.read_table(str(tmp_path / "emb"), "embeddings")
+    vectors = np.stack(frozen.column("embedding").to_numpy(zero_copy_only=False))
+    with torch.no_grad():
+        expected = head(torch.from_numpy(vectors.astype(np.float32))).numpy()
+    got = np.stack(headed.column("embedding").to_numpy(zero_copy_only=False))
+    assert headed.column("image_id").to_pylist() == frozen.column("image_id").to_pylist()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_two_gloo_processes_follow_the_loss_curve_of_one(
+    demo_images, demo_splits, demo_embeddings, tmp_path
+):
+    """`--nproc-per-node 2` re-launches under torchrun (gloo on CPU), each rank half of
+    every global batch; the losses gather features, so the curve is the one process's."""
+    import subprocess
+    import sys
+
+    common = [
+        "train", demo_images, "--splits", demo_splits, "--embeddings", demo_embeddings,
+        "--mode", "head", "--pairs", "image_image", "--model", "clip_vitb32",
+        "--loss", "multipos_sigmoid", "--steps", "5", "--lr", "1e-2", "--depth", "2",
+        "--width", "32", "--out-dim", "16", "--num-workers", "0", "--val-every", "0",
+        "--device", "cpu",
+    ]  # fmt: skip
+    one = [*common, "--batch-size", "16", "--nproc-per-node", "1", "--out", str(tmp_path / "1")]
+    two = [*common, "--batch-size", "8", "--nproc-per-node", "2", "--out", str(tmp_path / "2")]
+    assert main(one) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "embedpipe", *two], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def curve(folder):
+        metrics = json.loads((tmp_path / folder / ".embedpipe" / "metrics.json").read_text())
+        return [r["loss"] for r in metrics["history"] if "loss" in r]
+
+    assert len(curve("2")) == 5
+    assert curve("2") == pytest.approx(curve("1"), abs=1e-4)
+    a = load_file(tmp_path / "1" / "model.safetensors")
+    b = load_file(tmp_path / "2" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
