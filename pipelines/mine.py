@@ -5,11 +5,9 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset
 
-from embedpipe.components import build_components
 from embedpipe.config import ConfigError, Settings
 from embedpipe.core import storage
-from embedpipe.pipelines.cluster import place
-from embedpipe.pipelines.stages import compiled_sections, describe
+from embedpipe.pipelines.stages import Graph, describe
 
 PIPELINE_NAME = "embedpipe-mine"
 STAGES = ("mine", "combine", "to_hf")
@@ -21,20 +19,39 @@ PREPROCESS_OUTPUTS = {
 }
 
 
-def build_pipeline(settings: Settings):
-    parts = build_components(settings.images.data_image, settings.images.gpu_image)
-    sections = compiled_sections(settings, STAGES)
-    cfg, cluster = settings.mine, settings.cluster
-    mine_one = parts.mine_gpu if cfg.accelerator_type else parts.mine
+def import_dataset(uri):
+    return dsl.importer(artifact_uri=uri, artifact_class=Dataset, reimport=False).output
 
+
+def add_mining_steps(graph: Graph, images, metadata, embeddings, after) -> dict:
+    """Partition, the per-category fan-out, combine and the HF export, after ``after``."""
+    cfg = graph.settings.mine
+    partitioned = graph.parts.partition(images=images, metadata=metadata, embeddings=embeddings)
+    graph.place(partitioned.after(after))
+    component = "mine_gpu" if cfg.accelerator_type else "mine"
+    with dsl.ParallelFor(partitioned.outputs["Output"], parallelism=cfg.parallelism) as category:
+        per_category = graph.step(
+            component, "mine", partitions=partitioned.outputs["partitions"], category=category
+        )
+    combined = graph.step(
+        "combine", "combine", per_category=dsl.Collected(per_category.outputs["negatives"])
+    )
+    exported = graph.step("to_hf", "to_hf", negatives=combined.outputs["combined"], images=images)
+    return {"negatives": combined.outputs["combined"], "hf_dataset": exported.outputs["hf_dataset"]}
+
+
+def build_pipeline(settings: Settings):
     class Outputs(NamedTuple):
         negatives: Dataset
         hf_dataset: Dataset
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description=describe("Per-category hard negatives, combined, as a HF Dataset", sections),
-        pipeline_root=cluster.pipeline_root or None,
+        description=describe(
+            "Per-category hard negatives, combined, as a HF Dataset",
+            {stage: settings.section(stage) for stage in STAGES},
+        ),
+        pipeline_root=settings.cluster.pipeline_root or None,
     )
     def mine_pipeline(
         images_uri: str,
@@ -44,51 +61,15 @@ def build_pipeline(settings: Settings):
         combine: dict = {},  # noqa: B006
         to_hf: dict = {},  # noqa: B006
     ) -> Outputs:
-        check_task = parts.check_settings(
-            settings=sections, mine=mine, combine=combine, to_hf=to_hf
+        graph = Graph.of(settings, STAGES, dict(mine=mine, combine=combine, to_hf=to_hf))
+        outputs = add_mining_steps(
+            graph,
+            import_dataset(images_uri),
+            import_dataset(metadata_uri),
+            import_dataset(embeddings_uri),
+            graph.check(),
         )
-        place(check_task, cluster, cache=True)
-        images = dsl.importer(artifact_uri=images_uri, artifact_class=Dataset, reimport=False)
-        metadata = dsl.importer(artifact_uri=metadata_uri, artifact_class=Dataset, reimport=False)
-        embeddings = dsl.importer(
-            artifact_uri=embeddings_uri, artifact_class=Dataset, reimport=False
-        )
-        partitioned = parts.partition(
-            images=images.output, metadata=metadata.output, embeddings=embeddings.output
-        ).after(check_task)
-        place(partitioned, cluster, cache=True)
-        with dsl.ParallelFor(
-            partitioned.outputs["Output"], parallelism=cfg.parallelism
-        ) as category:
-            per_category = mine_one(
-                partitions=partitioned.outputs["partitions"],
-                category=category,
-                settings=sections["mine"],
-                overrides=mine,
-            )
-            place(
-                per_category,
-                cluster,
-                cache=True,
-                accelerator_type=cfg.accelerator_type,
-                accelerator_limit=cfg.accelerator_limit,
-            )
-        combined = parts.combine(
-            per_category=dsl.Collected(per_category.outputs["negatives"]),
-            settings=sections["combine"],
-            overrides=combine,
-        )
-        place(combined, cluster, cache=True)
-        hf_dataset = parts.to_hf(
-            negatives=combined.outputs["combined"],
-            images=images.output,
-            settings=sections["to_hf"],
-            overrides=to_hf,
-        )
-        place(hf_dataset, cluster, cache=True)
-        return Outputs(
-            negatives=combined.outputs["combined"], hf_dataset=hf_dataset.outputs["hf_dataset"]
-        )
+        return Outputs(**outputs)
 
     return mine_pipeline
 

@@ -5,12 +5,10 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset
 
-from embedpipe.components import build_components
 from embedpipe.config import ConfigError, Settings
 from embedpipe.core import storage
 from embedpipe.models.registry import get_entry
-from embedpipe.pipelines.cluster import place
-from embedpipe.pipelines.stages import compiled_sections, describe
+from embedpipe.pipelines.stages import Graph, describe
 
 PIPELINE_NAME = "embedpipe-preprocess"
 
@@ -21,12 +19,38 @@ def stages(settings: Settings) -> tuple[str, ...]:
     return ("ingest", "catalog", "split", *optional, "dedup", "embed")
 
 
+def add_preprocess_steps(graph: Graph, sources, after) -> dict:
+    """The preprocess steps after ``after``; returns their datasets by name."""
+    # The sources are URIs whose content KFP cannot see: never reuse a cached ingest.
+    # Every later step is a function of its input artifacts and parameters: cached.
+    ingest = graph.step("ingest", "ingest", cache=False, sources=sources).after(after)
+    images = ingest.outputs["images"]
+    catalog = graph.step("catalog", "catalog", images=images)
+    split = graph.step("split", "split", catalog=catalog.outputs["catalog"])
+    dedup = graph.step("dedup", "dedup", images=images, splits=split.outputs["splits"])
+    model_entry = get_entry(graph.settings.embed.model, graph.settings.models)
+    embed = graph.step(
+        "embed",
+        "embed",
+        images=images,
+        select=dedup.outputs["kept"],
+        model_entry=model_entry.model_dump_json(),
+    )
+    if "taxonomy" in graph.sections:
+        graph.step("taxonomy", "taxonomy", images=images)
+    return {
+        "images": images,
+        "catalog": catalog.outputs["catalog"],
+        "splits": split.outputs["splits"],
+        "kept": dedup.outputs["kept"],
+        "dedup": dedup.outputs["dedup"],
+        "embeddings": embed.outputs["embeddings"],
+    }
+
+
 def build_pipeline(settings: Settings):
     """The pipeline, with every stage's settings taken from ``settings`` explicitly."""
-    parts = build_components(settings.images.data_image, settings.images.gpu_image)
-    sections = compiled_sections(settings, stages(settings))
-    model_entry = get_entry(settings.embed.model, settings.models).model_dump_json()
-    cluster, embed_cfg = settings.cluster, settings.embed
+    own_stages = stages(settings)
 
     class Outputs(NamedTuple):
         images: Dataset
@@ -37,9 +61,10 @@ def build_pipeline(settings: Settings):
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description=describe(
-            "Images -> Parquet shards -> catalog -> splits -> dedup -> embeddings", sections
+            "Images -> Parquet shards -> catalog -> splits -> dedup -> embeddings",
+            {stage: settings.section(stage) for stage in own_stages},
         ),
-        pipeline_root=cluster.pipeline_root or None,
+        pipeline_root=settings.cluster.pipeline_root or None,
     )
     def preprocess(
         sources: list[str],
@@ -50,61 +75,12 @@ def build_pipeline(settings: Settings):
         dedup: dict = {},  # noqa: B006
         embed: dict = {},  # noqa: B006
     ) -> Outputs:
-        check_task = parts.check_settings(
-            settings=sections,
-            ingest=ingest,
-            catalog=catalog,
-            split=split,
-            taxonomy=taxonomy,
-            dedup=dedup,
-            embed=embed,
+        overrides = dict(
+            ingest=ingest, catalog=catalog, split=split, taxonomy=taxonomy, dedup=dedup, embed=embed
         )
-        place(check_task, cluster, cache=True)
-        ingest_task = parts.ingest(
-            sources=sources, settings=sections["ingest"], overrides=ingest
-        ).after(check_task)
-        # The sources are URIs whose content KFP cannot see: never reuse a cached ingest.
-        # Every later step is a function of its input artifacts and parameters: cached.
-        place(ingest_task, cluster, cache=False)
-        images = ingest_task.outputs["images"]
-        catalog_task = parts.catalog(images=images, settings=sections["catalog"], overrides=catalog)
-        place(catalog_task, cluster, cache=True)
-        split_task = parts.split(
-            catalog=catalog_task.outputs["catalog"], settings=sections["split"], overrides=split
-        )
-        place(split_task, cluster, cache=True)
-        dedup_task = parts.dedup(
-            images=images,
-            splits=split_task.outputs["splits"],
-            settings=sections["dedup"],
-            overrides=dedup,
-        )
-        place(dedup_task, cluster, cache=True)
-        embed_task = parts.embed(
-            images=images,
-            select=dedup_task.outputs["kept"],
-            settings=sections["embed"],
-            overrides=embed,
-            model_entry=model_entry,
-        )
-        place(
-            embed_task,
-            cluster,
-            cache=True,
-            accelerator_type=embed_cfg.accelerator_type,
-            accelerator_limit=embed_cfg.accelerator_limit,
-        )
-        if "taxonomy" in sections:
-            taxonomy_task = parts.taxonomy(
-                images=images, settings=sections["taxonomy"], overrides=taxonomy
-            )
-            place(taxonomy_task, cluster, cache=True)
-        return Outputs(
-            images=images,
-            catalog=catalog_task.outputs["catalog"],
-            splits=split_task.outputs["splits"],
-            embeddings=embed_task.outputs["embeddings"],
-        )
+        graph = Graph.of(settings, own_stages, overrides)
+        outputs = add_preprocess_steps(graph, sources, graph.check())
+        return Outputs(**{name: outputs[name] for name in Outputs._fields})
 
     return preprocess
 

@@ -5,12 +5,11 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Model
 
-from embedpipe.components import build_components
 from embedpipe.config import ConfigError, Settings
 from embedpipe.core import storage
 from embedpipe.models.registry import get_entry
-from embedpipe.pipelines.cluster import place
-from embedpipe.pipelines.stages import compiled_sections, describe
+from embedpipe.pipelines.mine import import_dataset
+from embedpipe.pipelines.stages import Graph, describe
 
 PIPELINE_NAME = "embedpipe-train"
 STAGES = ("train",)
@@ -23,39 +22,30 @@ LOCAL_OUTPUTS = {
 }
 
 
-def import_dataset(uri):
-    return dsl.importer(artifact_uri=uri, artifact_class=dsl.Dataset, reimport=False).output
-
-
-def add_train_step(parts, settings: Settings, sections: dict, overrides, **inputs):
-    """The train step, on the GPU pool when ``[train].accelerator_type`` is set."""
-    cfg = settings.train
-    task = parts.train(
+def add_train_step(graph: Graph, after=None, **inputs):
+    """The train step (images, splits, negatives, embeddings), on the GPU pool when
+    ``[train].accelerator_type`` is set."""
+    cfg = graph.settings.train
+    task = graph.step(
+        "train",
+        "train",
         **inputs,
-        settings=sections["train"],
-        overrides=overrides,
-        model_entry=get_entry(cfg.model, settings.models).model_dump_json(),
+        model_entry=get_entry(cfg.model, graph.settings.models).model_dump_json(),
     )
-    return place(
-        task,
-        settings.cluster,
-        cache=True,
-        accelerator_type=cfg.accelerator_type,
-        accelerator_limit=cfg.accelerator_limit,
-    )
+    return task.after(after) if after is not None else task
 
 
 def build_pipeline(settings: Settings):
-    parts = build_components(settings.images.data_image, settings.images.gpu_image)
-    sections = compiled_sections(settings, STAGES)
-
     class Outputs(NamedTuple):
         model: Model
         report: HTML
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description=describe("Mined hard negatives -> a trained embedding model", sections),
+        description=describe(
+            "Mined hard negatives -> a trained embedding model",
+            {stage: settings.section(stage) for stage in STAGES},
+        ),
         pipeline_root=settings.cluster.pipeline_root or None,
     )
     def train_pipeline(
@@ -65,19 +55,16 @@ def build_pipeline(settings: Settings):
         embeddings_uri: str,
         train: dict = {},  # noqa: B006 (KFP reads the defaults from the signature)
     ) -> Outputs:
-        check_task = parts.check_settings(settings=sections, train=train)
-        place(check_task, settings.cluster, cache=True)
-        train_task = add_train_step(
-            parts,
-            settings,
-            sections,
-            train,
+        graph = Graph.of(settings, STAGES, {"train": train})
+        task = add_train_step(
+            graph,
+            graph.check(),
             images=import_dataset(images_uri),
             splits=import_dataset(splits_uri),
             negatives=import_dataset(negatives_uri),
             embeddings=import_dataset(embeddings_uri),
-        ).after(check_task)
-        return Outputs(model=train_task.outputs["model"], report=train_task.outputs["report"])
+        )
+        return Outputs(model=task.outputs["model"], report=task.outputs["report"])
 
     return train_pipeline
 
