@@ -9,6 +9,7 @@ from embedpipe.config import load_settings
 from embedpipe.core import datasets
 from embedpipe.data.catalog import build_catalog
 from embedpipe.data.split import create_concept_splits
+from embedpipe.pipelines import PIPELINE_NAMES
 from embedpipe.pipelines.compile import compile_pipelines, read_pipeline_spec
 from embedpipe.pipelines.local import run_locally
 from embedpipe.taxonomy.stage import build_taxonomy
@@ -144,7 +145,9 @@ def test_mine_pipeline_compiles_a_parallel_fan_out(tmp_path):
     settings = settings_for(tmp_path, ["s3://bucket/raw"], sections=extra)
     paths = compile_pipelines(settings, str(tmp_path / "build"))
     spec = read_pipeline_spec(tmp_path / "build" / "mine.yaml")
-    assert sorted(Path(p).name for p in paths) == ["mine.yaml", "preprocess.yaml"]
+    assert sorted(Path(p).name for p in paths) == [
+        f"{name}.yaml" for name in sorted(PIPELINE_NAMES)
+    ]
     tasks = spec["root"]["dag"]["tasks"]
     loop = tasks["for-loop-1"]
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("partition-Output")
