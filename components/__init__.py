@@ -17,7 +17,7 @@ from kfp import dsl
 from embedpipe.components.catalog import catalog
 from embedpipe.components.check import check_settings
 from embedpipe.components.dedup import dedup
-from embedpipe.components.embed import embed
+from embedpipe.components.embed import embed, merge_embeddings
 from embedpipe.components.ingest import ingest
 from embedpipe.components.mine import combine, mine, partition, to_hf
 from embedpipe.components.split import split
@@ -35,6 +35,7 @@ COMPONENTS = MappingProxyType(
         "taxonomy": (taxonomy, DATA),
         "dedup": (dedup, DATA),
         "embed": (embed, GPU),
+        "merge_embeddings": (merge_embeddings, DATA),
         "partition": (partition, DATA),
         "mine": (mine, DATA),  # CPU faiss in the data image,
         "mine_gpu": (mine, GPU),  # or faiss-gpu in the GPU image when GPUs are asked for

@@ -9,8 +9,11 @@ def embed(
     model_entry: str,
     embeddings: Output[Dataset],
     metrics: Output[Metrics],
+    group: int = 0,
+    groups: int = 1,
 ):
-    """Images (those in ``select``) -> Parquet embeddings.
+    """Images (those in ``select``) -> Parquet embeddings; with ``groups`` > 1, only the
+    ``group``-th contiguous group of the input shards (one task of the fan-out).
 
     ``model_entry`` is the registry entry of ``[embed].model`` as JSON, resolved when the
     pipeline is compiled (custom ``[models.NAME]`` entries live in the config file). JSON
@@ -25,6 +28,22 @@ def embed(
 
     config = stage_settings("embed", settings, overrides)
     entry = ModelEntry.model_validate_json(model_entry)
-    result = embed_images(images.path, embeddings.path, config, entry, select.path)
+    result = embed_images(
+        images.path, embeddings.path, config, entry, select.path, shard_group=(group, groups)
+    )
     log_metrics(metrics, result)
     embeddings.metadata.update(kind=EMBEDDINGS_KIND, model=entry.name, dim=entry.embed_dim)
+
+
+def merge_embeddings(parts: Input[list[Dataset]], embeddings: Output[Dataset]):
+    """The fan-out's embeddings as one dataset: the parts' shards in group order, linked
+    (or copied server-side on S3) into it, never rewritten."""
+    from embedpipe.core.datasets import merge_datasets, read_manifest
+    from embedpipe.core.schemas import EMBEDDINGS_KIND
+
+    ordered = sorted(
+        (part.path for part in parts),
+        key=lambda path: read_manifest(path, EMBEDDINGS_KIND)["shard_group"][0],
+    )
+    manifest = merge_datasets(ordered, embeddings.path, EMBEDDINGS_KIND)
+    embeddings.metadata.update(kind=EMBEDDINGS_KIND, model=manifest["model"], rows=manifest["rows"])

@@ -19,6 +19,20 @@ def stages(settings: Settings) -> tuple[str, ...]:
     return ("ingest", "catalog", "split", *optional, "dedup", "embed")
 
 
+def add_embed_steps(graph: Graph, images, select):
+    """One embed step, or ``[embed].parallelism`` of them over contiguous groups of the
+    input shards (each on a GPU of the pool on a cluster) and a merge."""
+    model_entry = get_entry(graph.settings.embed.model, graph.settings.models).model_dump_json()
+    inputs = dict(images=images, select=select, model_entry=model_entry)
+    groups = graph.settings.embed.parallelism
+    if groups == 1:
+        return graph.step("embed", "embed", **inputs).outputs["embeddings"]
+    with dsl.ParallelFor(list(range(groups)), parallelism=groups) as group:
+        part = graph.step("embed", "embed", **inputs, group=group, groups=groups)
+    merged = graph.parts.merge_embeddings(parts=dsl.Collected(part.outputs["embeddings"]))
+    return graph.place(merged).outputs["embeddings"]
+
+
 def add_preprocess_steps(graph: Graph, sources, after) -> dict:
     """The preprocess steps after ``after``; returns their datasets by name."""
     # The sources are URIs whose content KFP cannot see: never reuse a cached ingest.
@@ -28,14 +42,7 @@ def add_preprocess_steps(graph: Graph, sources, after) -> dict:
     catalog = graph.step("catalog", "catalog", images=images)
     split = graph.step("split", "split", catalog=catalog.outputs["catalog"])
     dedup = graph.step("dedup", "dedup", images=images, splits=split.outputs["splits"])
-    model_entry = get_entry(graph.settings.embed.model, graph.settings.models)
-    embed = graph.step(
-        "embed",
-        "embed",
-        images=images,
-        select=dedup.outputs["kept"],
-        model_entry=model_entry.model_dump_json(),
-    )
+    embeddings = add_embed_steps(graph, images, dedup.outputs["kept"])
     if "taxonomy" in graph.sections:
         graph.step("taxonomy", "taxonomy", images=images)
     return {
@@ -44,7 +51,7 @@ def add_preprocess_steps(graph: Graph, sources, after) -> dict:
         "splits": split.outputs["splits"],
         "kept": dedup.outputs["kept"],
         "dedup": dedup.outputs["dedup"],
-        "embeddings": embed.outputs["embeddings"],
+        "embeddings": embeddings,
     }
 
 

@@ -117,40 +117,83 @@ def test_select_limits_the_images(sharded_images, tiny_entry, tiny_checkpoint, t
     assert datasets.read_table(result.out_uri).column("image_id").to_pylist() == ids
 
 
+def die_on_third_shard(monkeypatch):
+    """Kill embed (as Ctrl-C would) when it is about to publish its third shard."""
+    real = embed._publish
+    calls = []
+
+    def publish(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "_publish", publish)
+    return lambda: monkeypatch.setattr(embed, "_publish", real)
+
+
+def kill_after_two_shards(sharded_images, out, config, entry, monkeypatch):
+    revive = die_on_third_shard(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        embed_images(sharded_images, out, config, entry)
+    with pytest.raises(datasets.DatasetError):
+        datasets.read_table(out)  # nothing half-written is visible
+    revive()
+
+
 def test_a_killed_run_resumes_after_the_last_finished_shard(
     sharded_images, tiny_entry, tiny_checkpoint, tmp_path, monkeypatch
 ):
     clean = embed_images(
         sharded_images, str(tmp_path / "clean"), settings(tiny_checkpoint), tiny_entry
     )
-    real = embed._embed_shard
-    calls = []
-
-    def dies_on_third_shard(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(embed, "_embed_shard", dies_on_third_shard)
     out = str(tmp_path / "resumed")
-    with pytest.raises(KeyboardInterrupt):
-        embed_images(sharded_images, out, settings(tiny_checkpoint), tiny_entry)
-    with pytest.raises(datasets.DatasetError):
-        datasets.read_table(out)  # nothing half-written is visible
-    calls.clear()
-    monkeypatch.setattr(embed, "_embed_shard", real)
+    kill_after_two_shards(sharded_images, out, settings(tiny_checkpoint), tiny_entry, monkeypatch)
     resumed = embed_images(sharded_images, out, settings(tiny_checkpoint), tiny_entry)
     assert resumed.resumed_shards == 2
     assert_same_embeddings(datasets.read_table(out), datasets.read_table(clean.out_uri))
     assert not storage.list_files(datasets.side_path(out, embed.PROGRESS_DIR))
 
 
-def test_changed_settings_do_not_reuse_finished_shards(
-    sharded_images, tiny_entry, tiny_checkpoint, tmp_path
+def test_a_killed_run_with_random_weights_resumes_with_the_same_model(
+    sharded_images, tiny_entry, tmp_path, monkeypatch
+):
+    config = settings("random")
+    clean = embed_images(sharded_images, str(tmp_path / "clean"), config, tiny_entry)
+    out = str(tmp_path / "resumed")
+    kill_after_two_shards(sharded_images, out, config, tiny_entry, monkeypatch)
+    resumed = embed_images(sharded_images, out, config, tiny_entry)
+    assert resumed.resumed_shards == 2
+    # shards from before and after the kill come from one model, the clean run's
+    assert_same_embeddings(datasets.read_table(out), datasets.read_table(clean.out_uri))
+
+
+def test_another_seed_does_not_resume_and_gives_another_model(
+    sharded_images, tiny_entry, tmp_path, monkeypatch
 ):
     out = str(tmp_path / "e")
-    embed_images(sharded_images, out, settings(tiny_checkpoint), tiny_entry)
+    kill_after_two_shards(sharded_images, out, settings("random", seed=0), tiny_entry, monkeypatch)
+    reseeded = embed_images(sharded_images, out, settings("random", seed=1), tiny_entry)
+    assert reseeded.resumed_shards == 0
+    clean = embed_images(
+        sharded_images, str(tmp_path / "clean"), settings("random", seed=1), tiny_entry
+    )
+    assert_same_embeddings(datasets.read_table(out), datasets.read_table(clean.out_uri))
+    first_seed = embed_images(
+        sharded_images, str(tmp_path / "seed0"), settings("random", seed=0), tiny_entry
+    )
+    vectors = [
+        np.stack(datasets.read_table(uri).column("embedding").to_pylist())
+        for uri in (out, first_seed.out_uri)
+    ]
+    assert not np.allclose(vectors[0], vectors[1], atol=1e-3)
+
+
+def test_changed_settings_do_not_reuse_finished_shards(
+    sharded_images, tiny_entry, tiny_checkpoint, tmp_path, monkeypatch
+):
+    out = str(tmp_path / "e")
+    kill_after_two_shards(sharded_images, out, settings(tiny_checkpoint), tiny_entry, monkeypatch)
     again = embed_images(
         sharded_images, out, settings(tiny_checkpoint, normalize=False), tiny_entry
     )
@@ -202,8 +245,100 @@ def test_s3_in_and_out(demo_dir, bucket, tiny_entry, tiny_checkpoint, tmp_path):
 
 
 def test_device_and_precision_choices():
-    cpu = torch.device("cpu")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert embed.resolve_device("cpu") == cpu
+    # DECISIONS 8: auto is bf16 weights (no autocast) on CUDA, fp32 on CPU
     assert embed.autocast_dtype("auto", cpu) is None
-    assert embed.autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert embed.weights_dtype("auto", cpu) is torch.float32
+    assert embed.autocast_dtype("auto", cuda) is None
+    assert embed.weights_dtype("auto", cuda) is torch.bfloat16
+    assert embed.autocast_dtype("amp_bf16", cpu) is torch.bfloat16
+    assert embed.weights_dtype("amp_bf16", cpu) is torch.float32
+    assert embed.weights_dtype("pure_bf16", cpu) is torch.bfloat16
     assert embed.autocast_dtype("fp16", cpu) is torch.float16
+    assert embed.resolve_preprocess("auto", cpu) == "pil"
+    assert embed.resolve_preprocess("auto", cuda) == "device"
+
+
+def test_one_loader_serves_every_shard(
+    sharded_images, tiny_entry, tiny_checkpoint, tmp_path, monkeypatch
+):
+    loaders = []
+    real = embed.DataLoader
+
+    def counted(*args, **kwargs):
+        loaders.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "DataLoader", counted)
+    result = embed_images(
+        sharded_images, str(tmp_path / "e"), settings(tiny_checkpoint, num_workers=2), tiny_entry
+    )
+    assert len(datasets.read_manifest(result.out_uri)["shards"]) >= 3
+    assert len(loaders) == 1
+    assert loaders[0]["persistent_workers"]
+
+
+def test_compiled_model_runs_one_batch_shape_and_matches_eager(
+    sharded_images, tiny_entry, tiny_checkpoint, tmp_path, monkeypatch
+):
+    batches = set()
+
+    def recording_backend(graph, example_inputs):  # dynamo's real tracing, no C++ codegen
+        batches.update(
+            t.shape[0] for t in example_inputs if torch.is_tensor(t) and t.shape[1:] == (3, 64, 64)
+        )
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **kw: real_compile(fn, backend=recording_backend)
+    )
+    torch._dynamo.reset()
+    compiled = embed_images(
+        sharded_images, str(tmp_path / "c"), settings(tiny_checkpoint, compile=True), tiny_entry
+    )
+    eager = embed_images(sharded_images, str(tmp_path / "e"), settings(tiny_checkpoint), tiny_entry)
+    assert_same_embeddings(
+        datasets.read_table(compiled.out_uri), datasets.read_table(eager.out_uri)
+    )
+    assert batches == {32}  # the last, partial batch is padded: no recompiling
+
+
+def test_text_embedding_streams_batches_into_shards(
+    tiny_entry, tiny_checkpoint, tmp_path, monkeypatch
+):
+    prompts = [f"a photo of concept number {i}" for i in range(5_000)]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts + prompts[:300]) + "\n")  # repeats are embedded once
+    written = []
+    real_write = datasets.DatasetWriter.write
+
+    def recording(self, batch):
+        written.append(batch.num_rows)
+        return real_write(self, batch)
+
+    monkeypatch.setattr(datasets.DatasetWriter, "write", recording)
+    result = embed_texts(
+        str(path),
+        str(tmp_path / "t"),
+        settings(tiny_checkpoint, batch_size=64),
+        tiny_entry,
+        rows_per_shard=1_000,
+    )
+    assert result.embedded == 5_000
+    assert max(written) <= 64 and sum(written) == 5_000  # the writer is fed batch by batch
+    assert len(datasets.read_manifest(result.out_uri)["shards"]) == 5
+    table = datasets.read_table(result.out_uri, "text-embeddings")
+    assert table.column("text").to_pylist() == prompts
+    sample = slice(4_990, 5_000)
+    model = load_model(tiny_entry, tiny_checkpoint)
+    with torch.no_grad():
+        tokens = open_clip.get_tokenizer("embedpipe-tiny")(prompts[sample])
+        expected = torch.nn.functional.normalize(model.module.encode_text(tokens), dim=-1)
+    np.testing.assert_allclose(
+        np.stack(table.column("embedding").to_pylist()[sample]),
+        expected.numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )

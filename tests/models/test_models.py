@@ -171,9 +171,22 @@ def test_hub_tokenizers_say_so_offline():
         image_only.encode_texts(["a photo"])
 
 
-def test_random_weights_differ_between_builds_but_checkpoints_do_not(tiny_entry, tmp_path):
-    a, b = load_model(tiny_entry, "random"), load_model(tiny_entry, "random")
-    assert not same_outputs(a, b, 64)
+def same_state(a, b) -> bool:
+    first, second = a.module.state_dict(), b.module.state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("name", ["tiny", "dinov2_small"])
+def test_random_weights_are_seeded_and_leave_the_global_rng_alone(name, tiny_entry):
+    entry = tiny_entry if name == "tiny" else REGISTRY[name]
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = load_model(entry, "random", seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(456)  # another global state: the model does not depend on it
+    b = load_model(entry, "random", seed=0)
+    assert same_state(a, b)
+    assert not same_state(a, load_model(entry, "random", seed=1))
     weights = [p.detach().numpy().copy() for p in a.module.parameters()]
     assert all(np.isfinite(w).all() for w in weights)
 

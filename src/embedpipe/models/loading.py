@@ -4,7 +4,8 @@ Weights come from:
 
 - ``""``: the entry's own source (an open_clip pretrained tag, ``hf-hub:ID`` or a
   transformers hub id); offline this fails with a message that says so;
-- ``"random"``: the architecture with random weights (tests, smoke runs);
+- ``"random"``: the architecture with random weights drawn from ``seed`` (tests, smoke
+  runs): the same seed gives the same model, so a resumed run goes on with it;
 - a local directory: an embedpipe checkpoint (``config.json`` + ``model.safetensors``)
   or a Hugging Face ``save_pretrained`` folder;
 - a local checkpoint file (open_clip ``.pt``/``.bin``/``.safetensors``);
@@ -29,7 +30,13 @@ import torch
 
 from embedpipe.core import storage
 from embedpipe.models.backends import Backend, backend_for
-from embedpipe.models.backends.base import CONFIG_NAME, EMBEDPIPE_NAME, WEIGHTS_NAME, Transform
+from embedpipe.models.backends.base import (
+    CONFIG_NAME,
+    EMBEDPIPE_NAME,
+    WEIGHTS_NAME,
+    PreprocessSpec,
+    Transform,
+)
 from embedpipe.models.backends.open_clip import register_open_clip_config
 from embedpipe.models.heads import HEAD_KIND
 from embedpipe.models.registry import ModelEntry, ModelError
@@ -68,6 +75,10 @@ class LoadedModel:
     @property
     def backend(self) -> Backend:
         return backend_for(self.backbone_entry or self.entry)
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return self.backend.preprocess_spec(self.entry, self.module)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.backbone_entry is not None:
@@ -236,7 +247,11 @@ def _load_head(entry: ModelEntry, local: str, source: str, device: str, tokenize
 
 
 def load_model(
-    entry: ModelEntry, weights: str = "", device: str = "cpu", tokenizer_dir: str = ""
+    entry: ModelEntry,
+    weights: str = "",
+    device: str = "cpu",
+    tokenizer_dir: str = "",
+    seed: int = 0,
 ) -> LoadedModel:
     """The model with its weights. A checkpoint directory is loaded strictly against the
     config it carries; a head checkpoint loads its backbone, then the head."""
@@ -252,7 +267,7 @@ def load_model(
     backend = backend_for(entry)
     try:
         if local == RANDOM_WEIGHTS:
-            module = backend.create(entry, None)
+            module = _create_seeded(backend, entry, seed)
         elif os.path.isdir(local):
             module = backend.load_checkpoint(entry, local)
         else:
@@ -267,6 +282,13 @@ def load_model(
     transform = backend.eval_transform(entry, module)
     module = module.to(device).eval()
     return LoadedModel(entry, module, transform, source, tokenizer_dir)
+
+
+def _create_seeded(backend: Backend, entry: ModelEntry, seed: int) -> torch.nn.Module:
+    # A forked RNG: the caller's global random state is the same afterwards.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return backend.create(entry, None)
 
 
 def save_model(model: LoadedModel, out_uri: str) -> str:

@@ -1,6 +1,7 @@
 """What a model library must provide, and the checkpoint file names backends share."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -14,6 +15,19 @@ WEIGHTS_NAME = "model.safetensors"
 EMBEDPIPE_NAME = "embedpipe.json"  # beside a Hugging Face save_pretrained folder
 
 Transform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What the model's eval transform does, in open_clip's ``PreprocessCfg`` terms, so
+    that pixels can be prepared with tensor ops on any device."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"  # or "bilinear"
+    resize_mode: str = "shortest"  # "shortest" then centre crop, "longest" then pad, "squash"
+    fill_color: int = 0
 
 
 class Backend(Protocol):
@@ -36,6 +50,10 @@ class Backend(Protocol):
     ) -> None: ...
 
     def eval_transform(self, entry: ModelEntry, module: torch.nn.Module) -> Transform: ...
+
+    def preprocess_spec(self, entry: ModelEntry, module: torch.nn.Module) -> PreprocessSpec:
+        """The same preprocessing as ``eval_transform``, as data."""
+        ...
 
     def encode_images(
         self, entry: ModelEntry, module: torch.nn.Module, pixels: torch.Tensor

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME, Transform
+from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME, PreprocessSpec, Transform
 from embedpipe.models.registry import ModelEntry, ModelError
 
 
@@ -77,6 +77,18 @@ class OpenClipBackend:
 
         config = PreprocessCfg(**module.visual.preprocess_cfg)
         return image_transform_v2(config, is_train=False)
+
+    def preprocess_spec(self, entry: ModelEntry, module: torch.nn.Module) -> PreprocessSpec:
+        config = module.visual.preprocess_cfg
+        size = config["size"]
+        return PreprocessSpec(
+            size=(size, size) if isinstance(size, int) else tuple(size),
+            mean=tuple(config["mean"]),
+            std=tuple(config["std"]),
+            interpolation="bilinear" if config.get("interpolation") == "bilinear" else "bicubic",
+            resize_mode=config.get("resize_mode") or "shortest",
+            fill_color=config.get("fill_color", 0),
+        )
 
     def encode_images(
         self, entry: ModelEntry, module: torch.nn.Module, pixels: torch.Tensor

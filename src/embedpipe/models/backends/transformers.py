@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from embedpipe.models.backends.base import EMBEDPIPE_NAME, Transform
+from embedpipe.models.backends.base import EMBEDPIPE_NAME, PreprocessSpec, Transform
 from embedpipe.models.registry import ModelEntry
 
 
@@ -48,6 +48,10 @@ class TransformersBackend:
         return transforms.Compose(
             [*resize, transforms.ToTensor(), transforms.Normalize(entry.mean, entry.std)]
         )
+
+    def preprocess_spec(self, entry: ModelEntry, module: torch.nn.Module) -> PreprocessSpec:
+        size = entry.image_size
+        return PreprocessSpec((size, size), entry.mean, entry.std, "bicubic", entry.resize)
 
     def encode_images(
         self, entry: ModelEntry, module: torch.nn.Module, pixels: torch.Tensor
