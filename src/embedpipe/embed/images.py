@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -48,7 +47,15 @@ from tqdm import tqdm
 
 from embedpipe.config import EmbedSettings
 from embedpipe.core import datasets, storage
-from embedpipe.core.images import DEFAULT_LIMITS, ImageLimits, decode_rgb
+from embedpipe.core.images import (
+    DEFAULT_LIMITS,
+    ImageLimits,
+    ImageRejected,
+    decode_rgb,
+    error_reason,
+    open_checked,
+    orientation,
+)
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import EMBEDDINGS_KIND, IMAGES_KIND, REJECTED_SCHEMA
 from embedpipe.embed import device_pixels
@@ -212,13 +219,13 @@ def decode(
 # What a worker hands over for one image: ready model input (float, the Pillow path),
 # JPEG bytes for the device, Pillow-decoded uint8 pixels (HWC), or why it failed.
 READY, JPEG, PIXELS, ERROR = "ready", "jpeg", "pixels", "error"
-EXIF_ORIENTATION = 0x0112
-OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def decode_error(error: Exception) -> str:
-    # Pillow names the BytesIO it read by address; the same file must give the same reason.
-    return f"cannot decode image: {type(error).__name__}: {OBJECT_REPR.sub('the data', str(error))}"
+    """The rejection reason: the caps' own, or Pillow's without object addresses."""
+    if isinstance(error, ImageRejected):
+        return str(error)
+    return f"cannot decode image: {error_reason(error)}"
 
 
 class PilPixels:
@@ -243,10 +250,12 @@ class DevicePixels:
 
 
 def _plain_jpeg(data: bytes) -> bool:
+    """A JPEG the device may decode as it is: RGB or grey, upright, within the size caps
+    (checked from the header, as decode() does)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:  # the header only
-            return image.mode in ("RGB", "L") and image.getexif().get(EXIF_ORIENTATION, 1) == 1
-    except Exception:  # decode() will say what is wrong with it
+        with open_checked(data, DEFAULT_LIMITS) as image:
+            return image.mode in ("RGB", "L") and orientation(image) == 1
+    except ImageRejected:  # decode() rejects it, with the reason
         return False
 
 
