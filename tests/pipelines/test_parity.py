@@ -28,6 +28,9 @@ CHOSEN = {
     ("taxonomy", "table"): "/data/Taxon.tsv",
     ("taxonomy", "val_fraction"): 0.25,
     ("embed", "device"): "cpu",
+    ("evaluate", "tasks"): ("zeroshot", "anomaly"),
+    ("evaluate", "recall_k"): (2, 3),
+    ("evaluate", "templates"): ("a sketch of a {c}.",),
 }
 # The library function each stage's settings reach: (module, function).
 ENTRY_POINTS = {
@@ -40,7 +43,10 @@ ENTRY_POINTS = {
     "mine": ("embedpipe.mining.mine", "mine_category"),
     "combine": ("embedpipe.mining.combine", "combine_negatives"),
     "to_hf": ("embedpipe.mining.to_hf", "export_to_hf"),
+    "evaluate": ("embedpipe.evaluate.stage", "evaluate_models"),
 }
+# Stages whose KFP component and pipeline step land later (the integrator removes them).
+NO_COMPONENT_YET = {"evaluate"}
 
 
 def _other_value(stage: str, key: str, field):
@@ -142,6 +148,7 @@ INPUTS = {  # positional inputs and --out of each command
     "mine": ["metadata", "embeddings"],
     "combine": ["negatives"],
     "to-hf": ["negatives", "images"],
+    "evaluate": ["metadata", "--embeddings", "embeddings"],
 }
 
 
@@ -238,12 +245,13 @@ def test_each_step_gets_exactly_its_stage_section(everything_compiled):
         assert checked == {stage: settings.section(stage) for stage in stages}, name
         run_parameters = set(spec["root"]["inputDefinitions"]["parameters"])
         assert stages <= run_parameters
-    assert reached == set(STAGE_SETTINGS)
+    assert reached == set(STAGE_SETTINGS) - NO_COMPONENT_YET
 
 
 def test_the_check_step_takes_every_stage():
     check = COMPONENTS["check_settings"][0]
-    assert set(inspect.signature(check).parameters) == {"settings", *STAGE_SETTINGS}
+    expected = {"settings", *STAGE_SETTINGS} - NO_COMPONENT_YET
+    assert set(inspect.signature(check).parameters) == expected
 
 
 def _artifact(path="artifact"):
@@ -272,7 +280,7 @@ def _component_arguments(function, stage: str, settings: dict, overrides: dict) 
     return arguments
 
 
-@pytest.mark.parametrize("stage", list(ENTRY_POINTS))
+@pytest.mark.parametrize("stage", [s for s in ENTRY_POINTS if s not in NO_COMPONENT_YET])
 def test_every_field_reaches_the_stage_through_its_component(stage, captured, monkeypatch):
     """What `embedpipe run` and the cluster execute: the component body, given the compiled
     section (every field changed), or the defaults plus the run's overrides."""

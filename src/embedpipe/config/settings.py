@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError
 from embedpipe.config.base import ConfigError, Section, compile_time_keys
 from embedpipe.config.cluster import ClusterSettings, ImagesSettings
 from embedpipe.config.data import CatalogSettings, DedupSettings, IngestSettings, SplitSettings
+from embedpipe.config.evaluate import EvaluateSettings
 from embedpipe.config.mining import CombineSettings, MineSettings, ToHfSettings
 from embedpipe.config.models import EmbedSettings
 from embedpipe.config.taxonomy import TaxonomySettings
@@ -56,6 +57,7 @@ STAGE_SETTINGS: dict[str, type[Section]] = {
     "mine": MineSettings,
     "combine": CombineSettings,
     "to_hf": ToHfSettings,
+    "evaluate": EvaluateSettings,
 }
 
 
@@ -72,6 +74,7 @@ class Settings(Section):
     mine: MineSettings = Field(default_factory=MineSettings)
     combine: CombineSettings = Field(default_factory=CombineSettings)
     to_hf: ToHfSettings = Field(default_factory=ToHfSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     models: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="extra registry entries, [models.NAME]"
