@@ -494,3 +494,12 @@ def test_cli_evaluates_several_sources_and_prints_the_metrics(tmp_path, capsys):
     )
     assert code != 0
     assert "without --text-embeddings" in capsys.readouterr().err
+
+
+def test_cli_without_a_model_or_embeddings_says_so(tmp_path, capsys):
+    planted = Planted(tmp_path)
+    assert main(["evaluate", planted.meta_uri, "--out", str(tmp_path / "out")]) != 0
+    assert "give --weights MODEL or --embeddings URI" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's usage error
+        main(["evaluate", planted.meta_uri, "--text-embeddings", "t", "--out", "o"])
+    assert "--text-embeddings follows the --embeddings" in capsys.readouterr().err

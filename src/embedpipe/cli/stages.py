@@ -243,6 +243,7 @@ def inputs_evaluate(parser: argparse.ArgumentParser) -> None:
         metavar="URI",
         help="`embed-text` output of the prompts and captions, for the --embeddings before it",
     )
+    parser.set_defaults(sources=None)
     _out(
         parser,
         "output folder: per-image results; .embedpipe/ holds metrics.json, "

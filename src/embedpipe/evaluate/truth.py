@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from embedpipe.config.evaluate import EvaluateSettings
 from embedpipe.core import datasets, storage
@@ -19,8 +20,8 @@ from embedpipe.evaluate.templates import TEMPLATE_SETS
 def read_metadata(uri: str) -> tuple[pa.Table, str]:
     """One row per distinct image id (the first), without image bytes; and its kind."""
     manifest = datasets.read_manifest(uri)
-    first = datasets.read_table_file(datasets.shard_uris(uri, manifest)[0], None)
-    columns = [name for name in first.column_names if name != "image"]
+    fs, path = storage.arrow_filesystem(datasets.shard_uris(uri, manifest)[0])
+    columns = [name for name in pq.read_schema(path, filesystem=fs).names if name != "image"]
     if "image_id" not in columns:
         raise MissingGroundTruth(f"{uri}: no image_id column ({', '.join(columns)})")
     table = datasets.read_table(uri, columns=columns)
