@@ -37,9 +37,12 @@ CHOSEN = {
     ("train", "lock_text"): True,
     ("train", "nproc_per_node"): 1,  # > 1 would re-launch the command under torchrun
     ("train", "labels"): "concept",
+    ("evaluate", "tasks"): ("zeroshot", "anomaly"),
+    ("evaluate", "recall_k"): (2, 3),
+    ("evaluate", "templates"): ("a sketch of a {c}.",),
 }
 # Stages whose component and pipeline step are still to come (#13.7, #15.4).
-NO_COMPONENT_YET = {"publish"}
+NO_COMPONENT_YET = {"evaluate", "publish"}
 # The library function each stage's settings reach: (module, function).
 ENTRY_POINTS = {
     "ingest": ("embedpipe.data.ingest", "ingest_images"),
@@ -53,7 +56,9 @@ ENTRY_POINTS = {
     "to_hf": ("embedpipe.mining.to_hf", "export_to_hf"),
     "train": ("embedpipe.train.stage", "train_model"),
     "publish": ("embedpipe.publish.stage", "publish_checkpoint"),
+    "evaluate": ("embedpipe.evaluate.stage", "evaluate_models"),
 }
+# Stages whose KFP component and pipeline step land later (the integrator removes them).
 
 
 def _other_value(stage: str, key: str, field):
@@ -157,6 +162,7 @@ INPUTS = {  # positional inputs and --out of each command
     "to-hf": ["negatives", "images"],
     "train": ["images"],
     "publish": ["checkpoint"],
+    "evaluate": ["metadata", "--embeddings", "embeddings"],
 }
 
 
@@ -258,7 +264,8 @@ def test_each_step_gets_exactly_its_stage_section(everything_compiled):
 
 def test_the_check_step_takes_every_stage():
     check = COMPONENTS["check_settings"][0]
-    assert set(inspect.signature(check).parameters) == {"settings", *STAGE_SETTINGS}
+    expected = {"settings", *STAGE_SETTINGS}
+    assert set(inspect.signature(check).parameters) == expected
 
 
 def _artifact(path="artifact"):

@@ -282,6 +282,73 @@ def inputs_publish(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _AppendSource(argparse.Action):
+    """--weights / --embeddings in the order given; --text-embeddings pairs with the
+    --embeddings before it."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        sources = list(getattr(namespace, "sources", None) or [])
+        if option_string == "--text-embeddings":
+            if not sources or sources[-1][0] != "embeddings" or sources[-1][2]:
+                parser.error("--text-embeddings follows the --embeddings it belongs to")
+            sources[-1] = ("embeddings", sources[-1][1], value)
+        else:
+            sources.append((option_string.removeprefix("--"), value, ""))
+        namespace.sources = sources
+
+
+def run_evaluate(args: argparse.Namespace, settings: Settings) -> None:
+    from embedpipe.evaluate.sources import EmbeddingsSource, ModelSource
+    from embedpipe.evaluate.stage import evaluate_models
+
+    sources = [
+        ModelSource(value) if kind == "weights" else EmbeddingsSource(value, texts)
+        for kind, value, texts in args.sources or []
+    ]
+    if not sources:
+        raise ConfigError("evaluate: give --weights MODEL or --embeddings URI (repeatable)")
+    result = evaluate_models(
+        sources, args.metadata, args.out, settings.evaluate, args.images or "", settings.models
+    )
+    _print_result(result)
+
+
+def inputs_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "metadata",
+        metavar="METADATA",
+        help="images with their ground truth: an `ingest`, `split` or `dedup` output",
+    )
+    parser.add_argument(
+        "--images", metavar="URI", help="`ingest` output the models read (default: METADATA)"
+    )
+    parser.add_argument(
+        "--weights",
+        action=_AppendSource,
+        metavar="MODEL",
+        help="a registry entry, checkpoint folder, local-dir:DIR, or weights for --model "
+        "(repeatable: models side by side)",
+    )
+    parser.add_argument(
+        "--embeddings",
+        action=_AppendSource,
+        metavar="URI",
+        help="precomputed `embed` output (repeatable)",
+    )
+    parser.add_argument(
+        "--text-embeddings",
+        action=_AppendSource,
+        metavar="URI",
+        help="`embed-text` output of the prompts and captions, for the --embeddings before it",
+    )
+    parser.set_defaults(sources=None)
+    _out(
+        parser,
+        "output folder: per-image results; .embedpipe/ holds metrics.json, "
+        "confusion_matrix.json and report.html",
+    )
+
+
 @dataclass(frozen=True)
 class StageCommand:
     name: str  # the command
@@ -382,6 +449,17 @@ STAGE_COMMANDS = (
         "head on frozen embeddings; hard negatives in the batch, validation recall@K on "
         "held-out concepts, checkpoints that a rerun of the same command resumes from, "
         "several GPUs with --nproc-per-node.",
+    ),
+    StageCommand(
+        "evaluate",
+        "evaluate",
+        inputs_evaluate,
+        run_evaluate,
+        "zero-shot, retrieval, probes, anomalies and plots for models or embeddings",
+        "Evaluate one or more models (--weights) or precomputed embeddings (--embeddings) "
+        "on the same images, side by side: clip_benchmark's zero-shot and image-text "
+        "retrieval metrics, image->image retrieval per category, linear and regression "
+        "probes, kNN and IsolationForest anomaly scores, and an HTML report.",
     ),
     StageCommand(
         "publish",

@@ -16,6 +16,7 @@ from embedpipe.config.base import (
 )
 from embedpipe.config.cluster import ClusterSettings, ImagesSettings, Toleration
 from embedpipe.config.data import CatalogSettings, DedupSettings, IngestSettings, SplitSettings
+from embedpipe.config.evaluate import EvaluateSettings
 from embedpipe.config.mining import CombineSettings, MineSettings, ToHfSettings
 from embedpipe.config.models import EmbedSettings
 from embedpipe.config.publish import PublishSettings
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigError",
     "DedupSettings",
     "EmbedSettings",
+    "EvaluateSettings",
     "GlobalSettings",
     "ImagesSettings",
     "IngestSettings",

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError
 from embedpipe.config.base import ConfigError, Section, compile_time_keys
 from embedpipe.config.cluster import ClusterSettings, ImagesSettings
 from embedpipe.config.data import CatalogSettings, DedupSettings, IngestSettings, SplitSettings
+from embedpipe.config.evaluate import EvaluateSettings
 from embedpipe.config.mining import CombineSettings, MineSettings, ToHfSettings
 from embedpipe.config.models import EmbedSettings
 from embedpipe.config.publish import PublishSettings
@@ -65,6 +66,7 @@ STAGE_SETTINGS: dict[str, type[Section]] = {
     "combine": CombineSettings,
     "to_hf": ToHfSettings,
     "train": TrainSettings,
+    "evaluate": EvaluateSettings,
     "publish": PublishSettings,
 }
 
@@ -83,6 +85,7 @@ class Settings(Section):
     combine: CombineSettings = Field(default_factory=CombineSettings)
     to_hf: ToHfSettings = Field(default_factory=ToHfSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     models: dict[str, dict[str, Any]] = Field(

@@ -1,0 +1,1 @@
+"""evaluate: zero-shot, retrieval, probes, anomalies, plots and the report."""

@@ -1,0 +1,265 @@
+"""What is evaluated: a model (embeddings computed here) or precomputed embeddings.
+
+A model is named by ``--weights``: a registry entry (its own weights), an embedpipe
+checkpoint folder (its ``config.json`` names the entry), ``local-dir:DIR`` (open_clip's
+Hugging Face layout), or a weights file / ``random`` / ``s3://`` prefix for the entry
+``[evaluate].model``. Precomputed embeddings are an ``embed`` output, with an
+``embed-text`` output for the texts (class prompts, captions) when text tasks run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from embedpipe.config.evaluate import EvaluateSettings
+from embedpipe.core import datasets, storage
+from embedpipe.core.schemas import EMBEDDINGS_KIND, IMAGES_KIND, TEXT_EMBEDDINGS_KIND
+
+LOCAL_DIR = "local-dir:"
+
+
+class MissingGroundTruth(ValueError):
+    """The data (or the model) lacks what an asked metric needs."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    weights: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class EmbeddingsSource:
+    embeddings: str
+    text_embeddings: str = ""
+    name: str = ""
+
+
+Source = ModelSource | EmbeddingsSource
+
+
+def _matrix(table, column: str = "embedding") -> np.ndarray:
+    array = table.column(column).combine_chunks()
+    dim = array.type.list_size
+    return np.asarray(array.flatten(), dtype=np.float32).reshape(-1, dim)
+
+
+class PrecomputedEncoder:
+    def __init__(self, source: EmbeddingsSource):
+        self.source = source.embeddings
+        manifest = datasets.read_manifest(source.embeddings, EMBEDDINGS_KIND)
+        base = os.path.basename(storage.normalize(source.embeddings).rstrip("/"))
+        self.name = source.name or (
+            f"{manifest['model']} ({base})" if "model" in manifest else base
+        )
+        table = datasets.read_table(source.embeddings, EMBEDDINGS_KIND, ["image_id", "embedding"])
+        self._ids = {i: k for k, i in enumerate(table.column("image_id").to_pylist())}
+        self._vectors = _matrix(table)
+        self._texts: dict[str, int] | None = None
+        self.text_source = source.text_embeddings
+        if source.text_embeddings:
+            texts = datasets.read_table(source.text_embeddings, TEXT_EMBEDDINGS_KIND)
+            self._texts = {t: k for k, t in enumerate(texts.column("text").to_pylist())}
+            self._text_vectors = _matrix(texts)
+
+    @property
+    def has_text(self) -> bool:
+        return self._texts is not None
+
+    def why_no_text(self) -> str:
+        return f"{self.source}: precomputed image embeddings without --text-embeddings"
+
+    def images(self, ids: list[str]) -> np.ndarray:
+        missing = [i for i in ids if i not in self._ids]
+        if missing:
+            raise MissingGroundTruth(
+                f"{self.source}: no embedding for {len(missing)} of the {len(ids)} images "
+                f"evaluated (e.g. {missing[0]}); embed them, or evaluate a selection they cover"
+            )
+        return self._vectors[[self._ids[i] for i in ids]]
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        assert self._texts is not None
+        missing = [t for t in dict.fromkeys(texts) if t not in self._texts]
+        if missing:
+            raise MissingGroundTruth(
+                f"{self.text_source}: no embedding for {len(missing)} text(s) the evaluation "
+                f"needs (e.g. {missing[0]!r}); embed the prompts and captions with embed-text"
+            )
+        return self._text_vectors[[self._texts[t] for t in texts]]
+
+
+def _saved_entry(directory: str) -> dict[str, Any] | None:
+    from embedpipe.models.loading import CONFIG_NAME, EMBEDPIPE_NAME
+
+    for name in (CONFIG_NAME, EMBEDPIPE_NAME):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            saved = json.loads(Path(path).read_text(encoding="utf-8"))
+            if isinstance(saved, dict) and isinstance(saved.get("entry"), dict):
+                return saved["entry"]
+    return None
+
+
+class ModelEncoder:
+    def __init__(
+        self,
+        source: ModelSource,
+        config: EvaluateSettings,
+        images_uri: str,
+        models: dict[str, dict[str, Any]] | None = None,
+    ):
+        import torch
+
+        from embedpipe.embed.images import resolve_device
+
+        self.source = source.weights
+        self.images_uri = images_uri
+        self.config = config
+        self.device = resolve_device(config.device)
+        self._torch = torch
+        if source.weights.startswith(LOCAL_DIR):
+            self._load_local_dir(source.weights)
+        else:
+            self._load_entry(source.weights, models)
+        self.name = source.name or self.name
+
+    def _load_local_dir(self, spec: str) -> None:
+        import open_clip
+
+        folder = spec[len(LOCAL_DIR) :]
+        if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+            raise FileNotFoundError(f"{spec}: no open_clip_config.json in {folder}")
+        module, _, transform = open_clip.create_model_and_transforms(spec, device=self.device)
+        tokenizer = open_clip.get_tokenizer(spec)
+        module.eval()
+        self.name = os.path.basename(os.path.normpath(folder))
+        self.transform = transform
+        self._encode_images = module.encode_image
+        self._encode_texts = lambda texts: module.encode_text(tokenizer(texts).to(self.device))
+        self.has_text = True
+
+    def _load_entry(self, weights: str, models: dict[str, dict[str, Any]] | None) -> None:
+        from embedpipe.models.loading import fetch_weights, load_model
+        from embedpipe.models.registry import ModelEntry, get_entry, load_registry
+
+        registry = load_registry(models)
+        local = weights
+        if storage.is_s3(weights) and not self.config.model:
+            local = fetch_weights(weights)
+        saved = _saved_entry(local) if os.path.isdir(local) else None
+        if weights in registry:
+            entry, weights = registry[weights], ""
+        elif saved is not None:
+            entry, weights = ModelEntry(**saved), local
+        elif self.config.model:
+            entry = get_entry(self.config.model, models)
+        elif os.path.isdir(local):
+            raise FileNotFoundError(
+                f"{weights}: not a checkpoint (no config.json naming its model entry); "
+                "set --model to the registry entry it belongs to"
+            )
+        else:
+            raise ValueError(
+                f"--weights {weights}: not a registry entry, checkpoint folder or local-dir:; "
+                "set --model to the registry entry these weights belong to"
+            )
+        model = load_model(entry, weights, str(self.device), self.config.tokenizer_dir)
+        suffix = f" ({os.path.basename(os.path.normpath(weights))})" if weights else ""
+        self.name = entry.name + suffix
+        self.transform = model.transform
+        self._encode_images = model.encode_images
+        self._encode_texts = model.encode_texts
+        self.has_text = entry.text
+
+    def why_no_text(self) -> str:
+        return f"{self.name}: an image-only model has no text tower"
+
+    def _autocast(self):
+        from embedpipe.embed.images import autocast_dtype
+
+        dtype = autocast_dtype(self.config.precision, self.device)
+        return self._torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def images(self, ids: list[str]) -> np.ndarray:
+        from embedpipe.embed.images import decode
+
+        torch = self._torch
+        if not self.images_uri:
+            raise MissingGroundTruth(
+                "evaluating a model needs the images: give --images (an `ingest` output)"
+            )
+        wanted = {image_id: row for row, image_id in enumerate(ids)}
+        out: np.ndarray | None = None
+        found = np.zeros(len(ids), dtype=bool)
+        pending: list[tuple[int, Any]] = []
+
+        def flush() -> None:
+            nonlocal out
+            rows = [row for row, _ in pending]
+            pixels = torch.stack([p for _, p in pending]).to(self.device)
+            with torch.inference_mode(), self._autocast():
+                vectors = self._encode_images(pixels).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(ids), vectors.shape[1]), dtype=np.float32)
+            out[rows] = vectors
+            found[rows] = True
+            pending.clear()
+
+        batches = datasets.iter_batches(self.images_uri, IMAGES_KIND, ["image_id", "image"], 256)
+        for batch in batches:
+            keep = pc.is_in(batch.column(0), value_set=_string_array(wanted))
+            for image_id, data in zip(
+                batch.column(0).filter(keep).to_pylist(),
+                batch.column(1).filter(keep),
+                strict=True,
+            ):
+                row = wanted[image_id]
+                if found[row] or any(r == row for r, _ in pending):
+                    continue
+                pending.append((row, self.transform(decode(data.as_py(), None))))
+                if len(pending) == self.config.batch_size:
+                    flush()
+        if pending:
+            flush()
+        if not found.all():
+            missing = ids[int(np.flatnonzero(~found)[0])]
+            raise MissingGroundTruth(
+                f"{self.images_uri}: {int((~found).sum())} image(s) of the metadata are not in "
+                f"the images dataset (e.g. {missing})"
+            )
+        assert out is not None
+        return out
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        chunks = []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(texts), self.config.batch_size):
+                batch = texts[start : start + self.config.batch_size]
+                chunks.append(self._encode_texts(batch).float().cpu().numpy())
+        return np.concatenate(chunks)
+
+
+def _string_array(values):
+    import pyarrow as pa
+
+    return pa.array(list(values), pa.string())
+
+
+def open_source(
+    source: Source,
+    config: EvaluateSettings,
+    images_uri: str,
+    models: dict[str, dict[str, Any]] | None = None,
+):
+    if isinstance(source, EmbeddingsSource):
+        return PrecomputedEncoder(source)
+    return ModelEncoder(source, config, images_uri, models)
