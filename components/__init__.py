@@ -18,8 +18,10 @@ from embedpipe.components.catalog import catalog
 from embedpipe.components.check import check_settings
 from embedpipe.components.dedup import dedup
 from embedpipe.components.embed import embed, merge_embeddings
+from embedpipe.components.evaluate import evaluate
 from embedpipe.components.ingest import ingest
 from embedpipe.components.mine import combine, mine, partition, to_hf
+from embedpipe.components.publish import publish
 from embedpipe.components.split import split
 from embedpipe.components.taxonomy import taxonomy
 from embedpipe.components.train import train
@@ -42,6 +44,8 @@ COMPONENTS = MappingProxyType(
         "combine": (combine, DATA),
         "to_hf": (to_hf, DATA),
         "train": (train, GPU),
+        "evaluate": (evaluate, GPU),
+        "publish": (publish, GPU),
     }
 )
 

@@ -8,6 +8,8 @@ PIPELINE_MODULES = {
     "preprocess": "embedpipe.pipelines.preprocess",
     "mine": "embedpipe.pipelines.mine",
     "train": "embedpipe.pipelines.train",
+    "evaluate": "embedpipe.pipelines.evaluate",
+    "end_to_end": "embedpipe.pipelines.end_to_end",
 }
 PIPELINE_NAMES = tuple(PIPELINE_MODULES)
 

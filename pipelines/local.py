@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 
-from embedpipe.config import Settings
+from embedpipe.config import ConfigError, Settings
 from embedpipe.core import storage
 from embedpipe.pipelines import pipeline_module
 from embedpipe.pipelines.progress import LOG_DIR, LocalRun, Progress
@@ -57,6 +57,24 @@ def latest_outputs(settings: Settings, name: str) -> dict[str, str] | None:
     """The outputs of the last successful local run of pipeline ``name``, if any."""
     path = _latest_path(settings, name)
     return storage.read_json(path) if os.path.exists(path) else None
+
+
+def local_inputs(settings: Settings, wanted: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """``NAME_uri`` for each wanted input: ``[paths].NAME`` where set, else the output
+    ``wanted[NAME] = (pipeline, task/output)`` of the latest local run of that pipeline."""
+    given = {}
+    for name, (pipeline, output) in wanted.items():
+        uri = getattr(settings.paths, name)
+        if not uri:
+            latest = latest_outputs(settings, pipeline)
+            if latest is None:
+                raise ConfigError(
+                    f"[paths].{name} is not set and no local {pipeline} run was found; run "
+                    f"`embedpipe run {pipeline}` first or set it"
+                )
+            uri = latest[output]
+        given[f"{name}_uri"] = storage.normalize(uri)
+    return given
 
 
 def task_outputs(run_dir: str) -> dict[str, str]:

@@ -5,17 +5,17 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset
 
-from embedpipe.config import ConfigError, Settings
-from embedpipe.core import storage
+from embedpipe.config import Settings
+from embedpipe.pipelines.local import local_inputs
 from embedpipe.pipelines.stages import Graph, describe
 
 PIPELINE_NAME = "embedpipe-mine"
 STAGES = ("mine", "combine", "to_hf")
 # Where each input comes from in a local preprocess run (see pipelines/local.py).
-PREPROCESS_OUTPUTS = {
-    "images": "ingest/images",
-    "metadata": "dedup/kept",
-    "embeddings": "embed/embeddings",
+LOCAL_OUTPUTS = {
+    "images": ("preprocess", "ingest/images"),
+    "metadata": ("preprocess", "dedup/kept"),
+    "embeddings": ("preprocess", "embed/embeddings"),
 }
 
 
@@ -27,7 +27,7 @@ def add_mining_steps(graph: Graph, images, metadata, embeddings, after) -> dict:
     """Partition, the per-category fan-out, combine and the HF export, after ``after``."""
     cfg = graph.settings.mine
     partitioned = graph.parts.partition(images=images, metadata=metadata, embeddings=embeddings)
-    graph.place(partitioned.after(after))
+    graph.place(partitioned if after is None else partitioned.after(after))
     component = "mine_gpu" if cfg.accelerator_type else "mine"
     with dsl.ParallelFor(partitioned.outputs["Output"], parallelism=cfg.parallelism) as category:
         per_category = graph.step(
@@ -76,16 +76,4 @@ def build_pipeline(settings: Settings):
 
 def run_arguments(settings: Settings) -> dict:
     """Inputs from [paths], or else from the latest local preprocess run."""
-    from embedpipe.pipelines.local import latest_outputs
-
-    paths = settings.paths
-    given = {"images": paths.images, "metadata": paths.metadata, "embeddings": paths.embeddings}
-    if not all(given.values()):
-        latest = latest_outputs(settings, "preprocess")
-        if latest is None:
-            raise ConfigError(
-                "[paths]: images, metadata and embeddings are not all set and no local "
-                "preprocess run was found; run `embedpipe run preprocess` first or set them"
-            )
-        given = {k: v or latest[PREPROCESS_OUTPUTS[k]] for k, v in given.items()}
-    return {f"{k}_uri": storage.normalize(v) for k, v in given.items()}
+    return local_inputs(settings, LOCAL_OUTPUTS)

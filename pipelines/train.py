@@ -5,9 +5,9 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Model
 
-from embedpipe.config import ConfigError, Settings
-from embedpipe.core import storage
+from embedpipe.config import Settings
 from embedpipe.models.registry import get_entry
+from embedpipe.pipelines.local import local_inputs
 from embedpipe.pipelines.mine import import_dataset
 from embedpipe.pipelines.stages import Graph, describe
 
@@ -71,18 +71,4 @@ def build_pipeline(settings: Settings):
 
 def run_arguments(settings: Settings) -> dict:
     """Inputs from [paths], or else from the latest local preprocess and mine runs."""
-    from embedpipe.pipelines.local import latest_outputs
-
-    paths = settings.paths
-    given = {name: getattr(paths, name) for name in LOCAL_OUTPUTS}
-    for name, (pipeline, output) in LOCAL_OUTPUTS.items():
-        if given[name]:
-            continue
-        latest = latest_outputs(settings, pipeline)
-        if latest is None:
-            raise ConfigError(
-                f"[paths].{name} is not set and no local {pipeline} run was found; run "
-                f"`embedpipe run {pipeline}` first or set it"
-            )
-        given[name] = latest[output]
-    return {f"{k}_uri": storage.normalize(v) for k, v in given.items()}
+    return local_inputs(settings, LOCAL_OUTPUTS)

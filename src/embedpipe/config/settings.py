@@ -51,6 +51,9 @@ class PathsSettings(Section):
     negatives: str = Field(
         "", description="train pipeline: combined hard negatives; empty: the latest mine run"
     )
+    model: str = Field(
+        "", description="evaluate pipeline: a trained checkpoint; empty: the latest train run"
+    )
 
 
 # Stage name -> its section of the config file. A stage's name is the same in the config

@@ -24,7 +24,7 @@ import pyarrow as pa
 from embedpipe.config.evaluate import TASKS, EvaluateSettings
 from embedpipe.core import datasets, storage
 from embedpipe.core.results import StageMetrics
-from embedpipe.core.schemas import IMAGES_KIND
+from embedpipe.core.schemas import EVALUATION_KIND, IMAGES_KIND
 from embedpipe.evaluate import metrics as m
 from embedpipe.evaluate import plots, probes
 from embedpipe.evaluate.sources import MissingGroundTruth, Source, open_source
@@ -32,7 +32,6 @@ from embedpipe.evaluate.truth import Truth, read_metadata
 
 log = logging.getLogger(__name__)
 
-EVALUATION_KIND = "evaluation"
 METRICS_NAME = "metrics.json"
 CONFUSION_NAME = "confusion_matrix.json"
 REPORT_NAME = "report.html"

@@ -36,6 +36,10 @@ def read_metrics(uri: str) -> list[tuple[str, str, float]]:
     data = storage.read_json(uri)  # a StorageError names the file
     if not isinstance(data, dict):
         raise ValueError(f"{uri}: expected a JSON object of metrics")
+    if isinstance(data.get("models"), list) and data["models"]:
+        # `embedpipe evaluate` of several models side by side: the card is the last one's
+        # (the trained model, evaluated after its baseline).
+        data = data["models"][-1].get("metrics") or {}
     found: list[tuple[str, str, float]] = []
 
     def walk(node: dict, path: list[str], dataset: str) -> None:

@@ -1,0 +1,118 @@
+"""end_to_end: images in, a published model out.
+
+preprocess -> the mining fan-out -> training -> evaluation of the untrained and the
+trained model side by side -> publishing, from the same step-adding functions the
+single pipelines use, behind one first step that checks every stage's settings.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Model
+
+from embedpipe.config import Settings
+from embedpipe.pipelines import preprocess
+from embedpipe.pipelines.evaluate import add_evaluate_step
+from embedpipe.pipelines.mine import STAGES as MINE_STAGES
+from embedpipe.pipelines.mine import add_mining_steps
+from embedpipe.pipelines.stages import Graph, describe
+from embedpipe.pipelines.train import add_train_step
+
+PIPELINE_NAME = "embedpipe-end-to-end"
+
+
+def stages(settings: Settings) -> tuple[str, ...]:
+    return (*preprocess.stages(settings), *MINE_STAGES, "train", "evaluate", "publish")
+
+
+def build_pipeline(settings: Settings):
+    own_stages = stages(settings)
+
+    class Outputs(NamedTuple):
+        embeddings: Dataset
+        negatives: Dataset
+        model: Model
+        evaluation: Dataset
+        evaluation_report: HTML
+        published: Model
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description=describe(
+            "Images -> preprocess -> hard negatives -> training -> evaluation before and "
+            "after -> a published model",
+            {stage: settings.section(stage) for stage in own_stages},
+        ),
+        pipeline_root=settings.cluster.pipeline_root or None,
+    )
+    def end_to_end(
+        sources: list[str],
+        ingest: dict = {},  # noqa: B006 (KFP reads the defaults from the signature)
+        catalog: dict = {},  # noqa: B006
+        split: dict = {},  # noqa: B006
+        taxonomy: dict = {},  # noqa: B006
+        dedup: dict = {},  # noqa: B006
+        embed: dict = {},  # noqa: B006
+        mine: dict = {},  # noqa: B006
+        combine: dict = {},  # noqa: B006
+        to_hf: dict = {},  # noqa: B006
+        train: dict = {},  # noqa: B006
+        evaluate: dict = {},  # noqa: B006
+        publish: dict = {},  # noqa: B006
+    ) -> Outputs:
+        overrides = dict(
+            ingest=ingest,
+            catalog=catalog,
+            split=split,
+            taxonomy=taxonomy,
+            dedup=dedup,
+            embed=embed,
+            mine=mine,
+            combine=combine,
+            to_hf=to_hf,
+            train=train,
+            evaluate=evaluate,
+            publish=publish,
+        )
+        graph = Graph.of(settings, own_stages, overrides)
+        data = preprocess.add_preprocess_steps(graph, sources, graph.check())
+        mined = add_mining_steps(
+            graph, data["images"], data["kept"], data["embeddings"], after=None
+        )
+        trained = add_train_step(
+            graph,
+            images=data["images"],
+            splits=data["splits"],
+            negatives=mined["negatives"],
+            embeddings=data["embeddings"],
+        )
+        model = trained.outputs["model"]
+        evaluated = add_evaluate_step(
+            graph,
+            metadata=data["splits"],
+            images=data["images"],
+            baseline=data["embeddings"],
+            model=model,
+        )
+        published = graph.step(
+            "publish",
+            "publish",
+            checkpoint=model,
+            images=data["images"],
+            dedup=data["dedup"],
+            evaluation=evaluated.outputs["evaluation"],
+        )
+        return Outputs(
+            embeddings=data["embeddings"],
+            negatives=mined["negatives"],
+            model=model,
+            evaluation=evaluated.outputs["evaluation"],
+            evaluation_report=evaluated.outputs["report"],
+            published=published.outputs["published"],
+        )
+
+    return end_to_end
+
+
+def run_arguments(settings: Settings) -> dict:
+    return preprocess.run_arguments(settings)
