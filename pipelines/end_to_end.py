@@ -89,7 +89,7 @@ def build_pipeline(settings: Settings):
         model = trained.outputs["model"]
         evaluated = add_evaluate_step(
             graph,
-            metadata=data["splits"],
+            metadata=data["kept"],
             images=data["images"],
             baseline=data["embeddings"],
             model=model,

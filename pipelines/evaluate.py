@@ -15,7 +15,7 @@ PIPELINE_NAME = "embedpipe-evaluate"
 STAGES = ("evaluate",)
 # Where each input comes from in local runs (see pipelines/local.py).
 LOCAL_OUTPUTS = {
-    "metadata": ("preprocess", "split/splits"),
+    "metadata": ("preprocess", "dedup/kept"),
     "images": ("preprocess", "ingest/images"),
     "embeddings": ("preprocess", "embed/embeddings"),
     "model": ("train", "train/model"),

@@ -9,10 +9,8 @@ Hugging Face layout), or a weights file / ``random`` / ``s3://`` prefix for the 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,18 +94,6 @@ class PrecomputedEncoder:
         return self._text_vectors[[self._texts[t] for t in texts]]
 
 
-def _saved_entry(directory: str) -> dict[str, Any] | None:
-    from embedpipe.models.loading import CONFIG_NAME, EMBEDPIPE_NAME
-
-    for name in (CONFIG_NAME, EMBEDPIPE_NAME):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            saved = json.loads(Path(path).read_text(encoding="utf-8"))
-            if isinstance(saved, dict) and isinstance(saved.get("entry"), dict):
-                return saved["entry"]
-    return None
-
-
 class ModelEncoder:
     def __init__(
         self,
@@ -125,59 +111,36 @@ class ModelEncoder:
         self.config = config
         self.device = resolve_device(config.device)
         self._torch = torch
-        if source.weights.startswith(LOCAL_DIR):
-            self._load_local_dir(source.weights)
-        else:
-            self._load_entry(source.weights, models)
+        self._load(source.weights, models)
         self.name = source.name or self.name
 
-    def _load_local_dir(self, spec: str) -> None:
-        import open_clip
-
-        folder = spec[len(LOCAL_DIR) :]
-        if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
-            raise FileNotFoundError(f"{spec}: no open_clip_config.json in {folder}")
-        module, _, transform = open_clip.create_model_and_transforms(spec, device=self.device)
-        tokenizer = open_clip.get_tokenizer(spec)
-        module.eval()
-        self.name = os.path.basename(os.path.normpath(folder))
-        self.transform = transform
-        self._encode_images = module.encode_image
-        self._encode_texts = lambda texts: module.encode_text(tokenizer(texts).to(self.device))
-        self.has_text = True
-
-    def _load_entry(self, weights: str, models: dict[str, dict[str, Any]] | None) -> None:
-        from embedpipe.models.loading import fetch_weights, load_model
-        from embedpipe.models.registry import ModelEntry, get_entry, load_registry
+    def _load(self, weights: str, models: dict[str, dict[str, Any]] | None) -> None:
+        """A registry name, a trained checkpoint or head (its config.json names the entry),
+        a published model (local-dir:, hf-hub:), or weights of ``[evaluate].model``."""
+        from embedpipe.models.loading import checkpoint_entry, entry_for_weights, load_model
+        from embedpipe.models.registry import get_entry, load_registry
 
         registry = load_registry(models)
-        local = weights
-        if storage.is_s3(weights) and not self.config.model:
-            local = fetch_weights(weights)
-        saved = _saved_entry(local) if os.path.isdir(local) else None
         if weights in registry:
             entry, weights = registry[weights], ""
-        elif saved is not None:
-            entry, weights = ModelEntry(**saved), local
-        elif self.config.model:
-            entry = get_entry(self.config.model, models)
-        elif os.path.isdir(local):
-            raise FileNotFoundError(
-                f"{weights}: not a checkpoint (no config.json naming its model entry); "
-                "set --model to the registry entry it belongs to"
-            )
         else:
-            raise ValueError(
-                f"--weights {weights}: not a registry entry, checkpoint folder or local-dir:; "
-                "set --model to the registry entry these weights belong to"
-            )
+            entry = entry_for_weights(weights) or checkpoint_entry(weights)
+            if entry is None and self.config.model:
+                entry = get_entry(self.config.model, models)
+            if entry is None:
+                raise ValueError(
+                    f"--weights {weights}: not a registry entry, a checkpoint folder or a "
+                    "published model (local-dir:, hf-hub:); set [evaluate].model to the "
+                    "registry entry these weights belong to"
+                )
         model = load_model(entry, weights, str(self.device), self.config.tokenizer_dir)
         suffix = f" ({os.path.basename(os.path.normpath(weights))})" if weights else ""
         self.name = entry.name + suffix
         self.transform = model.transform
         self._encode_images = model.encode_images
         self._encode_texts = model.encode_texts
-        self.has_text = entry.text
+        # A head projects image embeddings only: its backbone's text tower is not its own.
+        self.has_text = entry.text and model.backbone_entry is None
 
     def why_no_text(self) -> str:
         return f"{self.name}: an image-only model has no text tower"
