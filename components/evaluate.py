@@ -3,6 +3,7 @@ from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Metrics, Model,
 
 def evaluate(
     metadata: Input[Dataset],
+    select: Input[Dataset],
     images: Input[Dataset],
     baseline: Input[Dataset],
     model: Input[Model],
@@ -14,8 +15,9 @@ def evaluate(
     confusion: Output[ClassificationMetrics],
     report: Output[HTML],
 ):
-    """The untrained and the trained model side by side on the same images: ``baseline``
-    (the embeddings the training started from) and ``model`` (a trained checkpoint).
+    """The untrained and the trained model side by side on the images of ``select`` (e.g.
+    dedup's kept images): ``baseline`` (the embeddings the training started from) and
+    ``model`` (a trained checkpoint); ground truth (splits, concepts) from ``metadata``.
 
     ``models`` is the config's ``[models.NAME]`` entries as JSON, for registry lookups.
     """
@@ -36,7 +38,13 @@ def evaluate(
         ModelSource(model.path, name="trained"),
     ]
     result = evaluate_models(
-        sources, metadata.path, evaluation.path, config, images.path, json.loads(models)
+        sources,
+        metadata.path,
+        evaluation.path,
+        config,
+        images.path,
+        json.loads(models),
+        select.path,
     )
     log_metrics(metrics, result)
     for matrix in storage.read_json(side_path(evaluation.path, CONFUSION_NAME)).values():

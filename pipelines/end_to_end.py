@@ -89,7 +89,8 @@ def build_pipeline(settings: Settings):
         model = trained.outputs["model"]
         evaluated = add_evaluate_step(
             graph,
-            metadata=data["kept"],
+            metadata=data["splits"],
+            select=data["kept"],
             images=data["images"],
             baseline=data["embeddings"],
             model=model,

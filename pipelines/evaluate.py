@@ -15,7 +15,8 @@ PIPELINE_NAME = "embedpipe-evaluate"
 STAGES = ("evaluate",)
 # Where each input comes from in local runs (see pipelines/local.py).
 LOCAL_OUTPUTS = {
-    "metadata": ("preprocess", "dedup/kept"),
+    "splits": ("preprocess", "split/splits"),
+    "select": ("preprocess", "dedup/kept"),
     "images": ("preprocess", "ingest/images"),
     "embeddings": ("preprocess", "embed/embeddings"),
     "model": ("train", "train/model"),
@@ -43,7 +44,8 @@ def build_pipeline(settings: Settings):
         pipeline_root=settings.cluster.pipeline_root or None,
     )
     def evaluate_pipeline(
-        metadata_uri: str,
+        splits_uri: str,
+        select_uri: str,
         images_uri: str,
         embeddings_uri: str,
         model_uri: str,
@@ -53,7 +55,8 @@ def build_pipeline(settings: Settings):
         model = dsl.importer(artifact_uri=model_uri, artifact_class=Model, reimport=False)
         task = add_evaluate_step(
             graph,
-            metadata=import_dataset(metadata_uri),
+            metadata=import_dataset(splits_uri),
+            select=import_dataset(select_uri),
             images=import_dataset(images_uri),
             baseline=import_dataset(embeddings_uri),
             model=model.output,

@@ -308,7 +308,13 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> None:
     if not sources:
         raise ConfigError("evaluate: give --weights MODEL or --embeddings URI (repeatable)")
     result = evaluate_models(
-        sources, args.metadata, args.out, settings.evaluate, args.images or "", settings.models
+        sources,
+        args.metadata,
+        args.out,
+        settings.evaluate,
+        args.images or "",
+        settings.models,
+        args.select or "",
     )
     _print_result(result)
 
@@ -321,6 +327,9 @@ def inputs_evaluate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--images", metavar="URI", help="`ingest` output the models read (default: METADATA)"
+    )
+    parser.add_argument(
+        "--select", metavar="URI", help="evaluate only the image ids of this dataset (dedup kept)"
     )
     parser.add_argument(
         "--weights",

@@ -46,13 +46,16 @@ class PathsSettings(Section):
     )
     embeddings: str = Field("", description="mine and train pipelines: the embeddings dataset")
     splits: str = Field(
-        "", description="train pipeline: the split output; empty: the latest preprocess run"
+        "", description="train and evaluate pipelines: the split output; empty: the latest run"
     )
     negatives: str = Field(
         "", description="train pipeline: combined hard negatives; empty: the latest mine run"
     )
     model: str = Field(
         "", description="evaluate pipeline: a trained checkpoint; empty: the latest train run"
+    )
+    select: str = Field(
+        "", description="evaluate pipeline: the images to evaluate (dedup kept); empty: latest"
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from embedpipe.config.evaluate import TASKS, EvaluateSettings
 from embedpipe.core import datasets, storage
@@ -275,6 +276,7 @@ def _resolve_tasks(config: EvaluateSettings) -> tuple[list[str], bool]:
     return (list(config.tasks), True) if config.tasks else (list(TASKS), False)
 
 
+@datasets.writes_output(inputs=("metadata_uri", "images_uri", "select_uri"))
 def evaluate_models(
     sources: list[Source],
     metadata_uri: str,
@@ -282,8 +284,10 @@ def evaluate_models(
     config: EvaluateSettings,
     images_uri: str = "",
     models: dict[str, dict[str, Any]] | None = None,
+    select_uri: str = "",
 ) -> EvaluateResult:
-    """Evaluate every source on the images of ``metadata_uri``; one report for all.
+    """Evaluate every source on the images of ``metadata_uri`` (those of ``select_uri``
+    only, when given: e.g. dedup's kept images); one report for all.
 
     ``metadata_uri`` is any dataset with ``image_id`` and the ground truth the tasks use
     (``category``, ``concept``, ``split``, ``label``, ``caption``/``captions``, numeric
@@ -297,6 +301,9 @@ def evaluate_models(
         raise MissingGroundTruth("nothing to evaluate: give --weights or --embeddings")
     out_uri = storage.normalize(out_uri)
     table, kind = read_metadata(metadata_uri)
+    if select_uri:
+        selected = datasets.read_table(select_uri, columns=["image_id"]).column("image_id")
+        table = table.filter(pc.is_in(table.column("image_id"), selected))
     if not images_uri and kind == IMAGES_KIND:
         images_uri = metadata_uri
     truth = Truth(table, config)
