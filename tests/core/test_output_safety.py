@@ -476,4 +476,5 @@ def test_a_finished_embed_leaves_no_progress_folder_and_no_staging(
     assert sorted(p.name for p in (out / ".embedpipe").iterdir()) == [
         "config.json",
         "manifest.json",
+        "rejected.parquet",  # the images embed could not decode (none here)
     ]

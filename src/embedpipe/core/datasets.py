@@ -124,6 +124,17 @@ def output_lock(out_uri: str) -> Iterator[locks.OutputLock]:
                 storage.register_staging(out_uri, None)
                 shutil.rmtree(_staging_for(out_uri), ignore_errors=True)
                 lock.release()
+                _remove_if_untouched(out_uri)
+
+
+def _remove_if_untouched(out_uri: str) -> None:
+    """A run that wrote nothing leaves no folder behind: only the empty side folder its
+    lock made (and the output folder itself) are removed, never a file."""
+    if storage.is_s3(out_uri):
+        return  # S3 has no folders: nothing is left once the lock object is deleted
+    for folder in (side_path(out_uri), out_uri):
+        with contextlib.suppress(OSError):  # not empty, or already gone: keep it
+            os.rmdir(folder)
 
 
 def writes_output(out: str = "out_uri", inputs: tuple[str, ...] = ()) -> Callable:
