@@ -53,10 +53,9 @@ $(CHECKOV_VENV)/.installed:
 
 install: $(STAMP) ## create .venv and install embedpipe with pinned dependencies
 
-demo: $(STAMP) ## generate the demo dataset, run the preprocess and mine pipelines through kfp.local
+demo: $(STAMP) ## generate the demo dataset and run the end-to-end pipeline through kfp.local
 	$(BIN)/embedpipe demo-data $(DEMO_DIR)/data
-	$(BIN)/embedpipe run preprocess --config $(CONFIG)
-	$(BIN)/embedpipe run mine --config $(CONFIG)
+	$(BIN)/embedpipe run end_to_end --config $(CONFIG)
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest

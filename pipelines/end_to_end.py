@@ -117,3 +117,34 @@ def build_pipeline(settings: Settings):
 
 def run_arguments(settings: Settings) -> dict:
     return preprocess.run_arguments(settings)
+
+
+def summary(outputs: dict[str, str]) -> list[str]:
+    """What a finished local run shows last: held-out recall@1 before and after training
+    (DECISIONS 13's metric), where the reports are, and how to load the published model."""
+    from embedpipe.core import storage
+    from embedpipe.core.datasets import side_path
+    from embedpipe.evaluate.stage import METRICS_NAME
+    from embedpipe.publish.stage import OPEN_CLIP_CONFIG
+
+    evaluated = storage.read_json(side_path(outputs["evaluate/evaluation"], METRICS_NAME))
+    recall = {
+        run["model"]: run["metrics"].get("image_image_recall@1") for run in evaluated["models"]
+    }
+    published = outputs["publish/published"]
+    if storage.exists(storage.join(published, OPEN_CLIP_CONFIG)):
+        load = f'open_clip.create_model_and_transforms("local-dir:{published}")'
+    else:  # a projection head publishes as a transformers custom model
+        load = f'transformers.AutoModel.from_pretrained("{published}", trust_remote_code=True)'
+
+    def shown(value) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    return [
+        f"held-out recall@1: untrained {shown(recall.get('untrained'))} -> "
+        f"trained {shown(recall.get('trained'))}",
+        f"reports: {outputs['evaluate/report']} (evaluation), {outputs['train/report']} "
+        f"(training), {outputs['dedup/report']} (duplicates)",
+        f"published model: {published}",
+        f"load it: {load}",
+    ]

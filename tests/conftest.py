@@ -93,7 +93,8 @@ def flat_tree(root: Path, categories=2, concepts=3, images=6) -> Path:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "data"
-    generate_demo_dataset(str(root), DemoSpec())
+    # Five objects per shape (the demo itself draws six): the counts below are for this.
+    generate_demo_dataset(str(root), DemoSpec(concepts=5))
     return root
 
 

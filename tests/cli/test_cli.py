@@ -286,3 +286,14 @@ def test_mine_combine_and_to_hf_commands(demo_images, tmp_path, capsys):
     assert main(["to-hf", str(tmp_path / "c"), demo_images, "--out", str(tmp_path / "hf")]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 30
     assert len(hf.load_from_disk(str(tmp_path / "hf"))) == 30
+
+
+def test_demo_data_help_states_the_generators_own_defaults():
+    import dataclasses
+
+    from embedpipe.cli import DEMO_FLAGS
+    from embedpipe.data.demo_data import DemoSpec
+
+    defaults = {field.name: field.default for field in dataclasses.fields(DemoSpec)}
+    for key, help_text in DEMO_FLAGS.items():
+        assert help_text.endswith(f"(default: {defaults[key]})"), key

@@ -21,6 +21,14 @@ from embedpipe.cli.stages import add_stage_commands
 from embedpipe.config import ConfigError, load_settings
 
 log = logging.getLogger("embedpipe")
+# demo-data's flags: fields of embedpipe.data.demo_data.DemoSpec, which holds the defaults.
+DEMO_FLAGS = {
+    "categories": "shape families (default: 4)",
+    "concepts": "objects per shape (default: 6)",
+    "images": "views per object (default: 20)",
+    "size": "image side in pixels (default: 128)",
+    "seed": "generator seed (default: 0)",
+}
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -38,13 +46,8 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from embedpipe.data.demo_data import DemoSpec, generate_demo_dataset
 
-    spec = DemoSpec(
-        categories=args.categories,
-        concepts=args.concepts,
-        images=args.images,
-        size=args.size,
-        seed=args.seed,
-    )
+    given = {key: getattr(args, key) for key in DEMO_FLAGS if getattr(args, key) is not None}
+    spec = DemoSpec(**given)  # a flag left out keeps DemoSpec's default
     manifest = generate_demo_dataset(args.out, spec)
     print(
         f"wrote {manifest['files']} files to {args.out} "
@@ -76,11 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a small deterministic dataset with planted duplicates and corrupt files",
     )
     demo.add_argument("out", metavar="OUT", help="output folder (or s3:// prefix)")
-    demo.add_argument("--categories", type=int, default=4, help="shape families (4)")
-    demo.add_argument("--concepts", type=int, default=5, help="objects per category (5)")
-    demo.add_argument("--images", type=int, default=20, help="views per object (20)")
-    demo.add_argument("--size", type=int, default=128, help="image side in pixels (128)")
-    demo.add_argument("--seed", type=int, default=0, help="generator seed (0)")
+    for key, help_text in DEMO_FLAGS.items():
+        demo.add_argument(f"--{key}", type=int, help=help_text)
     demo.set_defaults(handler=cmd_demo_data)
 
     add_pipeline_commands(commands)

@@ -12,6 +12,7 @@ OVERLAY_HELP = "a manifests/overlays/ENV folder: its cluster.toml and pipeline r
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from embedpipe.pipelines import pipeline_module
     from embedpipe.pipelines.local import run_locally
     from embedpipe.pipelines.progress import Progress
 
@@ -22,6 +23,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     for name, uri in outputs.items():
         print(f"  {name}: {uri}")
     print(f"task logs: {progress.log_dir}")
+    summary = getattr(pipeline_module(args.pipeline), "summary", None)
+    for line in summary(outputs) if summary else ():
+        print(line)
 
 
 def cluster_settings(args: argparse.Namespace) -> Settings:
