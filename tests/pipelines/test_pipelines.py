@@ -177,3 +177,36 @@ def test_mine_pipeline_runs_after_preprocess(demo_dir, tmp_path):
     assert all(len(n) == 2 for n in negatives.column("negative_ids").to_pylist())
     reloaded = hf.load_from_disk(outputs["to-hf/hf_dataset"])
     assert len(reloaded) == negatives.num_rows
+
+
+@pytest.mark.slow
+def test_the_embed_fan_out_gives_what_one_task_gives(demo_dir, tmp_path):
+    """Three embed tasks over groups of shards, merged, equal one run over all of them,
+    duplicates across groups included (the demo plants exact duplicates)."""
+    from conftest import assert_same_embeddings
+
+    from embedpipe.embed.images import embed_images
+    from embedpipe.models.registry import get_entry
+
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[global]\npipeline_root = "{tmp_path / "runs"}"\n'
+        f"[paths]\nsources = {[str(demo_dir)]!r}\n"
+        "[ingest]\nworkers = 1\nrows_per_shard = 50\n"
+        + TINY_MODEL.replace("num_workers = 0\n", "num_workers = 0\nparallelism = 3\n")
+    )
+    settings = load_settings(str(config))
+    outputs = run_locally("preprocess", settings)
+    merged = outputs["merge-embeddings/embeddings"]
+    manifest = datasets.read_manifest(merged, "embeddings")
+    assert manifest["merged_parts"] == 3
+    one_task = embed_images(
+        outputs["ingest/images"],
+        str(tmp_path / "one"),
+        settings.embed,
+        get_entry("tiny", settings.models),
+        outputs["dedup/kept"],
+    )
+    assert_same_embeddings(
+        datasets.read_table(merged, "embeddings"), datasets.read_table(one_task.out_uri)
+    )
