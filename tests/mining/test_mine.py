@@ -1,4 +1,5 @@
 import collections
+import json
 from pathlib import Path
 
 import datasets as hf
@@ -13,7 +14,12 @@ from embedpipe.config import CombineSettings, MineSettings, ToHfSettings
 from embedpipe.core import datasets, storage
 from embedpipe.mining.combine import combine_negatives
 from embedpipe.mining.mine import mine_category
-from embedpipe.mining.partition import list_categories, partition_by_category
+from embedpipe.mining.partition import (
+    embedding_matrix,
+    gather_rows,
+    list_categories,
+    partition_by_category,
+)
 from embedpipe.mining.to_hf import export_to_hf
 
 
@@ -332,3 +338,27 @@ def test_gpu_search_writes_what_the_cpu_search_writes(clustered, tmp_path):
     for a, b in zip(rows(on_gpu.out_uri), rows(on_cpu.out_uri), strict=True):
         assert a["negative_ids"] == b["negative_ids"]
         np.testing.assert_allclose(a["negative_scores"], b["negative_scores"], atol=1e-5)
+
+
+def test_the_cli_mines_in_memory_what_the_pipeline_mines_from_partitions(
+    clustered, tmp_path, capsys
+):
+    meta_uri, emb_uri, _, _ = clustered
+    out = tmp_path / "cli"
+    assert main(["mine", meta_uri, emb_uri, "--out", str(out), "--top-k", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["category"] for r in printed] == ["birds", "cars", "mugs"]
+    assert not (out / "partitions").exists()
+    partitions = partition_by_category(meta_uri, emb_uri, str(tmp_path / "p"))
+    for category, partition in partitions.items():
+        mined = mine_category(partition, str(tmp_path / "n" / category), MineSettings(top_k=4))
+        assert rows(str(out / "negatives" / category)) == rows(mined.out_uri)
+
+
+def test_vectors_are_gathered_across_chunks(tmp_path):
+    matrix = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    whole = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), 3)
+    column = pa.chunked_array([whole.slice(0, 2), whole.slice(2, 4), whole.slice(6, 1)])
+    wanted = np.array([6, 0, 3, 3, 2, 5, 1])
+    np.testing.assert_array_equal(gather_rows(column, wanted), matrix[wanted])
+    np.testing.assert_array_equal(embedding_matrix(column), matrix)

@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 from embedpipe.config import MineSettings
 from embedpipe.core import datasets, storage
 from embedpipe.core.results import StageMetrics
-from embedpipe.core.schemas import NEGATIVES_KIND, NEGATIVES_SCHEMA, PARTITION_KIND
-from embedpipe.mining.partition import partition_vectors
+from embedpipe.core.schemas import NEGATIVES_KIND, NEGATIVES_SCHEMA
+from embedpipe.mining.partition import Partition, read_partition
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +137,18 @@ def assign_bands(scores: np.ndarray, config: MineSettings) -> tuple[np.ndarray, 
     return np.searchsorted(edges, scores, side="right"), edges
 
 
-def mine_category(partition_uri: str, out_uri: str, config: MineSettings) -> MineResult:
-    """Hard negatives for the category of one partition, written as a dataset at ``out_uri``.
+def mine_category(partition: str | Partition, out_uri: str, config: MineSettings) -> MineResult:
+    """Hard negatives for the category of one partition (a partition dataset's URI, or the
+    partition in memory), written as a dataset at ``out_uri``.
 
     Raises ValueError, writing nothing, when an approximate index finds fewer of the exact
     negatives than ``config.min_recall``.
     """
     started = time.perf_counter()
     out_uri = storage.normalize(out_uri)
-    category = datasets.read_manifest(partition_uri, PARTITION_KIND)["category"]
-    rows = datasets.read_table(partition_uri, PARTITION_KIND)
+    if isinstance(partition, str):
+        partition = read_partition(partition)
+    category, rows = partition.category, partition.table
     splits = rows.column("split")
     is_query = pc.is_in(splits, pa.array(config.query_splits, pa.string()))
     is_query = is_query.to_numpy(zero_copy_only=False)
@@ -167,7 +169,7 @@ def mine_category(partition_uri: str, out_uri: str, config: MineSettings) -> Min
         result = MineResult(out_uri, category, 0, 0, "-", 1.0, elapsed, skipped)
         return _finish(out_uri, NEGATIVES_SCHEMA.empty_table(), result)
 
-    vectors = partition_vectors(rows)
+    vectors = partition.vectors()
     candidate_rows = np.flatnonzero(is_candidate)
     query_rows = np.flatnonzero(is_query)
     candidates = _rows_of(vectors, candidate_rows)
