@@ -1,17 +1,25 @@
 import collections
+import json
 from pathlib import Path
 
 import datasets as hf
+import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import random_embeddings
 
+from embedpipe.cli import main
 from embedpipe.config import CombineSettings, MineSettings, ToHfSettings
 from embedpipe.core import datasets, storage
 from embedpipe.mining.combine import combine_negatives
 from embedpipe.mining.mine import mine_category
-from embedpipe.mining.partition import list_categories, partition_by_category
+from embedpipe.mining.partition import (
+    embedding_matrix,
+    gather_rows,
+    list_categories,
+    partition_by_category,
+)
 from embedpipe.mining.to_hf import export_to_hf
 
 
@@ -21,17 +29,29 @@ def mine(meta_uri, emb_uri, category, out, config):
     return mine_category(partitions[category], out, config)
 
 
-def write_vectors(root: Path, spec: dict[str, int], per_concept: int, dim=16, seed=0, test_every=4):
-    """Clustered unit vectors: category -> number of concepts; every 4th image is test."""
+def write_vectors(
+    root: Path,
+    spec: dict[str, int],
+    per_concept: int,
+    dim=16,
+    seed=0,
+    test_every=4,
+    spread=0.6,
+    noise=0.5,
+):
+    """Clustered unit vectors: category -> number of concepts; every 4th image is test.
+
+    Concept centres scatter around the category's by ``spread``, images around their
+    concept's by ``noise``."""
     rng = np.random.default_rng(seed)
     meta, ids, vectors = collections.defaultdict(list), [], []
     for category, concepts in spec.items():
         centre = rng.normal(size=dim)
         for k in range(concepts):
-            concept_centre = centre + rng.normal(scale=0.6, size=dim)
+            concept_centre = centre + rng.normal(scale=spread, size=dim)
             for i in range(per_concept):
                 image_id = f"{category}-{k}-{i}"
-                vectors.append(concept_centre + rng.normal(scale=0.5, size=dim))
+                vectors.append(concept_centre + rng.normal(scale=noise, size=dim))
                 ids.append(image_id)
                 meta["image_id"].append(image_id)
                 meta["category"].append(category)
@@ -151,11 +171,76 @@ def test_approximate_indexes_report_their_recall(tmp_path, index):
     meta_uri, emb_uri, _, _ = write_vectors(
         tmp_path, {"big": 20}, per_concept=60, dim=32, test_every=10**6
     )
-    config = MineSettings(top_k=5, index=index, ivf_nprobe=2, recall_sample=200)
+    config = MineSettings(top_k=5, index=index, ivf_nprobe=2, recall_sample=200, min_recall=0)
     result = mine(meta_uri, emb_uri, "big", str(tmp_path / "n"), config)
     assert result.index == index and 0.0 < result.recall <= 1.0
     exact = mine(meta_uri, emb_uri, "big", str(tmp_path / "e"), MineSettings(top_k=5))
     assert exact.recall == 1.0 and exact.queries == result.queries == 20 * 59  # image 0: test
+
+
+@pytest.fixture(scope="module")
+def tight_concepts(tmp_path_factory):
+    """One category of 30 concepts x 150 images (149 train), each concept a tight cluster:
+    nearly all of a query's nearest images are its concept-mates, so its negatives sit
+    deeper than those."""
+    root = tmp_path_factory.mktemp("tight")
+    meta_uri, emb_uri, vectors, meta = write_vectors(
+        root, {"shells": 30}, per_concept=150, dim=32, spread=0.3, noise=0.2, test_every=10**6
+    )
+    partition = partition_by_category(meta_uri, emb_uri, str(root / "partitions"))["shells"]
+    train = {
+        i: vectors[i] for i, s in zip(meta["image_id"], meta["split"], strict=True) if s == "train"
+    }
+    concept_of = dict(zip(meta["image_id"], meta["concept"], strict=True))
+    return partition, train, concept_of, (meta_uri, emb_uri)
+
+
+def brute_force_negatives(vectors: dict, concept_of: dict, top_k: int) -> dict[str, set]:
+    """Per image: the ``top_k`` most similar images of other concepts, by numpy."""
+    ids = list(vectors)
+    matrix = np.stack([vectors[i] for i in ids])
+    concepts = np.array([concept_of[i] for i in ids])
+    similarity = matrix @ matrix.T
+    similarity[concepts[:, None] == concepts[None, :]] = -np.inf
+    best = np.argsort(-similarity, axis=1, kind="stable")[:, :top_k]
+    return {ids[q]: {ids[b] for b in row} for q, row in enumerate(best)}
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf"])
+def test_approximate_indexes_write_the_exact_negatives_and_report_how_many(
+    tight_concepts, tmp_path, index
+):
+    partition, vectors, concept_of, _ = tight_concepts
+    result = mine_category(partition, str(tmp_path / "n"), MineSettings(top_k=5, index=index))
+    truth = brute_force_negatives(vectors, concept_of, 5)
+    produced = rows(result.out_uri)
+    assert len(produced) == result.queries == 30 * 149
+    delivered = np.mean([len(set(r["negative_ids"]) & truth[r["query_id"]]) / 5 for r in produced])
+    assert delivered >= 0.95
+    # the reported figure samples 1,000 of the queries
+    assert result.recall == pytest.approx(delivered, abs=0.02)
+    assert result.metrics()["recall"] == result.recall
+    written = datasets.read_manifest(result.out_uri, "hard-negatives")["mining"]
+    assert written["recall"] == result.recall
+
+
+@pytest.mark.parametrize(
+    "weak", [{"index": "hnsw", "hnsw_ef_search": 1}, {"index": "ivf", "ivf_nprobe": 1}]
+)
+def test_an_index_below_min_recall_fails_naming_the_category(tight_concepts, tmp_path, weak):
+    partition = tight_concepts[0]
+    config = MineSettings(top_k=5, min_recall=0.999, **weak)
+    with pytest.raises(ValueError, match=r"shells: .*below \[mine\]\.min_recall 0\.999"):
+        mine_category(partition, str(tmp_path / "n"), config)
+    assert not (tmp_path / "n").exists()  # no negatives published from a failed search
+
+
+def test_the_cli_reports_an_index_below_min_recall_in_one_line(tight_concepts, tmp_path, capsys):
+    meta_uri, emb_uri = tight_concepts[3]
+    flags = ["--index", "ivf", "--ivf-nprobe", "1", "--min-recall", "0.999"]
+    assert main(["mine", meta_uri, emb_uri, "--out", str(tmp_path / "out"), *flags]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "mine shells:" in lines[0] and "min_recall 0.999" in lines[0]
 
 
 def test_hugging_face_export_reloads_with_the_image_bytes(demo_images, tmp_path):
@@ -212,3 +297,68 @@ def test_an_empty_export_still_reloads(tmp_path, demo_images):
         export_to_hf(str(tmp_path / "none"), demo_images, str(tmp_path / "hf"), ToHfSettings()) == 0
     )
     assert len(hf.load_from_disk(str(tmp_path / "hf"))) == 0
+
+
+def test_faiss_gpu_takes_flat_and_ivf_searches_it_can_hold(clustered, tmp_path, monkeypatch):
+    """Where faiss has GPU support and sees a GPU (stood in for here, the index staying on
+    the CPU): flat and IVF searches move to it; HNSW (no GPU version) and searches deeper
+    than faiss GPU's limit stay on the CPU."""
+    moved = []
+
+    def to_gpus(index):
+        moved.append(type(index).__name__)
+        return index
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
+    meta_uri, emb_uri, _, _ = clustered
+    partition = partition_by_category(meta_uri, emb_uri, str(tmp_path / "p"))["birds"]
+    kinds = {
+        index: mine_category(partition, str(tmp_path / index), MineSettings(index=index)).index
+        for index in ("flat", "ivf", "hnsw")
+    }
+    assert kinds == {"flat": "flat-gpu", "ivf": "ivf-gpu", "hnsw": "hnsw"}
+    assert moved == ["IndexFlatIP", "IndexIVFFlat"]
+    assert mine_category(partition, str(tmp_path / "cpu"), MineSettings(gpu=False)).index == "flat"
+    monkeypatch.setattr("embedpipe.mining.mine.GPU_MAX_K", 4)
+    assert mine_category(partition, str(tmp_path / "deep"), MineSettings()).index == "flat"
+
+
+@pytest.mark.skipif(
+    not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0,
+    reason="needs faiss with GPU support and a GPU",
+)
+def test_gpu_search_writes_what_the_cpu_search_writes(clustered, tmp_path):
+    meta_uri, emb_uri, _, _ = clustered
+    partition = partition_by_category(meta_uri, emb_uri, str(tmp_path / "p"))["birds"]
+    on_gpu = mine_category(partition, str(tmp_path / "g"), MineSettings(top_k=4))
+    on_cpu = mine_category(partition, str(tmp_path / "c"), MineSettings(top_k=4, gpu=False))
+    assert on_gpu.index == "flat-gpu" and on_cpu.index == "flat"
+    for a, b in zip(rows(on_gpu.out_uri), rows(on_cpu.out_uri), strict=True):
+        assert a["negative_ids"] == b["negative_ids"]
+        np.testing.assert_allclose(a["negative_scores"], b["negative_scores"], atol=1e-5)
+
+
+def test_the_cli_mines_in_memory_what_the_pipeline_mines_from_partitions(
+    clustered, tmp_path, capsys
+):
+    meta_uri, emb_uri, _, _ = clustered
+    out = tmp_path / "cli"
+    assert main(["mine", meta_uri, emb_uri, "--out", str(out), "--top-k", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["category"] for r in printed] == ["birds", "cars", "mugs"]
+    assert not (out / "partitions").exists()
+    partitions = partition_by_category(meta_uri, emb_uri, str(tmp_path / "p"))
+    for category, partition in partitions.items():
+        mined = mine_category(partition, str(tmp_path / "n" / category), MineSettings(top_k=4))
+        assert rows(str(out / "negatives" / category)) == rows(mined.out_uri)
+
+
+def test_vectors_are_gathered_across_chunks(tmp_path):
+    matrix = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    whole = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), 3)
+    column = pa.chunked_array([whole.slice(0, 2), whole.slice(2, 4), whole.slice(6, 1)])
+    wanted = np.array([6, 0, 3, 3, 2, 5, 1])
+    np.testing.assert_array_equal(gather_rows(column, wanted), matrix[wanted])
+    np.testing.assert_array_equal(embedding_matrix(column), matrix)

@@ -175,10 +175,8 @@ def test_every_flag_and_every_config_key_reaches_the_stage(
 ):
     if command.name == "embed-text":
         monkeypatch.setattr("embedpipe.embed.texts.embed_texts", captured_stub(captured))
-    if command.name == "mine":  # partitions are written before the stage runs
-        monkeypatch.setattr(
-            "embedpipe.mining.partition.partition_by_category", lambda *a: {"c": "p"}
-        )
+    if command.name == "mine":  # the inputs are split by category before the stage runs
+        monkeypatch.setattr("embedpipe.mining.partition.split_by_category", lambda *a: {"c": "p"})
     stage, model = command.stage, STAGE_SETTINGS[command.stage]
 
     flagged = _changed(stage, has_flag)

@@ -143,11 +143,9 @@ def inputs_embed_text(parser: argparse.ArgumentParser) -> None:
 def run_mine(args: argparse.Namespace, settings: Settings) -> None:
     from embedpipe.core import storage
     from embedpipe.mining.mine import mine_category
-    from embedpipe.mining.partition import partition_by_category
+    from embedpipe.mining.partition import split_by_category
 
-    partitions = partition_by_category(
-        args.metadata, args.embeddings, storage.join(args.out, "partitions")
-    )
+    partitions = split_by_category(args.metadata, args.embeddings)
     unknown = sorted(set(args.category or []) - set(partitions))
     if unknown:
         raise ValueError(f"{args.metadata}: no category {', '.join(unknown)}")
@@ -170,7 +168,7 @@ def inputs_mine(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--category", action="append", help="category to mine (repeatable; default: all)"
     )
-    _out(parser, "output folder: OUT/partitions, and OUT/negatives/<category> for each")
+    _out(parser, "output folder: OUT/negatives/<category> for each category")
 
 
 def run_combine(args: argparse.Namespace, settings: Settings) -> None:

@@ -25,10 +25,29 @@ class MineSettings(Section):
         "auto", description="auto: exact search up to exact_max candidates, IVF above"
     )
     exact_max: int = Field(100_000, gt=0, description="auto: exact search up to this size")
-    ivf_nprobe: int = Field(16, gt=0, description="IVF lists probed per query")
+    ivf_nprobe: int = Field(
+        32,
+        gt=0,
+        description="IVF lists probed per query beyond those the search depth fills "
+        "(depth: top_k + the largest concept + 1 neighbours)",
+    )
     hnsw_m: int = Field(32, gt=0, description="HNSW links per node")
-    hnsw_ef_search: int = Field(128, gt=0, description="HNSW search depth")
-    recall_sample: int = Field(1000, gt=0, description="queries used to measure recall")
+    hnsw_ef_search: int = Field(
+        128,
+        gt=0,
+        description="HNSW candidates kept per query beyond the search depth "
+        "(top_k + the largest concept + 1)",
+    )
+    recall_sample: int = Field(
+        1000, gt=0, description="queries whose written negatives are checked by exact search"
+    )
+    min_recall: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="fail a category whose approximate index writes a smaller share of the "
+        "exact negatives (measured on recall_sample queries)",
+    )
     gpu: bool = Field(True, description="use faiss GPU when the build has it and a GPU is there")
     seed: int = Field(0, description="seed of the recall sample")
     parallelism: int = Field(
