@@ -21,6 +21,7 @@ from embedpipe.config.models import EmbedSettings
 from embedpipe.config.publish import PublishSettings
 from embedpipe.config.taxonomy import TaxonomySettings
 from embedpipe.config.train import TrainSettings
+from embedpipe.config.tune import TuneSettings
 
 
 class GlobalSettings(Section):
@@ -45,10 +46,12 @@ class PathsSettings(Section):
     )
     embeddings: str = Field("", description="mine and train pipelines: the embeddings dataset")
     splits: str = Field(
-        "", description="train pipeline: the split output; empty: the latest preprocess run"
+        "",
+        description="train and tune pipelines: the split output; empty: the latest preprocess run",
     )
     negatives: str = Field(
-        "", description="train pipeline: combined hard negatives; empty: the latest mine run"
+        "",
+        description="train and tune pipelines: combined hard negatives; empty: the latest mine run",
     )
 
 
@@ -65,6 +68,7 @@ STAGE_SETTINGS: dict[str, type[Section]] = {
     "combine": CombineSettings,
     "to_hf": ToHfSettings,
     "train": TrainSettings,
+    "tune": TuneSettings,
     "publish": PublishSettings,
 }
 
@@ -83,6 +87,7 @@ class Settings(Section):
     combine: CombineSettings = Field(default_factory=CombineSettings)
     to_hf: ToHfSettings = Field(default_factory=ToHfSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     models: dict[str, dict[str, Any]] = Field(
