@@ -8,6 +8,7 @@ PIPELINE_MODULES = {
     "preprocess": "embedpipe.pipelines.preprocess",
     "mine": "embedpipe.pipelines.mine",
     "train": "embedpipe.pipelines.train",
+    "tune": "embedpipe.pipelines.tune",
 }
 PIPELINE_NAMES = tuple(PIPELINE_MODULES)
 

@@ -28,8 +28,24 @@ def import_dataset(uri):
 
 
 def add_train_step(parts, settings: Settings, sections: dict, overrides, **inputs):
-    """The train step, on the GPU pool when ``[train].accelerator_type`` is set."""
+    """The train step, on the GPU pool when ``[train].accelerator_type`` is set; past one
+    node (``[train].num_nodes`` > 1) a launcher on the data image that runs a Kubeflow
+    Trainer TrainJob instead."""
     cfg = settings.train
+    if cfg.num_nodes > 1:
+        from embedpipe.kube.objects import check_cluster_model
+
+        check_cluster_model(cfg, settings.models)
+        task = parts.train_job(
+            **inputs,
+            settings=sections["train"],
+            overrides=overrides,
+            trainer_image=settings.images.gpu_image,
+            cluster=settings.cluster.model_dump(mode="json"),
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+        )
+        return place(task, settings.cluster, cache=True)
     task = parts.train(
         **inputs,
         settings=sections["train"],

@@ -144,7 +144,12 @@ def test_mine_pipeline_compiles_a_parallel_fan_out(tmp_path):
     settings = settings_for(tmp_path, ["s3://bucket/raw"], sections=extra)
     paths = compile_pipelines(settings, str(tmp_path / "build"))
     spec = read_pipeline_spec(tmp_path / "build" / "mine.yaml")
-    assert sorted(Path(p).name for p in paths) == ["mine.yaml", "preprocess.yaml"]
+    assert sorted(Path(p).name for p in paths) == [
+        "mine.yaml",
+        "preprocess.yaml",
+        "train.yaml",
+        "tune.yaml",
+    ]
     tasks = spec["root"]["dag"]["tasks"]
     loop = tasks["for-loop-1"]
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("partition-Output")
