@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -327,7 +328,9 @@ def importances(study: optuna.Study) -> dict[str, float]:
     from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 
     try:
-        found = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
+        with warnings.catch_warnings():  # "too few trials": the chart's title says so
+            warnings.simplefilter("ignore", UserWarning)
+            found = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
     except (RuntimeError, ValueError, ZeroDivisionError) as error:
         log.info("no parameter importances: %s", error)
         return {}
