@@ -24,7 +24,8 @@ from embedpipe.components.mine import combine, mine, partition, to_hf
 from embedpipe.components.publish import publish
 from embedpipe.components.split import split
 from embedpipe.components.taxonomy import taxonomy
-from embedpipe.components.train import train
+from embedpipe.components.train import train, train_job
+from embedpipe.components.tune import tune, tune_katib
 
 DATA, GPU = "data", "gpu"
 # Component name -> (function, image). Adding a stage is one entry here.
@@ -44,6 +45,9 @@ COMPONENTS = MappingProxyType(
         "combine": (combine, DATA),
         "to_hf": (to_hf, DATA),
         "train": (train, GPU),
+        "train_job": (train_job, DATA),  # launches a multi-node TrainJob and follows it
+        "tune": (tune, GPU),  # Optuna: trials train in this pod
+        "tune_katib": (tune_katib, DATA),  # launches a Katib Experiment and follows it
         "evaluate": (evaluate, GPU),
         "publish": (publish, GPU),
     }

@@ -10,6 +10,7 @@ def check_settings(
     combine: dict = {},  # noqa: B006
     to_hf: dict = {},  # noqa: B006
     train: dict = {},  # noqa: B006
+    tune: dict = {},  # noqa: B006
     evaluate: dict = {},  # noqa: B006
     publish: dict = {},  # noqa: B006
 ):

@@ -59,3 +59,90 @@ def train(
         best_metric=result["best_metric"],
         best_value=result["best_value"],
     )
+
+
+def train_job(
+    images: Input[Dataset],
+    splits: Input[Dataset],
+    negatives: Input[Dataset],
+    embeddings: Input[Dataset],
+    settings: dict,
+    overrides: dict,
+    trainer_image: str,
+    cluster: dict,
+    run_id: str,
+    task_name: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+):
+    """Train past one node (data image): a Kubeflow Trainer TrainJob of ``[train].num_nodes``
+    pods with ``accelerator_limit`` GPUs each runs ``embedpipe train`` under torchrun,
+    writing the model to this step's output. The TrainJob's name comes from the run and
+    the task, so a retried pod follows the job already there; it fails with the job's
+    reason."""
+    from embedpipe.config import ClusterSettings, stage_settings
+    from embedpipe.core import storage
+    from embedpipe.core.datasets import side_path
+    from embedpipe.kube import api as kube
+    from embedpipe.kube.objects import (
+        TrainInputs,
+        as_dict,
+        object_name,
+        train_arguments,
+    )
+    from embedpipe.kube.objects import train_job as build_train_job
+
+    config = stage_settings("train", settings, overrides)
+    placement = ClusterSettings.model_validate(cluster)
+    inputs = TrainInputs(
+        images=images.uri,
+        out=model.uri,
+        splits=splits.uri,
+        negatives=negatives.uri,
+        embeddings=embeddings.uri if config.mode == "head" else "",
+    )
+    job = build_train_job(
+        object_name("embedpipe-train", run_id, task_name),
+        trainer_image,
+        train_arguments(inputs, config),
+        placement,
+        num_nodes=config.num_nodes,
+        gpus_per_node=config.accelerator_limit,
+    )
+    kube.run_train_job(
+        kube.connect(),
+        as_dict(job),
+        kube.current_namespace(),
+        timeout_s=placement.launcher_timeout_minutes * 60,
+        poll_s=placement.launcher_poll_seconds,
+    )
+    # written by the job's rank 0 (embedpipe.train.checkpoint; no torch in this image)
+    summary = storage.read_json(side_path(model.uri, "metrics.json"))
+    for name, value in summary["result"].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.log_metric(name, value)
+    try:
+        from embedpipe.train.report import render_report
+
+        page = render_report(summary)
+    except ImportError:  # no matplotlib in the data image: the figures without curves
+        import html
+
+        rows = "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+            for k, v in summary["result"].items()
+        )
+        page = f"<!doctype html><html><body><h1>Training</h1><table>{rows}</table></body></html>"
+    with open(report.path, "w", encoding="utf-8") as handle:
+        handle.write(page)
+    result = summary["result"]
+    model.metadata.update(
+        model=config.model,
+        mode=config.mode,
+        loss=config.loss,
+        steps=result["steps"],
+        best_metric=result["best_metric"],
+        best_value=result["best_value"],
+        train_job=job.metadata.name,
+    )

@@ -8,6 +8,7 @@ PIPELINE_MODULES = {
     "preprocess": "embedpipe.pipelines.preprocess",
     "mine": "embedpipe.pipelines.mine",
     "train": "embedpipe.pipelines.train",
+    "tune": "embedpipe.pipelines.tune",
     "evaluate": "embedpipe.pipelines.evaluate",
     "end_to_end": "embedpipe.pipelines.end_to_end",
 }

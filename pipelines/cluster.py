@@ -8,11 +8,7 @@ from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
 from embedpipe.config import ClusterSettings
-
-# The keys of the Secret and ConfigMap in manifests/base, passed as the standard AWS
-# variables that embedpipe.core.storage, boto3 and pyarrow read.
-OBJECT_STORE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-SETTINGS_CONFIG_MAP_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_REGION")
+from embedpipe.config.cluster import OBJECT_STORE_SECRET_KEYS, SETTINGS_CONFIG_MAP_KEYS
 
 
 def place(

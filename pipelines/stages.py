@@ -59,11 +59,12 @@ class Graph:
         """A step without stage settings (partition): object store, retries, caching."""
         return place(task, self.settings.cluster, cache=cache)
 
-    def step(self, component: str, stage: str, *, cache: bool = True, **inputs):
-        """A stage's step with its settings and overrides; on the GPU pool when the
-        stage's settings name an accelerator."""
+    def step(self, component: str, stage: str, *, cache: bool = True, overrides=None, **inputs):
+        """A stage's step with its settings and overrides (the run's, unless given); on
+        the GPU pool when the stage's settings name an accelerator."""
+        given = self.overrides[stage] if overrides is None else overrides
         task = getattr(self.parts, component)(
-            settings=self.sections[stage], overrides=self.overrides[stage], **inputs
+            settings=self.sections[stage], overrides=given, **inputs
         )
         config = getattr(self.settings, stage)
         return place(

@@ -22,16 +22,31 @@ LOCAL_OUTPUTS = {
 }
 
 
-def add_train_step(graph: Graph, after=None, **inputs):
+def add_train_step(graph: Graph, after=None, overrides=None, **inputs):
     """The train step (images, splits, negatives, embeddings), on the GPU pool when
-    ``[train].accelerator_type`` is set."""
-    cfg = graph.settings.train
-    task = graph.step(
-        "train",
-        "train",
-        **inputs,
-        model_entry=get_entry(cfg.model, graph.settings.models).model_dump_json(),
-    )
+    ``[train].accelerator_type`` is set; past one node (``[train].num_nodes`` > 1) a
+    launcher on the data image that runs a Kubeflow Trainer TrainJob instead.
+    ``overrides`` replaces the run's [train] overrides (the tune step's best ones)."""
+    settings, cfg = graph.settings, graph.settings.train
+    given = graph.overrides["train"] if overrides is None else overrides
+    if cfg.num_nodes > 1:
+        from embedpipe.kube.objects import check_cluster_model
+
+        check_cluster_model(cfg, settings.models)
+        task = graph.place(
+            graph.parts.train_job(
+                **inputs,
+                settings=graph.sections["train"],
+                overrides=given,
+                trainer_image=settings.images.gpu_image,
+                cluster=settings.cluster.model_dump(mode="json"),
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+            )
+        )
+    else:
+        model_entry = get_entry(cfg.model, settings.models).model_dump_json()
+        task = graph.step("train", "train", overrides=given, **inputs, model_entry=model_entry)
     return task.after(after) if after is not None else task
 
 

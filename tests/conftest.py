@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedpipe.config import CatalogSettings, IngestSettings, SplitSettings
+from embedpipe.config import (
+    CatalogSettings,
+    CombineSettings,
+    IngestSettings,
+    MineSettings,
+    SplitSettings,
+    TrainSettings,
+)
 from embedpipe.core import storage
 from embedpipe.data.demo_data import DemoSpec, generate_demo_dataset
 
@@ -256,3 +263,76 @@ def assert_same_embeddings(actual, expected, atol: float = 1e-5) -> None:
         for table in (actual, expected)
     ]
     np.testing.assert_allclose(vectors[0], vectors[1], rtol=0, atol=atol)
+
+
+# --- tuning: the demo images, their concept splits, random 32-d embeddings as a head's
+# frozen inputs, and hard negatives mined from them ------------------------------------
+
+FROZEN = {"library": "transformers", "architecture": "Frozen", "embed_dim": 32, "image_size": 32}
+
+
+@pytest.fixture(scope="session")
+def tune_inputs(demo_images, demo_catalog, tmp_path_factory) -> dict[str, str]:
+    import pyarrow as pa
+
+    from embedpipe.core import datasets
+    from embedpipe.data.split import create_concept_splits
+    from embedpipe.mining.combine import combine_negatives
+    from embedpipe.mining.mine import mine_category
+    from embedpipe.mining.partition import partition_by_category
+
+    root = tmp_path_factory.mktemp("tune-inputs")
+    splits = str(root / "splits")
+    create_concept_splits(demo_catalog, splits, SplitSettings())
+    table = datasets.read_table(demo_images, "images", ["image_id"])
+    ids = list(dict.fromkeys(table.column(0).to_pylist()))
+    matrix = np.random.default_rng(0).normal(size=(len(ids), 32)).astype(np.float32)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), 32)
+    embeddings = str(root / "emb")
+    datasets.write_table(
+        embeddings, pa.table({"image_id": ids, "embedding": vectors}), "embeddings"
+    )
+    parts = partition_by_category(splits, embeddings, str(root / "parts"))
+    mined = []
+    for category, part in sorted(parts.items()):
+        mined.append(str(root / "neg" / category))
+        mine_category(part, mined[-1], MineSettings(gpu=False, top_k=3))
+    negatives = str(root / "combined")
+    combine_negatives(mined, negatives, CombineSettings())
+    return {
+        "images": demo_images,
+        "splits": splits,
+        "embeddings": embeddings,
+        "negatives": negatives,
+    }
+
+
+@pytest.fixture(scope="session")
+def frozen_entry():
+    """The backbone of a head whose embeddings the test wrote itself."""
+    from embedpipe.models.registry import ModelEntry
+
+    return ModelEntry(name="frozen", **FROZEN)
+
+
+HEAD_TRAIN = dict(
+    model="frozen",
+    mode="head",
+    pairs="image_image",
+    loss="infonce",
+    batch_size=16,
+    steps=6,
+    lr=1e-2,
+    depth=2,
+    width=32,
+    out_dim=16,
+    val_every=2,
+    num_workers=0,
+    hard_negative_share=0.0,
+    device="cpu",
+)
+
+
+def head_train(**changes) -> TrainSettings:
+    """A projection head that trains in well under a second on the demo embeddings."""
+    return TrainSettings(**{**HEAD_TRAIN, **changes})

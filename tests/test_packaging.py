@@ -25,8 +25,8 @@ def test_registry_data_ships_with_the_package():
 
 # Packages that run in the slim data image: neither torch nor kfp may load with them
 # (kfp only where a component or pipeline is built; torch only for the model stages).
-TORCH_FREE_PACKAGES = ("cli", "config", "core", "data", "mining", "taxonomy")
-TORCH_FREE_MODULES = ("models.registry",)
+TORCH_FREE_PACKAGES = ("cli", "config", "core", "data", "kube", "mining", "taxonomy")
+TORCH_FREE_MODULES = ("models.registry", "tune.space", "tune.katib")
 
 
 def _library_modules(package: str) -> list[str]:

@@ -40,6 +40,12 @@ CHOSEN = {
     ("evaluate", "tasks"): ("zeroshot", "anomaly"),
     ("evaluate", "recall_k"): (2, 3),
     ("evaluate", "templates"): ("a sketch of a {c}.",),
+    ("tune", "space"): {
+        "lr": {"type": "float", "low": 1e-05, "high": 0.01, "log": True},
+        "loss": {"type": "categorical", "choices": ["infonce", "pairwise_sigmoid"]},
+    },
+    ("tune", "metric"): "val_recall_at_1",
+    ("tune", "backend"): "katib",  # compiles the Katib launcher; the CLI's run is stubbed
 }
 # The library function each stage's settings reach: (module, function).
 ENTRY_POINTS = {
@@ -53,6 +59,7 @@ ENTRY_POINTS = {
     "combine": ("embedpipe.mining.combine", "combine_negatives"),
     "to_hf": ("embedpipe.mining.to_hf", "export_to_hf"),
     "train": ("embedpipe.train.stage", "train_model"),
+    "tune": ("embedpipe.tune.study", "tune_model"),
     "publish": ("embedpipe.publish.stage", "publish_checkpoint"),
     "evaluate": ("embedpipe.evaluate.stage", "evaluate_models"),
 }
@@ -94,6 +101,8 @@ def _changed(stage: str, only=lambda field: True) -> dict:
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple | list):
@@ -159,6 +168,7 @@ INPUTS = {  # positional inputs and --out of each command
     "combine": ["negatives"],
     "to-hf": ["negatives", "images"],
     "train": ["images"],
+    "tune": ["images"],
     "publish": ["checkpoint"],
     "evaluate": ["metadata", "--embeddings", "embeddings"],
 }
@@ -175,6 +185,13 @@ def test_every_flag_and_every_config_key_reaches_the_stage(
 ):
     if command.name == "embed-text":
         monkeypatch.setattr("embedpipe.embed.texts.embed_texts", captured_stub(captured))
+    if command.name == "tune":  # with backend katib the launcher is what receives [tune]
+
+        def launch(name, tune, *args, **kwargs):
+            captured["tune"] = tune
+            raise Reached("tune")
+
+        monkeypatch.setattr("embedpipe.tune.katib.launch_search", launch)
     if command.name == "mine":  # the inputs are split by category before the stage runs
         monkeypatch.setattr("embedpipe.mining.partition.split_by_category", lambda *a: {"c": "p"})
     stage, model = command.stage, STAGE_SETTINGS[command.stage]
@@ -225,6 +242,14 @@ def _tasks(spec: dict):
         yield from component.get("dag", {}).get("tasks", {}).items()
 
 
+# Launcher steps that run their stage elsewhere (a Katib Experiment, a TrainJob).
+LAUNCHERS = {"tune-katib": "tune", "train-job": "train"}
+
+
+def _stage(task_name: str) -> str:
+    return LAUNCHERS.get(task_name, task_name).replace("-", "_")
+
+
 def _constant(task: dict, name: str):
     return task["inputs"]["parameters"][name]["runtimeValue"]["constant"]
 
@@ -242,16 +267,27 @@ def test_each_step_gets_exactly_its_stage_section(everything_compiled):
                 continue
             if "settings" not in task.get("inputs", {}).get("parameters", {}):
                 continue
-            stage = task_name.replace("-", "_")
+            stage = _stage(task_name)
+            parameters = task["inputs"]["parameters"]
             compiled = _constant(task, "settings")
             assert compiled == settings.section(stage), (name, stage)
             # Through the YAML (where KFP makes every number a float) and back.
             assert stage_settings(stage, compiled, {}) == getattr(settings, stage)
-            overrides = task["inputs"]["parameters"]["overrides"]["componentInputParameter"]
-            # Inside a ParallelFor the run parameter arrives as a channel of the same name.
-            assert overrides.removeprefix("pipelinechannel--") == stage, (name, stage)
+            if "train_settings" in parameters:  # a search also gets [train] and its overrides
+                assert _constant(task, "train_settings") == settings.section("train")
+                assert parameters["train_overrides"]["componentInputParameter"] == "train"
+            overrides = parameters["overrides"]
+            if "taskOutputParameter" in overrides:
+                # the tune pipeline's final training: the search's best on the run's overrides
+                assert (name, stage) == ("tune", "train")
+                producer = overrides["taskOutputParameter"]["producerTask"]
+                assert _stage(producer) == "tune", producer
+            else:
+                # Inside a ParallelFor the run parameter arrives as a channel of that name.
+                overrides = overrides["componentInputParameter"]
+                assert overrides.removeprefix("pipelinechannel--") == stage, (name, stage)
             reached.add(stage)
-        stages = {t.replace("-", "_") for t, task in _tasks(spec) if "overrides" in str(task)}
+        stages = {_stage(t) for t, task in _tasks(spec) if "overrides" in str(task)}
         assert checked == {stage: settings.section(stage) for stage in stages}, name
         run_parameters = set(spec["root"]["inputDefinitions"]["parameters"])
         assert stages <= run_parameters
@@ -275,6 +311,10 @@ def _component_arguments(function, stage: str, settings: dict, overrides: dict) 
             arguments[name] = settings
         elif name == "overrides":
             arguments[name] = overrides
+        elif name == "train_settings":
+            arguments[name] = STAGE_SETTINGS["train"]().model_dump(mode="json")
+        elif name == "train_overrides":
+            arguments[name] = {}
         elif name == "category":
             arguments[name] = "c"
         elif name == "sources":

@@ -243,6 +243,75 @@ def inputs_train(parser: argparse.ArgumentParser) -> None:
     _out(parser, "output folder: the trained model, checkpoints/, .embedpipe/metrics.json")
 
 
+def run_tune(args: argparse.Namespace, settings: Settings) -> None:
+    tune, train = settings.tune, settings.train
+    if tune.backend == "katib":
+        _run_katib(args, settings)
+        return
+    if args.dry_run:
+        raise ConfigError("--dry-run prints the Katib Experiment: give it with --backend katib")
+    from embedpipe.models.registry import get_entry
+    from embedpipe.tune.study import tune_model
+
+    result = tune_model(
+        args.images,
+        args.out,
+        tune,
+        train,
+        get_entry(train.model, settings.models),
+        splits_uri=args.splits,
+        negatives_uri=args.negatives,
+        embeddings_uri=args.embeddings,
+        captions_uri=args.captions,
+    )
+    _print_result(result)
+
+
+def _run_katib(args: argparse.Namespace, settings: Settings) -> None:
+    """The Experiment the cluster's tune step would create, named after --out; printed as
+    YAML with --dry-run, else created (kubeconfig) and followed to the end."""
+    from embedpipe.core import storage
+    from embedpipe.kube.objects import TrainInputs, check_cluster_model, object_name
+    from embedpipe.tune import katib
+
+    tune, train = settings.tune, settings.train
+    check_cluster_model(train, settings.models)
+    inputs = TrainInputs(
+        images=args.images,
+        out=args.out,
+        splits=args.splits or "",
+        negatives=args.negatives or "",
+        embeddings=args.embeddings or "",
+        captions=args.captions or "",
+    )
+    name = object_name("embedpipe-tune", storage.normalize(args.out))
+    image, cluster = settings.images.gpu_image, settings.cluster
+    if args.dry_run:
+        import yaml
+
+        experiment = katib.build_experiment(
+            name, tune, train, inputs, image, cluster, tune.namespace
+        )
+        print(yaml.safe_dump(katib.experiment_dict(experiment), sort_keys=False), end="")
+        return
+    _print_result(katib.launch_search(name, tune, train, inputs, image, cluster))
+
+
+def inputs_tune(parser: argparse.ArgumentParser) -> None:
+    inputs_train(parser)
+    for action in parser._actions:
+        if action.dest == "out":
+            action.help = (
+                "output folder: trials/, runs/, best.json, report.html and the study "
+                "(katib: the prefix trials write their models under)"
+            )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --backend katib: print the Experiment as YAML, create nothing",
+    )
+
+
 def run_publish(args: argparse.Namespace, settings: Settings) -> None:
     from embedpipe.publish.stage import publish_checkpoint
 
@@ -456,6 +525,17 @@ STAGE_COMMANDS = (
         "head on frozen embeddings; hard negatives in the batch, validation recall@K on "
         "held-out concepts, checkpoints that a rerun of the same command resumes from, "
         "several GPUs with --nproc-per-node.",
+    ),
+    StageCommand(
+        "tune",
+        "tune",
+        inputs_tune,
+        run_tune,
+        "search [train] settings: an Optuna study here, or a Katib Experiment (--backend katib)",
+        "Train a trial per point of the [tune.space] search space (settings of [train], "
+        "which --config gives), prune trials below the median at a validation, and write "
+        "the trials table, the best parameters and a report. Run it again to resume a "
+        "stopped study. --backend katib --dry-run prints the Katib Experiment instead.",
     ),
     StageCommand(
         "evaluate",

@@ -31,6 +31,7 @@ from embedpipe.config.settings import (
 )
 from embedpipe.config.taxonomy import TaxonomySettings
 from embedpipe.config.train import TrainSettings
+from embedpipe.config.tune import SearchDimension, TuneSettings
 
 __all__ = [
     "COMPILE_TIME",
@@ -50,6 +51,7 @@ __all__ = [
     "MineSettings",
     "PathsSettings",
     "PublishSettings",
+    "SearchDimension",
     "Section",
     "Settings",
     "SplitSettings",
@@ -57,6 +59,7 @@ __all__ = [
     "ToHfSettings",
     "Toleration",
     "TrainSettings",
+    "TuneSettings",
     "check_overrides",
     "compile_time_keys",
     "has_flag",

@@ -8,6 +8,11 @@ from pydantic import Field, model_validator
 
 from embedpipe.config.base import Section
 
+# The keys of the Secret and ConfigMap in manifests/base, passed to every pod that touches
+# the object store as the standard AWS variables (embedpipe.core.storage, boto3, pyarrow).
+OBJECT_STORE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SETTINGS_CONFIG_MAP_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_REGION")
+
 
 class ImagesSettings(Section):
     """Where component images come from; the pipelines read them from here only."""
@@ -63,6 +68,12 @@ class ClusterSettings(Section):
     )
     pipeline_root: str = Field(
         "", description="where KFP keeps run artifacts (s3://...); empty: the cluster default"
+    )
+    launcher_timeout_minutes: int = Field(
+        2880, gt=0, description="a multi-node train step fails when its TrainJob runs longer"
+    )
+    launcher_poll_seconds: float = Field(
+        30.0, gt=0, description="seconds between a launcher's status checks"
     )
     retries: int = Field(2, ge=0, description="retries of a failed step (transient failures)")
     retry_backoff: str = Field(

@@ -22,6 +22,7 @@ from embedpipe.config.models import EmbedSettings
 from embedpipe.config.publish import PublishSettings
 from embedpipe.config.taxonomy import TaxonomySettings
 from embedpipe.config.train import TrainSettings
+from embedpipe.config.tune import TuneSettings
 
 
 class GlobalSettings(Section):
@@ -46,10 +47,12 @@ class PathsSettings(Section):
     )
     embeddings: str = Field("", description="mine and train pipelines: the embeddings dataset")
     splits: str = Field(
-        "", description="train and evaluate pipelines: the split output; empty: the latest run"
+        "",
+        description="train, tune and evaluate pipelines: the split output; empty: the latest run",
     )
     negatives: str = Field(
-        "", description="train pipeline: combined hard negatives; empty: the latest mine run"
+        "",
+        description="train and tune pipelines: combined hard negatives; empty: the latest mine run",
     )
     model: str = Field(
         "", description="evaluate pipeline: a trained checkpoint; empty: the latest train run"
@@ -72,6 +75,7 @@ STAGE_SETTINGS: dict[str, type[Section]] = {
     "combine": CombineSettings,
     "to_hf": ToHfSettings,
     "train": TrainSettings,
+    "tune": TuneSettings,
     "evaluate": EvaluateSettings,
     "publish": PublishSettings,
 }
@@ -91,6 +95,7 @@ class Settings(Section):
     combine: CombineSettings = Field(default_factory=CombineSettings)
     to_hf: ToHfSettings = Field(default_factory=ToHfSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)

@@ -13,6 +13,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +131,10 @@ def resumable(
 
 
 class Loop:
+    # Called as on_validation(step, metrics) after each validation on rank 0 (the tune
+    # stage's pruner listens here); an exception it raises ends the run.
+    on_validation: Callable[[int, dict[str, float]], None] | None = None
+
     def __init__(
         self,
         task: Any,
@@ -250,6 +255,8 @@ class Loop:
         metrics = self.task.evaluate(self.autocast)
         if metrics and self.world.is_main:
             self.emit({"step": self.state.step, **_headline(metrics)})
+            if self.on_validation is not None:
+                self.on_validation(self.state.step, metrics)
         return metrics
 
     def _judge(self, metrics: dict[str, float]) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +86,11 @@ def train_model(
     negatives_uri: str | None = None,
     embeddings_uri: str | None = None,
     captions_uri: str | None = None,
+    on_validation: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume training) and write the model to ``out_uri``."""
+    """Train (or resume training) and write the model to ``out_uri``.
+
+    ``on_validation(step, metrics)`` is called after each validation (tuning's pruner)."""
     started = time.perf_counter()
     out_uri = storage.normalize(out_uri)
     check_inputs(config, entry, embeddings_uri, negatives_uri)
@@ -108,6 +112,7 @@ def train_model(
             task = FinetuneTask(entry, config, examples, images_uri, device, options)
         settings_json = config.model_dump(mode="json")
         loop = Loop(task, config, out_uri, world, device, mined, settings_json)
+        loop.on_validation = on_validation
         found = resumable(out_uri, settings_json, world.size)
         if found:
             loop.restore(*found)

@@ -1,0 +1,131 @@
+from typing import NamedTuple
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Output
+
+
+def tune(
+    images: Input[Dataset],
+    splits: Input[Dataset],
+    negatives: Input[Dataset],
+    embeddings: Input[Dataset],
+    settings: dict,
+    overrides: dict,
+    train_settings: dict,
+    train_overrides: dict,
+    model_entry: str,
+    study: Output[Artifact],
+    trials: Output[Dataset],
+    best: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+) -> NamedTuple("TuneOutputs", [("best_overrides", dict)]):
+    """Search [train] settings with Optuna, every trial training in this pod (GPU image);
+    ``best_overrides`` is the run's [train] overrides with the best parameters on top, for
+    the final training step.
+
+    ``study`` holds the SQLite study, each trial's model (runs/) and the report's PNGs.
+    """
+    import json
+    import shutil
+    from collections import namedtuple
+
+    from embedpipe.config import stage_settings
+    from embedpipe.core import datasets, storage
+    from embedpipe.models.registry import ModelEntry
+    from embedpipe.tune.study import best_path, tune_model
+
+    config = stage_settings("tune", settings, overrides)
+    train = stage_settings("train", train_settings, train_overrides)
+    entry = ModelEntry.model_validate_json(model_entry)
+    result = tune_model(
+        images.path,
+        study.path,
+        config,
+        train,
+        entry,
+        splits_uri=splits.path,
+        negatives_uri=negatives.path,
+        embeddings_uri=embeddings.path if train.mode == "head" else None,
+    )
+    table = datasets.read_table(f"{study.path}/trials")
+    datasets.write_table(trials.path, table, "tune_trials")
+    shutil.copyfile(best_path(study.path), best.path)
+    shutil.copyfile(f"{study.path}/report.html", report.path)
+    for name, value in result.metrics().items():
+        metrics.log_metric(name, value)
+    for name, value in result.best_params.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.log_metric(f"best_{name}", value)
+    best.metadata.update(json.loads(storage.read_bytes(best.path)))
+    outputs = namedtuple("TuneOutputs", ["best_overrides"])
+    return outputs({**train_overrides, **result.best_params})
+
+
+def tune_katib(
+    images: Input[Dataset],
+    splits: Input[Dataset],
+    negatives: Input[Dataset],
+    embeddings: Input[Dataset],
+    settings: dict,
+    overrides: dict,
+    train_settings: dict,
+    train_overrides: dict,
+    trial_image: str,
+    cluster: dict,
+    run_id: str,
+    task_name: str,
+    trials: Output[Artifact],
+    best: Output[Artifact],
+    metrics: Output[Metrics],
+) -> NamedTuple("TuneOutputs", [("best_overrides", dict)]):
+    """Search [train] settings with a Katib Experiment (data image): create it under a name
+    derived from the run and the task (a retried pod follows the one already there), log
+    its trials, fail with its own reason, output the best parameters.
+
+    Each trial writes its model under ``trials`` (``<trials>/<trial name>``).
+    """
+    import json
+    from collections import namedtuple
+
+    from embedpipe.config import ClusterSettings, stage_settings
+    from embedpipe.kube.objects import TrainInputs, object_name
+    from embedpipe.tune.katib import launch_search
+
+    config = stage_settings("tune", settings, overrides)
+    train = stage_settings("train", train_settings, train_overrides)
+    inputs = TrainInputs(
+        images=images.uri,
+        out=trials.uri,
+        splits=splits.uri,
+        negatives=negatives.uri,
+        embeddings=embeddings.uri if train.mode == "head" else "",
+    )
+    result = launch_search(
+        object_name("embedpipe-tune", run_id, task_name),
+        config,
+        train,
+        inputs,
+        trial_image,
+        ClusterSettings.model_validate(cluster),
+    )
+    summary = {
+        "params": result.best_params,
+        "value": result.best_value,
+        "trial": result.best_trial,
+        "metric": config.metric,
+        "direction": config.direction,
+        "experiment": result.experiment,
+        "namespace": result.namespace,
+        "out_uri": f"{trials.uri.rstrip('/')}/{result.best_trial}",
+    }
+    with open(best.path, "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2, sort_keys=True)
+    best.metadata.update(summary)
+    metrics.log_metric("best_value", result.best_value)
+    for name in ("trials", "trials_succeeded", "trials_failed", "trials_early_stopped"):
+        metrics.log_metric(name, getattr(result, name))
+    for name, value in result.best_params.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.log_metric(f"best_{name}", value)
+    outputs = namedtuple("TuneOutputs", ["best_overrides"])
+    return outputs({**train_overrides, **result.best_params})

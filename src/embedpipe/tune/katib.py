@@ -1,0 +1,342 @@
+"""Tuning on the cluster: ``[tune]`` as a Katib Experiment (kubeflow.org/v1beta1, Katib
+v0.19), built from the typed models of ``kubeflow-katib-api``, and the launcher that
+creates it under a deterministic name, follows it and returns the best parameters.
+
+Each trial runs ``embedpipe train`` with the trial's parameters as flags, as a Kubeflow
+Trainer TrainJob (``torch-distributed`` runtime) or a batch Job, on the GPU pool. Katib's
+StdOut collector reads the ``name=value`` lines training prints (``METRIC_FILTER``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeflow_katib_api import models as katib
+
+from embedpipe.config import (
+    ClusterSettings,
+    ConfigError,
+    SearchDimension,
+    TrainSettings,
+    TuneSettings,
+)
+from embedpipe.kube import api as kube
+from embedpipe.kube import objects
+from embedpipe.tune.space import check_search
+
+log = logging.getLogger(__name__)
+
+KATIB_API = "kubeflow.org/v1beta1"
+ALGORITHMS = {"tpe": "multivariate-tpe", "random": "random", "grid": "grid"}
+# Two groups, name and value, as Katib's collector takes them; the value always parses as
+# a float (Katib's default filter also matches an empty value, which kills the collector).
+METRIC_FILTER = r"([a-z][a-z0-9_]*)=([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+KATIB_UNSAFE = re.compile(r"[/.@]")
+TRIAL_NAME = "trialName"
+# Katib's own defaults for TrainJob trials (v0.19), spelled out so the Experiment reads
+# the same on any Katib version that runs it.
+TRAINJOB_SUCCESS = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
+TRAINJOB_FAILURE = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
+TRAINJOB_PRIMARY_POD = {
+    "jobset.sigs.k8s.io/replicatedjob-name": "node",
+    "batch.kubernetes.io/job-completion-index": "0",
+}
+
+
+def _text(value: Any) -> str:
+    return format(value, ".10g") if isinstance(value, float) else str(value)
+
+
+def _parameter(key: str, dimension: SearchDimension) -> katib.V1beta1ParameterSpec:
+    if dimension.type == "categorical":
+        return katib.V1beta1ParameterSpec(
+            name=key,
+            parameter_type="categorical",
+            feasible_space=katib.V1beta1FeasibleSpace(list=[_text(c) for c in dimension.choices]),
+        )
+    as_type = int if dimension.type == "int" else float
+    space = katib.V1beta1FeasibleSpace(
+        min=_text(as_type(dimension.low)),
+        max=_text(as_type(dimension.high)),
+        step=_text(as_type(dimension.step)) if dimension.step is not None else None,
+        distribution="logUniform" if dimension.log else "uniform",
+    )
+    return katib.V1beta1ParameterSpec(
+        name=key,
+        parameter_type="int" if dimension.type == "int" else "double",
+        feasible_space=space,
+    )
+
+
+def check_katib(tune: TuneSettings, train: TrainSettings) -> dict[str, SearchDimension]:
+    """check_search, and what Katib adds: flags Katib can substitute (no true/false
+    settings), metric names its collector accepts."""
+    space = check_search(tune, train)
+    for key, dimension in space.items():
+        if any(isinstance(choice, bool) for choice in dimension.choices):
+            raise ConfigError(
+                f"[tune].space.{key}: a true/false setting is a --x/--no-x flag, which a "
+                "Katib trial cannot substitute; search it with the optuna backend"
+            )
+    if KATIB_UNSAFE.search(tune.metric):
+        raise ConfigError(f"[tune].metric: {tune.metric!r} has '/', '.' or '@'")
+    return space
+
+
+def build_experiment(
+    name: str,
+    tune: TuneSettings,
+    train: TrainSettings,
+    inputs: objects.TrainInputs,
+    image: str,
+    cluster: ClusterSettings,
+    namespace: str = "",
+) -> katib.V1beta1Experiment:
+    """The Experiment; ``inputs.out`` is the prefix under which each trial writes its model
+    (``OUT/<trial name>``)."""
+    space = check_katib(tune, train)
+    trial_inputs = objects.TrainInputs(
+        **{**inputs.__dict__, "out": f"{inputs.out.rstrip('/')}/${{trialParameters.{TRIAL_NAME}}}"}
+    )
+    searched = {key: f"${{trialParameters.{key}}}" for key in space}
+    arguments = objects.train_arguments(trial_inputs, train, searched)
+    if tune.trial_template == "trainjob":
+        trial = objects.train_job(
+            "",
+            image,
+            arguments,
+            cluster,
+            runtime=tune.runtime,
+            num_nodes=tune.trial_num_nodes,
+            gpus_per_node=tune.trial_gpus_per_node,
+            timeout_minutes=tune.trial_timeout_minutes,
+        )
+        template_extra = dict(
+            primary_container_name=objects.PRIMARY_CONTAINER,
+            primary_pod_labels=dict(TRAINJOB_PRIMARY_POD),
+            success_condition=TRAINJOB_SUCCESS,
+            failure_condition=TRAINJOB_FAILURE,
+        )
+    else:
+        trial = objects.batch_job(
+            "",
+            image,
+            arguments,
+            cluster,
+            gpus=tune.trial_gpus_per_node,
+            timeout_minutes=tune.trial_timeout_minutes,
+        )
+        template_extra = dict(primary_container_name=objects.JOB_CONTAINER)
+    trial_spec = objects.as_dict(trial)
+    trial_spec.pop("metadata", None)  # Katib names each trial's object itself
+    trial_parameters = [
+        katib.V1beta1TrialParameterSpec(name=key, description=f"[train].{key}", reference=key)
+        for key in space
+    ] + [
+        katib.V1beta1TrialParameterSpec(
+            name=TRIAL_NAME,
+            description="the trial's name: its model goes to OUT/<trial name>",
+            reference="${trialSpec.Name}",
+        )
+    ]
+    strategy = "max" if tune.direction == "maximize" else "min"
+    algorithm_settings = (
+        [katib.V1beta1AlgorithmSetting(name="random_state", value=str(tune.seed))]
+        if tune.algorithm in ("tpe", "random")
+        else None
+    )
+    return katib.V1beta1Experiment(
+        api_version=KATIB_API,
+        kind="Experiment",
+        metadata=katib.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
+            name=name, namespace=namespace or None, labels=dict(objects.LABELS)
+        ),
+        spec=katib.V1beta1ExperimentSpec(
+            objective=katib.V1beta1ObjectiveSpec(
+                type=tune.direction,
+                objective_metric_name=tune.metric,
+                metric_strategies=[katib.V1beta1MetricStrategy(name=tune.metric, value=strategy)],
+            ),
+            algorithm=katib.V1beta1AlgorithmSpec(
+                algorithm_name=ALGORITHMS[tune.algorithm], algorithm_settings=algorithm_settings
+            ),
+            parallel_trial_count=tune.parallel_trials,
+            max_trial_count=tune.n_trials,
+            max_failed_trial_count=tune.max_failed_trials,
+            metrics_collector_spec=katib.V1beta1MetricsCollectorSpec(
+                collector=katib.V1beta1CollectorSpec(kind="StdOut"),
+                source=katib.V1beta1SourceSpec(
+                    filter=katib.V1beta1FilterSpec(metrics_format=[METRIC_FILTER])
+                ),
+            ),
+            parameters=[_parameter(key, dimension) for key, dimension in space.items()],
+            trial_template=katib.V1beta1TrialTemplate(
+                retain=False,
+                trial_parameters=trial_parameters,
+                trial_spec=trial_spec,
+                **template_extra,
+            ),
+        ),
+    )
+
+
+def experiment_dict(experiment: katib.V1beta1Experiment) -> dict[str, Any]:
+    """The Experiment as the API server takes it (camelCase, unset fields left out)."""
+    return experiment.to_dict()
+
+
+@dataclass(frozen=True)
+class KatibResult:
+    experiment: str
+    namespace: str
+    attached: bool
+    best_trial: str
+    best_value: float
+    best_params: dict[str, Any] = field(default_factory=dict)
+    trials: int = 0
+    trials_succeeded: int = 0
+    trials_failed: int = 0
+    trials_early_stopped: int = 0
+
+
+def _typed(value: str, dimension: SearchDimension) -> Any:
+    if dimension.type == "int":
+        return int(float(value))
+    if dimension.type == "float":
+        return float(value)
+    for choice in dimension.choices:
+        if _text(choice) == value:
+            return choice
+    raise KubeErrorValue(f"Katib assigned {value!r}, which is none of {list(dimension.choices)}")
+
+
+class KubeErrorValue(kube.KubeError):
+    pass
+
+
+def best_of(experiment: dict[str, Any], tune: TuneSettings, space: dict) -> tuple:
+    """(trial name, value, parameters as [train] holds them) of the current optimal trial."""
+    optimal = (experiment.get("status") or {}).get("currentOptimalTrial") or {}
+    assignments = {a["name"]: a["value"] for a in optimal.get("parameterAssignments") or []}
+    if not optimal.get("bestTrialName") or not assignments:
+        raise kube.KubeError(
+            f"Experiment {experiment['metadata']['name']} succeeded without an optimal trial "
+            f"(did any trial print {tune.metric}=...?)"
+        )
+    metrics = {m["name"]: m for m in (optimal.get("observation") or {}).get("metrics") or []}
+    strategy = "max" if tune.direction == "maximize" else "min"
+    found = metrics.get(tune.metric, {})
+    value = float(found.get(strategy) or found.get("latest") or "nan")
+    params = {key: _typed(assignments[key], dimension) for key, dimension in space.items()}
+    return optimal["bestTrialName"], value, params
+
+
+class _Progress:
+    """Logs the Experiment's counts when they change, and each trial's new state."""
+
+    def __init__(self, trials: kube.Objects, name: str):
+        self.trials, self.name = trials, name
+        self.counts: tuple = ()
+        self.states: dict[str, str] = {}
+
+    def __call__(self, experiment: dict[str, Any]) -> None:
+        status = experiment.get("status") or {}
+        counts = tuple(
+            status.get(k, 0) for k in ("trials", "trialsRunning", "trialsSucceeded", "trialsFailed")
+        )
+        if counts == self.counts:
+            return
+        self.counts = counts
+        log.info(
+            "Experiment %s: %d trials, %d running, %d succeeded, %d failed",
+            self.name,
+            *counts,
+        )
+        for trial in self.trials.list(f"katib.kubeflow.org/experiment={self.name}"):
+            trial_name = trial["metadata"]["name"]
+            conditions = (trial.get("status") or {}).get("conditions") or []
+            state = next(
+                (c["type"] for c in reversed(conditions) if str(c.get("status")) == "True"), ""
+            )
+            if state and self.states.get(trial_name) != state:
+                self.states[trial_name] = state
+                params = {
+                    a["name"]: a["value"]
+                    for a in (trial.get("spec") or {}).get("parameterAssignments") or []
+                }
+                log.info("trial %s: %s %s", trial_name, state, params)
+
+
+def _finished(experiment: dict[str, Any]) -> bool:
+    failed = kube.condition(experiment, "Failed")
+    if failed:
+        raise kube.KubeError(
+            f"Katib Experiment {experiment['metadata']['name']} failed: "
+            f"{failed.get('reason', '')}: {failed.get('message', '')}"
+        )
+    return kube.condition(experiment, "Succeeded") is not None
+
+
+def run_experiment(
+    api_client,
+    body: dict[str, Any],
+    tune: TuneSettings,
+    space: dict[str, SearchDimension],
+    namespace: str,
+) -> KatibResult:
+    """Create the Experiment (or re-attach to it), follow it to the end, return the best."""
+    name = body["metadata"]["name"]
+    body["metadata"].pop("namespace", None)
+    experiments = kube.Objects(api_client, kube.EXPERIMENT, namespace)
+    trials = kube.Objects(api_client, kube.TRIAL, namespace)
+    _, attached = experiments.create_or_attach(body)
+    log.info(
+        "%s Katib Experiment %s in %s", "following" if attached else "created", name, namespace
+    )
+    try:
+        final = kube.wait_for(
+            experiments,
+            name,
+            _finished,
+            timeout_s=tune.timeout_minutes * 60,
+            poll_s=tune.poll_seconds,
+            progress=_Progress(trials, name),
+        )
+    except TimeoutError as error:
+        # Its trials hold GPUs: a search nobody waits for is deleted, not left running.
+        experiments.delete(name)
+        raise kube.KubeError(f"{error}; deleted it and its trials") from None
+    trial, value, params = best_of(final, tune, space)
+    status = final.get("status") or {}
+    return KatibResult(
+        experiment=name,
+        namespace=namespace,
+        attached=attached,
+        best_trial=trial,
+        best_value=value,
+        best_params=params,
+        trials=int(status.get("trials", 0)),
+        trials_succeeded=int(status.get("trialsSucceeded", 0)),
+        trials_failed=int(status.get("trialsFailed", 0)),
+        trials_early_stopped=int(status.get("trialsEarlyStopped", 0)),
+    )
+
+
+def launch_search(
+    name: str,
+    tune: TuneSettings,
+    train: TrainSettings,
+    inputs: objects.TrainInputs,
+    image: str,
+    cluster: ClusterSettings,
+    api_client=None,
+) -> KatibResult:
+    """Build the Experiment and run it in ``[tune].namespace`` (or the pod's)."""
+    space = check_katib(tune, train)
+    namespace = tune.namespace or kube.current_namespace()
+    experiment = build_experiment(name, tune, train, inputs, image, cluster)
+    api_client = api_client or kube.connect()
+    return run_experiment(api_client, experiment_dict(experiment), tune, space, namespace)
