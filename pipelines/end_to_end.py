@@ -1,8 +1,9 @@
 """end_to_end: images in, a published model out.
 
-preprocess -> the mining fan-out -> training -> evaluation of the untrained and the
-trained model side by side -> publishing, from the same step-adding functions the
-single pipelines use, behind one first step that checks every stage's settings.
+preprocess -> the mining fan-out -> tuning (when [tune.space] is set) -> training ->
+evaluation of the untrained and the trained model side by side -> publishing, from the
+same step-adding functions the single pipelines use, behind one first step that checks
+every stage's settings.
 """
 
 from typing import NamedTuple
@@ -17,12 +18,15 @@ from embedpipe.pipelines.mine import STAGES as MINE_STAGES
 from embedpipe.pipelines.mine import add_mining_steps
 from embedpipe.pipelines.stages import Graph, describe
 from embedpipe.pipelines.train import add_train_step
+from embedpipe.pipelines.tune import add_tune_step
 
 PIPELINE_NAME = "embedpipe-end-to-end"
 
 
 def stages(settings: Settings) -> tuple[str, ...]:
-    return (*preprocess.stages(settings), *MINE_STAGES, "train", "evaluate", "publish")
+    """Tuning runs when [tune.space] names settings to search (fixed when compiling)."""
+    tuning = ("tune",) if settings.tune.space else ()
+    return (*preprocess.stages(settings), *MINE_STAGES, *tuning, "train", "evaluate", "publish")
 
 
 def build_pipeline(settings: Settings):
@@ -56,6 +60,7 @@ def build_pipeline(settings: Settings):
         mine: dict = {},  # noqa: B006
         combine: dict = {},  # noqa: B006
         to_hf: dict = {},  # noqa: B006
+        tune: dict = {},  # noqa: B006
         train: dict = {},  # noqa: B006
         evaluate: dict = {},  # noqa: B006
         publish: dict = {},  # noqa: B006
@@ -70,6 +75,7 @@ def build_pipeline(settings: Settings):
             mine=mine,
             combine=combine,
             to_hf=to_hf,
+            tune=tune,
             train=train,
             evaluate=evaluate,
             publish=publish,
@@ -79,13 +85,16 @@ def build_pipeline(settings: Settings):
         mined = add_mining_steps(
             graph, data["images"], data["kept"], data["embeddings"], after=None
         )
-        trained = add_train_step(
-            graph,
+        inputs = dict(
             images=data["images"],
             splits=data["splits"],
             negatives=mined["negatives"],
             embeddings=data["embeddings"],
         )
+        best = None
+        if "tune" in graph.sections:
+            best = add_tune_step(graph, **inputs).outputs["best_overrides"]
+        trained = add_train_step(graph, overrides=best, **inputs)
         model = trained.outputs["model"]
         evaluated = add_evaluate_step(
             graph,
