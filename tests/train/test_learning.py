@@ -196,3 +196,69 @@ def test_a_head_on_random_vit_demo_embeddings_learns_held_out_concepts(
 
 
 MARGIN_DEMO = 0.15
+
+
+def test_a_tiny_open_clip_model_finetuned_on_demo_images_learns(
+    demo_images, demo_split, tiny_entry, tmp_path
+):
+    """Fine-tuning the image tower of a random tiny open_clip model (64 px) on pairs of
+    images of a concept lifts recall@1 on held-out concepts."""
+    config = TrainSettings(
+        weights="random",
+        pairs="image_image",
+        loss="multipos_sigmoid",
+        lr=1e-3,
+        batch_size=32,
+        steps=60,
+        val_every=30,
+        num_workers=0,
+        device="cpu",
+    )
+    result = train_model(
+        demo_images, str(tmp_path / "ft"), config, tiny_entry, splits_uri=demo_split
+    )
+    # measured: 0.573 -> 0.671 after 40 steps, 0.732 after 80
+    assert result.best_value >= result.untrained_value + MARGIN_FINETUNE, (
+        result.untrained_value,
+        result.best_value,
+    )
+
+
+MARGIN_FINETUNE = 0.08
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_identity_heads_and_the_folded_standardisation(depth):
+    from embedpipe.models.heads import ProjectionHead
+    from embedpipe.train.head import HeadModule, identity_init
+
+    torch.manual_seed(0)
+    x = torch.randn(20, 8)
+    head = ProjectionHead(8, depth, 16, 8)
+    identity_init(head)
+    shift, spread = x.mean(0), 0.37
+    module = HeadModule(head, 0.0, None, shift, spread)
+    torch.testing.assert_close(module.project(x), (x - shift) / spread, atol=1e-6, rtol=1e-5)
+
+    with torch.no_grad():  # as after training: any weights
+        for parameter in head.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    saved = ProjectionHead(8, depth, 16, 8)
+    saved.load_state_dict(module.folded_head())
+    torch.testing.assert_close(saved(x), module.project(x), atol=1e-5, rtol=1e-5)
+
+
+def test_an_identity_head_that_cannot_be_one_is_refused(demo_images, demo_split, tmp_path):
+    from embedpipe.config import ConfigError
+
+    ids = datasets.read_table(demo_images, "images", ["image_id"]).column(0).to_pylist()
+    ids = list(dict.fromkeys(ids))
+    emb = write_embeddings(
+        str(tmp_path / "emb"), ids, np.eye(len(ids), 4, dtype=np.float32), model="frozen"
+    )
+    entry = ModelEntry(
+        name="frozen", library="transformers", architecture="F", embed_dim=4, image_size=32
+    )
+    config = TrainSettings(mode="head", pairs="image_image", head_init="identity", width=6)
+    with pytest.raises(ConfigError, match="head_init: identity with depth 2 needs width >= 8"):
+        train_model(demo_images, str(tmp_path / "h"), config, entry, embeddings_uri=emb)
