@@ -91,7 +91,7 @@ def digits(tmp_path_factory):
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     pixels = torch.stack(
         [
-            (torch.from_numpy(np.asarray(decode(data, None))).permute(2, 0, 1) / 255 - mean) / std
+            (torch.from_numpy(np.array(decode(data, None))).permute(2, 0, 1) / 255 - mean) / std
             for data in pngs
         ]
     )
