@@ -75,6 +75,16 @@ class TrainSettings(Section):
     depth: int = Field(2, gt=0, description="head: linear layers of the MLP")
     width: int = Field(512, gt=0, description="head: hidden width of the MLP")
     out_dim: int = Field(0, ge=0, description="head: output dimension (0: the input's)")
+    standardize: bool = Field(
+        True,
+        description="head: centre the frozen embeddings on the training mean and scale them "
+        "to unit variance per dimension on average (folded into the saved first layer)",
+    )
+    head_init: Literal["random", "identity"] = Field(
+        "random",
+        description="head: random layers, or identity (starts as its standardised input; "
+        "needs out_dim = input and, for depth > 1, width >= 2x input)",
+    )
     exploration: float = Field(
         1.0, ge=0, description="head+triplet: UCB exploration constant over bands"
     )

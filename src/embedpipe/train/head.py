@@ -30,20 +30,95 @@ __all__ = ["HeadModule", "HeadTask", "ProjectionHead", "load_embeddings"]
 
 
 class HeadModule(nn.Module):
-    """The head with a learnable logit scale and bias; the module DDP wraps."""
+    """The head on standardised inputs, with a learnable logit scale and bias; the module
+    DDP wraps.
 
-    def __init__(self, head: ProjectionHead, init_scale: float, init_bias: float | None):
+    Frozen embeddings of an untrained or generic backbone sit in a narrow cone (the demo's
+    random ViT: mean cosine 0.88), so their differences are tiny next to the head's
+    initial weights and the head barely moves them. Centring on the training mean and
+    scaling to unit variance per dimension (one scale for all, so cosine geometry is kept)
+    fixes that; the affine map is folded into the first layer when saved."""
+
+    def __init__(
+        self,
+        head: ProjectionHead,
+        init_scale: float,
+        init_bias: float | None,
+        shift: torch.Tensor,
+        spread: float,
+    ):
         super().__init__()
         self.head = head
         self.logit_scale = nn.Parameter(torch.full([], init_scale))
         self.logit_bias = None if init_bias is None else nn.Parameter(torch.full([], init_bias))
+        self.register_buffer("shift", shift.float().clone())
+        self.register_buffer("spread", torch.full([], float(spread)))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head((features - self.shift) / self.spread)
 
     def forward(self, first: torch.Tensor, second: torch.Tensor, third: torch.Tensor | None):
         # One pass over every view keeps DDP's single-forward bookkeeping simple.
         views = [first, second] if third is None else [first, second, third]
-        out = F.normalize(self.head(torch.cat(views)), dim=-1).split(len(first))
+        out = F.normalize(self.project(torch.cat(views)), dim=-1).split(len(first))
         negative = out[2] if third is not None else None
         return out[0], out[1], negative, self.logit_scale.exp(), self.logit_bias
+
+    def folded_head(self) -> dict[str, torch.Tensor]:
+        """The head's weights with the standardisation folded into its first layer, so the
+        saved head takes the raw embeddings: W((x - m) / s) + b = (W / s) x + b - W m / s."""
+        state = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        first = next(name for name in state if name.endswith(".weight"))
+        bias = first.removesuffix("weight") + "bias"
+        weight = state[first].float() / self.spread
+        state[bias] = (state[bias].float() - weight @ self.shift).to(state[bias].dtype)
+        state[first] = weight.to(state[first].dtype)
+        return state
+
+
+def standardization(matrix: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, float]:
+    """Training rows' mean, and the root mean square of their centred coordinates."""
+    train = torch.from_numpy(matrix[rows]).double()
+    shift = train.mean(0)
+    spread = float((train - shift).pow(2).mean().sqrt())
+    return shift.float(), spread if spread > 0 else 1.0
+
+
+def identity_init(head: ProjectionHead) -> None:
+    """Make the head compute its input exactly: one layer is the identity matrix; deeper
+    heads route x and -x through the activation, as gelu(x) - gelu(-x) = x (and relu)."""
+    layers = [m for m in head.layers if isinstance(m, nn.Linear)]
+    dim = head.config["in_dim"]
+    eye = torch.eye(dim)
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            layer.weight.zero_()
+            layer.bias.zero_()
+            if len(layers) == 1:
+                layer.weight.copy_(eye)
+            elif index == 0:
+                layer.weight[:dim] = eye
+                layer.weight[dim : 2 * dim] = -eye
+            elif index == len(layers) - 1:
+                layer.weight[:, :dim] = eye
+                layer.weight[:, dim : 2 * dim] = -eye
+            else:
+                block = torch.cat([torch.cat([eye, -eye], 1), torch.cat([-eye, eye], 1)])
+                layer.weight[: 2 * dim, : 2 * dim] = block
+
+
+def check_identity(config: TrainSettings, in_dim: int) -> None:
+    out_dim = config.out_dim or in_dim
+    if out_dim != in_dim:
+        raise ConfigError(
+            f"head_init: identity needs out_dim equal to the embedding size {in_dim} "
+            f"(out_dim is {out_dim})"
+        )
+    if config.depth > 1 and config.width < 2 * in_dim:
+        raise ConfigError(
+            f"head_init: identity with depth {config.depth} needs width >= {2 * in_dim} "
+            f"(twice the embedding size; width is {config.width})"
+        )
 
 
 def load_embeddings(embeddings_uri: str, examples: Examples) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -94,12 +169,20 @@ class HeadTask:
         self.manifest = manifest
         self.matrix = torch.from_numpy(matrix)
         in_dim = matrix.shape[1]
+        if config.head_init == "identity":
+            check_identity(config, in_dim)
+        self.train_rows = examples.rows("train")
+        if config.standardize:
+            shift, spread = standardization(matrix, self.train_rows)
+        else:
+            shift, spread = torch.zeros(in_dim), 1.0
         torch.manual_seed(config.seed)
         self.head = ProjectionHead(in_dim, config.depth, config.width, config.out_dim or in_dim)
+        if config.head_init == "identity":
+            identity_init(self.head)
         self.module = HeadModule(
-            self.head, init_scale(config.loss), losses.init_logit_bias(config.loss)
+            self.head, init_scale(config.loss), losses.init_logit_bias(config.loss), shift, spread
         ).to(device)
-        self.train_rows = examples.rows("train")
         self.same_concept = rows_by_concept(examples, self.train_rows)
         self.queries, self.candidates = validation_rows(examples)
         self.loss = losses.get_loss(config.loss, **loss_options)
@@ -183,13 +266,13 @@ class HeadTask:
         if not len(self.queries):
             return {}
         vectors = self.matrix[self.candidates].to(self.device)
-        projected = F.normalize(self.head(vectors).float(), dim=-1).cpu()
+        projected = F.normalize(self.module.project(vectors).float(), dim=-1).cpu()
         return image_recall(
             self.examples, self.queries, self.candidates, projected, self.config.val_k
         )
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return self.head.state_dict()
+        return self.module.folded_head()
 
     def training_weights(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
