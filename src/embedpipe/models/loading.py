@@ -76,18 +76,22 @@ class LoadedModel:
     def backend(self) -> Backend:
         return backend_for(self.backbone_entry or self.entry)
 
+    def _image_model(self) -> tuple[ModelEntry, torch.nn.Module]:
+        """The entry and module that see the pixels: a head's backbone, else the model."""
+        if self.backbone_entry is not None:
+            return self.backbone_entry, self.module.backbone
+        return self.entry, self.module
+
     @property
     def preprocess_spec(self) -> PreprocessSpec:
-        return self.backend.preprocess_spec(self.entry, self.module)
+        return self.backend.preprocess_spec(*self._image_model())
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.backbone_entry is not None:
-            features = self.backend.encode_images(self.backbone_entry, self.module.backbone, pixels)
-            return self.module.project(features)
-        return self.backend.encode_images(self.entry, self.module, pixels)
+        features = self.backend.encode_images(*self._image_model(), pixels)
+        return self.module.project(features) if self.backbone_entry is not None else features
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        if not self.entry.text:
+        if not self.entry.text or self.backbone_entry is not None:
             raise ModelError(f"{self.entry.name}: an image-only model has no text tower")
         tokenizer = self.tokenizer()
         device = next(self.module.parameters()).device
