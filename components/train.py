@@ -21,12 +21,9 @@ def train(
     (torchrun) when ``nproc_per_node`` asks for more than one process.
     """
     from embedpipe.config import stage_settings
-    from embedpipe.core import storage
-    from embedpipe.core.datasets import side_path
     from embedpipe.models.registry import ModelEntry
-    from embedpipe.train.checkpoint import METRICS_NAME
     from embedpipe.train.distributed import processes_wanted, train_in_processes
-    from embedpipe.train.report import render_report
+    from embedpipe.train.report import record_training_outputs
     from embedpipe.train.stage import train_model
 
     config = stage_settings("train", settings, overrides)
@@ -44,13 +41,7 @@ def train(
         train_model(
             images.path, model.path, config, entry, **{f"{k}_uri": v for k, v in inputs.items()}
         )
-    summary = storage.read_json(side_path(model.path, METRICS_NAME))
-    for name, value in summary["result"].items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            metrics.log_metric(name, value)
-    with open(report.path, "w", encoding="utf-8") as handle:
-        handle.write(render_report(summary))
-    result = summary["result"]
+    result = record_training_outputs(model.path, metrics, report.path)
     model.metadata.update(
         model=entry.name,
         mode=config.mode,
@@ -82,8 +73,6 @@ def train_job(
     the task, so a retried pod follows the job already there; it fails with the job's
     reason."""
     from embedpipe.config import ClusterSettings, stage_settings
-    from embedpipe.core import storage
-    from embedpipe.core.datasets import side_path
     from embedpipe.kube import api as kube
     from embedpipe.kube.objects import (
         TrainInputs,
@@ -92,6 +81,7 @@ def train_job(
         train_arguments,
     )
     from embedpipe.kube.objects import train_job as build_train_job
+    from embedpipe.train.report import record_training_outputs
 
     config = stage_settings("train", settings, overrides)
     placement = ClusterSettings.model_validate(cluster)
@@ -117,26 +107,8 @@ def train_job(
         timeout_s=placement.launcher_timeout_minutes * 60,
         poll_s=placement.launcher_poll_seconds,
     )
-    # written by the job's rank 0 (embedpipe.train.checkpoint; no torch in this image)
-    summary = storage.read_json(side_path(model.uri, "metrics.json"))
-    for name, value in summary["result"].items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            metrics.log_metric(name, value)
-    try:
-        from embedpipe.train.report import render_report
-
-        page = render_report(summary)
-    except ImportError:  # no matplotlib in the data image: the figures without curves
-        import html
-
-        rows = "".join(
-            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-            for k, v in summary["result"].items()
-        )
-        page = f"<!doctype html><html><body><h1>Training</h1><table>{rows}</table></body></html>"
-    with open(report.path, "w", encoding="utf-8") as handle:
-        handle.write(page)
-    result = summary["result"]
+    # the job's rank 0 wrote the model and its metrics at this step's output
+    result = record_training_outputs(model.uri, metrics, report.path)
     model.metadata.update(
         model=config.model,
         mode=config.mode,

@@ -33,11 +33,11 @@ from safetensors.torch import load_file, save_file
 
 from embedpipe.core import datasets, storage
 from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME
+from embedpipe.train.report import METRICS_NAME
 
 STATE_NAME = "training_state.pt"
 HISTORY_NAME = "history.json"
 CHECKPOINTS_DIR = "checkpoints"
-METRICS_NAME = "metrics.json"
 _STEP_DIR = re.compile(r"^(last|best)-(\d{8})$")
 
 

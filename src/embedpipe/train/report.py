@@ -8,6 +8,11 @@ import html
 import io
 from typing import Any
 
+from embedpipe.core import storage
+from embedpipe.core.datasets import side_path
+
+METRICS_NAME = "metrics.json"  # in the trained model's .embedpipe/: result, history, curves
+
 CURVE_GROUPS = (
     ("loss", ("loss",)),
     ("learning rate", ("lr",)),
@@ -58,9 +63,12 @@ def _bandit_figure(bandit: dict[str, Any]):
 def render_report(metrics: dict[str, Any]) -> str:
     """HTML with the curves inline (PNG), the headline figures and the bandit's pulls."""
     result, curves = metrics.get("result", {}), metrics.get("curves", {})
-    images = [_curves_figure(curves, title, keys) for title, keys in CURVE_GROUPS]
-    if metrics.get("bandit"):
-        images.append(_bandit_figure(metrics["bandit"]))
+    try:
+        images = [_curves_figure(curves, title, keys) for title, keys in CURVE_GROUPS]
+        if metrics.get("bandit"):
+            images.append(_bandit_figure(metrics["bandit"]))
+    except ImportError:  # the data image has no matplotlib: the figures, without curves
+        images = []
     rows = "".join(
         f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>"
         for key, value in result.items()
@@ -96,3 +104,15 @@ def render_report(metrics: dict[str, Any]) -> str:
         f"<table>{rows}</table><h2>Before training</h2><table>{untrained}</table>"
         f"<h2>Curves</h2>{figures}{bandit_table}</body></html>"
     )
+
+
+def record_training_outputs(model_uri: str, metrics, report_path: str) -> dict[str, Any]:
+    """A finished training's result on a KFP ``Output[Metrics]`` (anything with
+    ``log_metric``) and its HTML report at ``report_path``; returns the result."""
+    summary = storage.read_json(side_path(model_uri, METRICS_NAME))
+    for name, value in summary["result"].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics.log_metric(name, value)
+    with open(report_path, "w", encoding="utf-8") as handle:
+        handle.write(render_report(summary))
+    return summary["result"]
