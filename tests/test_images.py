@@ -116,13 +116,12 @@ def test_the_compiled_ingest_step_runs_in_the_image_as_the_kfp_launcher_starts_i
     bucket = tmp_path / "s3"
     bucket.mkdir()
     bucket.chmod(0o777)  # the cluster mounts an emptyDir here; the step's user writes into it
+    ingest_task = spec["root"]["dag"]["tasks"]["ingest"]["inputs"]["parameters"]
     parameters = {
         "sources": ["/data/in"],
-        "rows_per_shard": 7,
-        "row_group_rows": 4,
-        "workers": 1,
-        "strip_components": 0,
-        "split_dirnames": ["train", "test"],
+        # the compiled [ingest] section, and a run's overrides over it
+        "settings": ingest_task["settings"]["runtimeValue"]["constant"],
+        "overrides": {"rows_per_shard": 7, "row_group_rows": 4, "workers": 1},
     }
     outputs = {
         "images": ("system.Dataset", "s3://artifacts/run-1/ingest/images"),
