@@ -41,15 +41,7 @@ def train(
         train_model(
             images.path, model.path, config, entry, **{f"{k}_uri": v for k, v in inputs.items()}
         )
-    result = record_training_outputs(model.path, metrics, report.path)
-    model.metadata.update(
-        model=entry.name,
-        mode=config.mode,
-        loss=config.loss,
-        steps=result["steps"],
-        best_metric=result["best_metric"],
-        best_value=result["best_value"],
-    )
+    record_training_outputs(model, metrics, report.path, config, entry.name)
 
 
 def train_job(
@@ -108,13 +100,5 @@ def train_job(
         poll_s=placement.launcher_poll_seconds,
     )
     # the job's rank 0 wrote the model and its metrics at this step's output
-    result = record_training_outputs(model.uri, metrics, report.path)
-    model.metadata.update(
-        model=config.model,
-        mode=config.mode,
-        loss=config.loss,
-        steps=result["steps"],
-        best_metric=result["best_metric"],
-        best_value=result["best_value"],
-        train_job=job.metadata.name,
-    )
+    record_training_outputs(model, metrics, report.path, config, config.model)
+    model.metadata["train_job"] = job.metadata.name

@@ -106,13 +106,22 @@ def render_report(metrics: dict[str, Any]) -> str:
     )
 
 
-def record_training_outputs(model_uri: str, metrics, report_path: str) -> dict[str, Any]:
-    """A finished training's result on a KFP ``Output[Metrics]`` (anything with
-    ``log_metric``) and its HTML report at ``report_path``; returns the result."""
-    summary = storage.read_json(side_path(model_uri, METRICS_NAME))
-    for name, value in summary["result"].items():
+def record_training_outputs(model, metrics, report_path: str, config, model_name: str) -> None:
+    """A finished training on its KFP outputs: the result on ``metrics`` (anything with
+    ``log_metric``), the HTML report at ``report_path``, and the facts about the model on
+    ``model.metadata``; the model and its metrics are at ``model.uri``."""
+    summary = storage.read_json(side_path(model.uri, METRICS_NAME))
+    result = summary["result"]
+    for name, value in result.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(name, value)
     with open(report_path, "w", encoding="utf-8") as handle:
         handle.write(render_report(summary))
-    return summary["result"]
+    model.metadata.update(
+        model=model_name,
+        mode=config.mode,
+        loss=config.loss,
+        steps=result["steps"],
+        best_metric=result["best_metric"],
+        best_value=result["best_value"],
+    )
