@@ -7,6 +7,7 @@ open_clip's, and saves each loss value and the gradients of its own features to 
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import pathlib
 import sys
@@ -56,16 +57,10 @@ def _run(loss, image, text, scale, bias, labels):
     return {"loss": value.detach(), "image_grad": image.grad, "text_grad": text.grad}
 
 
-def main() -> None:
-    rank, world_size = int(sys.argv[1]), int(sys.argv[2])
-    rendezvous, inputs_path, output_path = sys.argv[3:6]
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size
-    )
+def run_cases(rank: int, world_size: int, inputs: dict) -> dict:
     from embedpipe.train.losses import get_loss
 
     reference = open_clip_loss_module()
-    inputs = torch.load(inputs_path, weights_only=True)
     rows = slice(rank * inputs["per_rank"], (rank + 1) * inputs["per_rank"])
     image, text, labels = inputs["image"][rows], inputs["text"][rows], inputs["labels"][rows]
     scale, bias = inputs["scale"], inputs["bias"]
@@ -80,7 +75,24 @@ def main() -> None:
             class_name, reference_options = open_clip_case
             theirs = getattr(reference, class_name)(**reference_options, **distributed)
             results[f"{case}/open_clip"] = _run(theirs, image, text, scale, case_bias, None)
+    return results
+
+
+def main() -> None:
+    rank, world_size = int(sys.argv[1]), int(sys.argv[2])
+    rendezvous, inputs_path, output_path = sys.argv[3:6]
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size
+    )
+    results = run_cases(rank, world_size, torch.load(inputs_path, weights_only=True))
     torch.save(results, output_path)
+    # open_clip's collectives (torch.distributed.nn autograd functions, P2P exchanges) leave
+    # the process group referenced from reference cycles. Left to interpreter shutdown, the
+    # group's gloo threads are destroyed still joinable and the process aborts ("terminate
+    # called without an active exception") in about half the runs; collect them, and let both
+    # ranks finish before either closes its connections.
+    gc.collect()
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
