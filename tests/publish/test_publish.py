@@ -153,6 +153,30 @@ def test_card_says_what_is_unknown(checkpoint, tmp_path):
     assert "model-index" not in body
 
 
+def test_a_publish_into_a_folder_another_run_is_writing_is_refused(checkpoint, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from embedpipe.core.locks import OutputLockedError
+
+    out = tmp_path / "p"
+    lock_path = out / ".embedpipe" / "lock"
+    lock_path.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"pid": holder.pid, "host": socket.gethostname(), "started": "earlier"}
+        lock_path.write_text(json.dumps(record))
+        with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"):
+            publish_checkpoint(str(checkpoint), str(out), PublishSettings())
+        assert sorted(p.name for p in out.rglob("*")) == [".embedpipe", "lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    publish_checkpoint(str(checkpoint), str(out), PublishSettings())
+    assert not (out / ".embedpipe").exists()  # the published folder is only the model's files
+
+
 def test_reload_check_fails_when_published_config_disagrees_with_the_weights(checkpoint, tmp_path):
     # A model_cfg that builds another network from the same tensors (QuickGELU).
     broken = tmp_path / "broken"

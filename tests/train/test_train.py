@@ -211,6 +211,52 @@ def test_resuming_with_other_settings_is_refused(
         )
 
 
+def head_run(images, splits, embeddings, out) -> list[str]:
+    return [
+        "train", images, "--splits", splits, "--embeddings", embeddings, "--mode", "head",
+        "--pairs", "image_image", "--model", "clip_vitb32", "--loss", "multipos_sigmoid",
+        "--steps", "3", "--batch-size", "16", "--depth", "1", "--out-dim", "16",
+        "--num-workers", "0", "--val-every", "0", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_a_second_training_of_the_same_output_is_refused_naming_the_lock(
+    demo_images, demo_splits, demo_embeddings, tmp_path, capsys
+):
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "model"
+    run = head_run(demo_images, demo_splits, demo_embeddings, out)
+    assert main(run) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    lock_path = out / ".embedpipe" / "lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"pid": holder.pid, "host": socket.gethostname(), "started": "earlier"}
+        lock_path.write_text(json.dumps(record))
+        capsys.readouterr()
+        assert main(run) == 1
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and f"pid {holder.pid}" in error and str(lock_path) in error
+        after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != lock_path}
+        assert after == before  # the first run's model and checkpoints are untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(run) == 0  # its holder is gone: the stale lock is taken over
+    assert not lock_path.exists()
+
+
+def test_an_output_inside_an_input_is_refused(demo_images, demo_splits, demo_embeddings, capsys):
+    out = f"{demo_embeddings}/model"
+    assert main(head_run(demo_images, demo_splits, demo_embeddings, out)) == 1
+    error = capsys.readouterr().err
+    assert f"lies inside the input {demo_embeddings}" in error
+    assert not datasets.storage.exists(out)
+
+
 def test_triplet_head_bandit_logs_pulls_per_band(
     demo_images, demo_splits, demo_embeddings, backbone_entry, tmp_path
 ):

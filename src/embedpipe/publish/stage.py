@@ -232,6 +232,7 @@ def _stage_head(
     return card_inputs, difference
 
 
+@datasets.writes_output(inputs=("checkpoint_uri", "check_images_uri"))
 def publish_checkpoint(
     checkpoint_uri: str,
     out_uri: str,

@@ -33,6 +33,11 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def is_main_process() -> bool:
+    """Whether this process writes: the only one, or rank 0 of those torchrun started."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def processes_wanted(nproc_per_node: int) -> int:
     """0 means every visible GPU (one process on a machine without one)."""
     if nproc_per_node:

@@ -7,6 +7,7 @@ tower, a checkpoint of another architecture), each as an error naming the settin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from embedpipe.config import ConfigError, TrainSettings
-from embedpipe.core import storage
+from embedpipe.core import datasets, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train import checkpoint as ckpt
 from embedpipe.train import losses
 from embedpipe.train.data import load_examples
-from embedpipe.train.distributed import World, setup, teardown
+from embedpipe.train.distributed import World, is_main_process, setup, teardown
 from embedpipe.train.loop import Loop, history_curves, resumable
 from embedpipe.train.sampling import load_negatives
 
@@ -90,9 +91,32 @@ def train_model(
 ) -> TrainResult:
     """Train (or resume training) and write the model to ``out_uri``.
 
-    ``on_validation(step, metrics)`` is called after each validation (tuning's pruner)."""
-    started = time.perf_counter()
+    ``on_validation(step, metrics)`` is called after each validation (tuning's pruner).
+    The writing process (rank 0) holds the output's lock, so a second training of the
+    same output stops instead of mixing its checkpoints with this one's."""
     out_uri = storage.normalize(out_uri)
+    inputs = [images_uri, splits_uri, negatives_uri, embeddings_uri, captions_uri]
+    storage.check_output_apart(out_uri, inputs)
+    writer = datasets.output_lock(out_uri) if is_main_process() else contextlib.nullcontext()
+    with writer:
+        return _train(
+            images_uri, out_uri, config, entry, splits_uri, negatives_uri, embeddings_uri,
+            captions_uri, on_validation,
+        )  # fmt: skip
+
+
+def _train(
+    images_uri: str,
+    out_uri: str,
+    config: TrainSettings,
+    entry: ModelEntry,
+    splits_uri: str | None,
+    negatives_uri: str | None,
+    embeddings_uri: str | None,
+    captions_uri: str | None,
+    on_validation: Callable[[int, dict[str, float]], None] | None,
+) -> TrainResult:
+    started = time.perf_counter()
     check_inputs(config, entry, embeddings_uri, negatives_uri)
     examples = load_examples(images_uri, config, splits_uri, captions_uri)
     if losses.needs_labels(config.loss) and (examples.labels[examples.rows("train")] < 0).any():
