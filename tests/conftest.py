@@ -1,8 +1,13 @@
 """Shared fixtures: real generated images, real tar archives, a real S3 endpoint on loopback."""
 
+import contextlib
 import io
+import json
 import os
+import socket
 import struct
+import subprocess
+import sys
 import uuid
 import zlib
 from pathlib import Path
@@ -95,6 +100,21 @@ def flat_tree(root: Path, categories=2, concepts=3, images=6) -> Path:
                 colour = (40 * c + 10, 30 * k + 20, 9 * i + 5)
                 files[f"cat{c}/concept{k}/img{i:02d}.jpg"] = jpeg_bytes(colour)
     return write_tree(root, files)
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(out: Path):
+    """The output's lock, as another live run on this host holds it; yields (pid, lock)."""
+    lock_path = out / ".embedpipe" / "lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"pid": holder.pid, "host": socket.gethostname(), "started": "earlier"}
+        lock_path.write_text(json.dumps(record))
+        yield holder.pid, lock_path
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import flat_tree, jpeg_bytes, write_tree
+from conftest import flat_tree, jpeg_bytes, lock_held_elsewhere, write_tree
 
 from embedpipe.cli import main
 from embedpipe.config import (
@@ -90,21 +90,13 @@ def test_two_concurrent_ingest_runs_leave_a_manifest_whose_shards_all_exist(many
 def test_a_live_lock_refuses_a_second_run_naming_the_lock_and_how_to_clear_it(tmp_path, capsys):
     source = flat_tree(tmp_path / "src", categories=1, concepts=2, images=2)
     out = tmp_path / "images"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (out / ".embedpipe").mkdir(parents=True)
-        lock_path = out / ".embedpipe" / "lock"
-        record = {"pid": holder.pid, "host": socket.gethostname(), "started": "earlier"}
-        lock_path.write_text(json.dumps(record))
+    with lock_held_elsewhere(out) as (pid, lock_path):
         assert main(["ingest", str(source), "--out", str(out), "--workers", "1"]) == 1
         error = capsys.readouterr().err.strip()
         assert "\n" not in error
-        assert f"pid {holder.pid}" in error
+        assert f"pid {pid}" in error
         assert f"delete {lock_path} and run again" in error
         assert lock_path.exists() and not (out / ".embedpipe" / "manifest.json").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     # Its process is gone now: the lock is stale and the next run takes it over.
     assert main(["ingest", str(source), "--out", str(out), "--workers", "1"]) == 0
     assert not lock_path.exists()
@@ -478,3 +470,22 @@ def test_a_finished_embed_leaves_no_progress_folder_and_no_staging(
         "manifest.json",
         "rejected.parquet",  # the images embed could not decode (none here)
     ]
+
+
+def test_only_the_writing_process_of_a_distributed_run_takes_the_lock(tmp_path, monkeypatch):
+    from embedpipe.train.distributed import is_main_process
+
+    @datasets.writes_output(writer=is_main_process)
+    def stage(out_uri: str) -> str:
+        return "ran"
+
+    out = tmp_path / "model"
+    with lock_held_elsewhere(out) as (pid, lock_path):
+        record = lock_path.read_text()
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")  # reads only: runs beside the writer
+        assert stage(str(out)) == "ran"
+        monkeypatch.setenv("RANK", "0")  # writes: needs the lock
+        with pytest.raises(locks.OutputLockedError, match=f"pid {pid}"):
+            stage(str(out))
+        assert lock_path.read_text() == record

@@ -11,7 +11,7 @@ import open_clip
 import pytest
 import torch
 import yaml
-from conftest import jpeg_bytes, write_tree
+from conftest import jpeg_bytes, lock_held_elsewhere, write_tree
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -154,25 +154,13 @@ def test_card_says_what_is_unknown(checkpoint, tmp_path):
 
 
 def test_a_publish_into_a_folder_another_run_is_writing_is_refused(checkpoint, tmp_path):
-    import socket
-    import subprocess
-    import sys
-
     from embedpipe.core.locks import OutputLockedError
 
     out = tmp_path / "p"
-    lock_path = out / ".embedpipe" / "lock"
-    lock_path.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        record = {"pid": holder.pid, "host": socket.gethostname(), "started": "earlier"}
-        lock_path.write_text(json.dumps(record))
-        with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"):
+    with lock_held_elsewhere(out) as (pid, _):
+        with pytest.raises(OutputLockedError, match=f"pid {pid}"):
             publish_checkpoint(str(checkpoint), str(out), PublishSettings())
         assert sorted(p.name for p in out.rglob("*")) == [".embedpipe", "lock"]
-    finally:
-        holder.kill()
-        holder.wait()
     publish_checkpoint(str(checkpoint), str(out), PublishSettings())
     assert not (out / ".embedpipe").exists()  # the published folder is only the model's files
 

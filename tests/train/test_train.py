@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import lock_held_elsewhere
 from safetensors.torch import load_file
 
 from embedpipe.cli import main
@@ -223,28 +224,17 @@ def head_run(images, splits, embeddings, out) -> list[str]:
 def test_a_second_training_of_the_same_output_is_refused_naming_the_lock(
     demo_images, demo_splits, demo_embeddings, tmp_path, capsys
 ):
-    import socket
-    import subprocess
-    import sys
-
     out = tmp_path / "model"
     run = head_run(demo_images, demo_splits, demo_embeddings, out)
     assert main(run) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    lock_path = out / ".embedpipe" / "lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        record = {"pid": holder.pid, "host": socket.gethostname(), "started": "earlier"}
-        lock_path.write_text(json.dumps(record))
+    with lock_held_elsewhere(out) as (pid, lock_path):
         capsys.readouterr()
         assert main(run) == 1
         error = capsys.readouterr().err.strip()
-        assert "\n" not in error and f"pid {holder.pid}" in error and str(lock_path) in error
+        assert "\n" not in error and f"pid {pid}" in error and str(lock_path) in error
         after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != lock_path}
         assert after == before  # the first run's model and checkpoints are untouched
-    finally:
-        holder.kill()
-        holder.wait()
     assert main(run) == 0  # its holder is gone: the stale lock is taken over
     assert not lock_path.exists()
 

@@ -137,9 +137,14 @@ def _remove_if_untouched(out_uri: str) -> None:
             os.rmdir(folder)
 
 
-def writes_output(out: str = "out_uri", inputs: tuple[str, ...] = ()) -> Callable:
+def writes_output(
+    out: str = "out_uri",
+    inputs: tuple[str, ...] = (),
+    writer: Callable[[], bool] = lambda: True,
+) -> Callable:
     """Decorate a stage entry: refuse an output that overlaps an input (the parameters named
-    in ``inputs``: URIs, lists of URIs or None), then hold the output's lock while it runs."""
+    in ``inputs``: URIs, lists of URIs or None), then hold the output's lock while it runs
+    in the process that writes (``writer()``: all but rank 0 of a distributed run only read)."""
 
     def decorate(function: Callable) -> Callable:
         signature = inspect.signature(function)
@@ -153,6 +158,8 @@ def writes_output(out: str = "out_uri", inputs: tuple[str, ...] = ()) -> Callabl
                 input_uris.extend(value if isinstance(value, list | tuple) else [value])
             out_uri = bound.arguments[out]
             storage.check_output_apart(out_uri, input_uris)
+            if not writer():
+                return function(*args, **kwargs)
             with output_lock(out_uri):
                 return function(*args, **kwargs)
 

@@ -35,7 +35,7 @@ def launched() -> bool:
 
 def is_main_process() -> bool:
     """Whether this process writes: the only one, or rank 0 of those torchrun started."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return not launched() or int(os.environ["RANK"]) == 0
 
 
 def processes_wanted(nproc_per_node: int) -> int:

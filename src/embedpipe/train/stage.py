@@ -7,7 +7,6 @@ tower, a checkpoint of another architecture), each as an error naming the settin
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -78,6 +77,10 @@ def check_inputs(
         log.info("triplet without --negatives: negatives are random images of other concepts")
 
 
+@datasets.writes_output(
+    inputs=("images_uri", "splits_uri", "negatives_uri", "embeddings_uri", "captions_uri"),
+    writer=is_main_process,
+)
 def train_model(
     images_uri: str,
     out_uri: str,
@@ -94,29 +97,8 @@ def train_model(
     ``on_validation(step, metrics)`` is called after each validation (tuning's pruner).
     The writing process (rank 0) holds the output's lock, so a second training of the
     same output stops instead of mixing its checkpoints with this one's."""
-    out_uri = storage.normalize(out_uri)
-    inputs = [images_uri, splits_uri, negatives_uri, embeddings_uri, captions_uri]
-    storage.check_output_apart(out_uri, inputs)
-    writer = datasets.output_lock(out_uri) if is_main_process() else contextlib.nullcontext()
-    with writer:
-        return _train(
-            images_uri, out_uri, config, entry, splits_uri, negatives_uri, embeddings_uri,
-            captions_uri, on_validation,
-        )  # fmt: skip
-
-
-def _train(
-    images_uri: str,
-    out_uri: str,
-    config: TrainSettings,
-    entry: ModelEntry,
-    splits_uri: str | None,
-    negatives_uri: str | None,
-    embeddings_uri: str | None,
-    captions_uri: str | None,
-    on_validation: Callable[[int, dict[str, float]], None] | None,
-) -> TrainResult:
     started = time.perf_counter()
+    out_uri = storage.normalize(out_uri)
     check_inputs(config, entry, embeddings_uri, negatives_uri)
     examples = load_examples(images_uri, config, splits_uri, captions_uri)
     if losses.needs_labels(config.loss) and (examples.labels[examples.rows("train")] < 0).any():
