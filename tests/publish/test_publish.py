@@ -235,6 +235,14 @@ def test_head_publishes_as_a_transformers_model_with_the_same_outputs(
     assert meta["library_name"] == "transformers"
 
 
+def test_the_card_of_a_head_names_the_weights_its_backbone_embedded_with(tiny_entry, tmp_path):
+    head = ProjectionHead(in_dim=64, out_dim=16, width=32, depth=2)
+    save_head_checkpoint(head, tiny_entry, str(tmp_path / "ckpt"), weights="random", seed=5)
+    publish_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), PublishSettings())
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "weights `random (seed 5)`" in card
+
+
 # --- the Hub, on loopback --------------------------------------------------------------
 
 

@@ -325,14 +325,19 @@ def test_a_finetuned_sigmoid_checkpoint_embeds_without_model(
     )
 
 
-def test_a_head_checkpoint_embeds_backbone_then_head(demo_images, tiny_entry, tmp_path):
+@pytest.mark.parametrize("backbone", ["saved", "random seed 3"])
+def test_a_head_checkpoint_embeds_backbone_then_head(demo_images, tiny_entry, tmp_path, backbone):
+    """Embedding through the head checkpoint gives the head applied to the embeddings it was
+    trained on: its backbone is rebuilt with the same weights (a random one, the same seed)."""
     from embedpipe.config import EmbedSettings
     from embedpipe.embed.images import embed_images
     from embedpipe.models.loading import load_model, save_model
 
-    backbone = tmp_path / "backbone"
-    save_model(load_model(tiny_entry, "random"), str(backbone))
-    settings = EmbedSettings(weights=str(backbone), num_workers=0, device="cpu")
+    if backbone == "saved":
+        save_model(load_model(tiny_entry, "random"), str(tmp_path / "backbone"))
+        settings = EmbedSettings(weights=str(tmp_path / "backbone"), num_workers=0, device="cpu")
+    else:
+        settings = EmbedSettings(weights="random", seed=3, num_workers=0, device="cpu")
     embed_images(demo_images, str(tmp_path / "emb"), settings, tiny_entry)
     config = _head_settings(steps=3, val_every=0, checkpoint_every=0)
     train_model(
@@ -369,6 +374,10 @@ def test_a_head_checkpoint_embeds_backbone_then_head(demo_images, tiny_entry, tm
     got = np.stack(headed.column("embedding").to_numpy(zero_copy_only=False))
     assert headed.column("image_id").to_pylist() == frozen.column("image_id").to_pylist()
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    saved = json.loads((tmp_path / "head" / "config.json").read_text())["backbone"]
+    assert (saved["weights"], saved["seed"]) == (
+        ("random", 3) if backbone != "saved" else (str(tmp_path / "backbone"), 0)
+    )
 
 
 def test_two_gloo_processes_follow_the_loss_curve_of_one(

@@ -60,7 +60,7 @@ from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import EMBEDDINGS_KIND, IMAGES_KIND, REJECTED_SCHEMA
 from embedpipe.embed import device_pixels
 from embedpipe.models.backends.base import PreprocessSpec
-from embedpipe.models.loading import LoadedModel, load_model
+from embedpipe.models.loading import RANDOM_WEIGHTS, LoadedModel, load_model
 from embedpipe.models.registry import ModelEntry, get_entry
 
 log = logging.getLogger(__name__)
@@ -565,6 +565,7 @@ def embed_images(
             "model": entry.name,
             "dim": entry.embed_dim,
             "weights": model.weights_source,
+            **({"seed": config.seed} if model.weights_source == RANDOM_WEIGHTS else {}),
             "normalized": config.normalize,
             "shard_group": list(shard_group),
         },

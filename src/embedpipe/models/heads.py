@@ -5,15 +5,16 @@ A head checkpoint is a directory with ``model.safetensors`` (the MLP's state dic
 ``config.json``::
 
     {"kind": "head",
-     "backbone": {"entry": {registry entry}, "weights": "...", "normalized": true},
+     "backbone": {"entry": {registry entry}, "weights": "...", "seed": 0,
+                  "normalized": true},
      "head": {"in_dim": 512, "depth": 2, "width": 512, "out_dim": 128,
               "activation": "gelu", "normalize": false},
      ...resolved training settings...}
 
-``backbone`` names the model whose embeddings the head learnt from, its weights and
-whether those embeddings were normalised; ``load_model`` builds both from it. The
-published transformers model (``embedpipe.publish.modeling_embedpipe_head``) builds the
-same layers.
+``backbone`` names the model whose embeddings the head learnt from, its weights (with
+the seed of a ``random`` initialisation) and whether those embeddings were normalised;
+``load_model`` builds both from it. The published transformers model
+(``embedpipe.publish.modeling_embedpipe_head``) builds the same layers.
 """
 
 from __future__ import annotations
@@ -105,11 +106,11 @@ def is_head_config(config: dict[str, Any]) -> bool:
 
 
 def backbone_of(config: dict[str, Any]) -> dict[str, Any]:
-    """``{"entry", "weights", "normalized"}`` of a head checkpoint's config."""
+    """``{"entry", "weights", "seed", "normalized"}`` of a head checkpoint's config."""
     backbone = config.get("backbone")
     if not isinstance(backbone, dict) or not isinstance(backbone.get("entry"), dict):
         raise ModelError("a head checkpoint's config.json must name its backbone's entry")
-    return {"weights": "", "normalized": True, **backbone}
+    return {"weights": "", "seed": 0, "normalized": True, **backbone}
 
 
 def save_head_checkpoint(
@@ -119,6 +120,7 @@ def save_head_checkpoint(
     extra: dict[str, Any] | None = None,
     *,
     weights: str = "",
+    seed: int = 0,
     normalized: bool = True,
 ) -> str:
     """Write a head checkpoint at ``out_uri`` (local or s3://); config.json comes last.
@@ -130,6 +132,7 @@ def save_head_checkpoint(
         "backbone": {
             "entry": backbone.model_dump(mode="json"),
             "weights": weights,
+            "seed": seed,
             "normalized": normalized,
         },
         "head": head.config,

@@ -239,7 +239,9 @@ def _load_head(entry: ModelEntry, local: str, source: str, device: str, tokenize
     saved = json.loads(Path(local, CONFIG_NAME).read_text())
     described = backbone_of(saved)
     backbone_entry = ModelEntry.model_validate(described["entry"])
-    backbone = load_model(backbone_entry, described["weights"], device, tokenizer_dir)
+    backbone = load_model(
+        backbone_entry, described["weights"], device, tokenizer_dir, described["seed"]
+    )
     head = ProjectionHead(**saved["head"])
     head.load_state_dict(load_file(os.path.join(local, WEIGHTS_NAME)), strict=True)
     module = HeadOnBackbone(backbone.module, head, described["normalized"])

@@ -26,6 +26,7 @@ class CardInputs:
     bytes_by_dtype: dict[str, int]
     repo_id: str = ""
     head: dict[str, Any] = field(default_factory=dict)
+    backbone_weights: str = ""  # a head's: the weights its backbone embedded with
     metrics: list[tuple[str, str, float]] = field(default_factory=list)  # dataset, metric, value
     lineage: list[dict[str, Any]] = field(default_factory=list)
 
@@ -191,8 +192,9 @@ def _usage(inputs: CardInputs) -> list[str]:
             "",
             f"The head's input is the image embeddings of the backbone `{backbone.get('name')}` "
             f"({backbone.get('library')} `{backbone.get('architecture')}`, weights "
-            f"`{backbone.get('pretrained') or 'unknown'}`), named in `config.json` "
-            "(`backbone`). With embedpipe: `embedpipe embed --weights HEAD_CHECKPOINT`.",
+            f"`{inputs.backbone_weights or backbone.get('pretrained') or 'unknown'}`), named "
+            "in `config.json` (`backbone`). With embedpipe: "
+            "`embedpipe embed --weights HEAD_CHECKPOINT`.",
         ]
     return [
         "```python",

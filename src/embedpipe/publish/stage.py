@@ -32,8 +32,8 @@ from embedpipe.config import PublishSettings
 from embedpipe.core import datasets, storage
 from embedpipe.core.schemas import IMAGES_KIND
 from embedpipe.models.backends.base import CONFIG_NAME, EMBEDPIPE_NAME
-from embedpipe.models.heads import is_head_config, load_head_checkpoint
-from embedpipe.models.loading import LoadedModel, fetch_weights, load_model
+from embedpipe.models.heads import backbone_of, is_head_config, load_head_checkpoint
+from embedpipe.models.loading import RANDOM_WEIGHTS, LoadedModel, fetch_weights, load_model
 from embedpipe.models.registry import ModelEntry, ModelError
 from embedpipe.publish import card, hub
 
@@ -228,8 +228,16 @@ def _stage_head(
         parameters=parameters,
         bytes_by_dtype=by_dtype,
         head=head.config,
+        backbone_weights=_backbone_weights(backbone_of(saved), backbone),
     )
     return card_inputs, difference
+
+
+def _backbone_weights(described: dict[str, Any], entry: ModelEntry) -> str:
+    weights = described["weights"] or entry.pretrained
+    if weights == RANDOM_WEIGHTS:
+        return f"{RANDOM_WEIGHTS} (seed {described['seed']})"
+    return weights
 
 
 @datasets.writes_output(inputs=("checkpoint_uri", "check_images_uri"))

@@ -297,6 +297,7 @@ class HeadTask:
             "backbone": {
                 "entry": self.entry.model_dump(mode="json"),
                 "weights": self.manifest.get("weights", ""),
+                "seed": int(self.manifest.get("seed", 0)),
                 "normalized": bool(self.manifest.get("normalized", True)),
             },
             "head": self.head.config,
