@@ -503,3 +503,51 @@ def test_cli_without_a_model_or_embeddings_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse's usage error
         main(["evaluate", planted.meta_uri, "--text-embeddings", "t", "--out", "o"])
     assert "--text-embeddings follows the --embeddings" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def seeded_backbone_embeddings(demo_images, tiny_entry, tmp_path_factory):
+    """The demo images embedded by the tiny model, randomly initialised with seed 2."""
+    from embedpipe.config import EmbedSettings
+    from embedpipe.embed.images import embed_images
+
+    out = str(tmp_path_factory.mktemp("eval-head") / "emb")
+    settings = EmbedSettings(weights="random", seed=2, num_workers=0, device="cpu")
+    embed_images(demo_images, out, settings, tiny_entry)
+    return out
+
+
+@pytest.mark.parametrize("recorded_seed", [2, 3])
+def test_a_head_beside_its_backbones_embeddings_projects_them(
+    seeded_backbone_embeddings, demo_images, tiny_entry, tmp_path, monkeypatch, recorded_seed
+):
+    """Projecting the embeddings gives the metrics of re-embedding every image through the
+    backbone; embeddings of another backbone (seed) are never projected."""
+    from embedpipe.evaluate import sources
+    from embedpipe.models.heads import ProjectionHead, save_head_checkpoint
+
+    torch.manual_seed(0)
+    head = ProjectionHead(in_dim=64, depth=2, width=32, out_dim=16)
+    checkpoint = str(tmp_path / "head")
+    save_head_checkpoint(head, tiny_entry, checkpoint, weights="random", seed=recorded_seed)
+    config = _settings(tasks=("image_retrieval",), query_split="test")
+    alone = evaluate_models([ModelSource(checkpoint)], demo_images, str(tmp_path / "a"), config)
+
+    re_embedded = []
+    model_encoder = sources.ModelEncoder
+
+    def counting(*args, **kwargs):
+        re_embedded.append(args[0].weights)
+        return model_encoder(*args, **kwargs)
+
+    monkeypatch.setattr(sources, "ModelEncoder", counting)
+    both = [
+        EmbeddingsSource(seeded_backbone_embeddings, name="untrained"),
+        ModelSource(checkpoint, name="trained"),
+    ]
+    result = evaluate_models(both, demo_images, str(tmp_path / "b"), config)
+    assert re_embedded == ([] if recorded_seed == 2 else [checkpoint])
+    (expected,) = alone.model_metrics.values()
+    assert expected["image_image_queries"] > 0
+    for metric, value in expected.items():
+        assert result.model_metrics["trained"][metric] == pytest.approx(value, abs=1e-6), metric

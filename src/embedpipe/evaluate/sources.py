@@ -217,12 +217,91 @@ def _string_array(values):
     return pa.array(list(values), pa.string())
 
 
+class ProjectedEncoder:
+    """A projection head on precomputed embeddings of its own backbone (the same model,
+    weights, seed and normalisation, as the embeddings' manifest and the head's config
+    record them): the head projects those vectors, where a ``ModelEncoder`` would run
+    every image through the backbone again to compute the same ones."""
+
+    has_text = False
+
+    def __init__(self, source: ModelSource, directory: str, embeddings: EmbeddingsSource, device):
+        import torch
+
+        from embedpipe.models.heads import HeadOnBackbone, backbone_of, load_head_checkpoint
+
+        head, backbone, saved = load_head_checkpoint(directory)
+        self.source = source.weights
+        self.embeddings_source = embeddings.embeddings
+        self.name = source.name or (
+            f"{backbone.name}+head ({os.path.basename(os.path.normpath(source.weights))})"
+        )
+        normalized = backbone_of(saved)["normalized"]
+        self._module = HeadOnBackbone(torch.nn.Identity(), head, normalized).to(device).eval()
+        self._embeddings = PrecomputedEncoder(embeddings)
+        self._device = device
+        self._torch = torch
+
+    def why_no_text(self) -> str:
+        return f"{self.name}: a projection head has no text tower"
+
+    def images(self, ids: list[str]) -> np.ndarray:
+        vectors = self._embeddings.images(ids)
+        with self._torch.inference_mode():
+            features = self._torch.from_numpy(vectors).to(self._device)
+            return self._module.project(features).float().cpu().numpy()
+
+
+def _head_checkpoint(weights: str) -> tuple[str, dict[str, Any]] | None:
+    """The local folder and config.json of an embedpipe head checkpoint at ``weights``."""
+    import json
+
+    from embedpipe.models.heads import is_head_config
+    from embedpipe.models.loading import RANDOM_WEIGHTS, fetch_weights
+
+    if not weights or weights == RANDOM_WEIGHTS or ":" in weights.split("://")[0]:
+        return None  # a registry name, random weights, local-dir: or hf-hub:
+    directory = fetch_weights(weights)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    return (directory, config) if is_head_config(config) else None
+
+
+def _made_by_backbone(manifest: dict[str, Any], head_config: dict[str, Any]) -> bool:
+    from embedpipe.models.heads import backbone_of
+
+    described = backbone_of(head_config)
+    return (
+        manifest.get("model") == described["entry"].get("name")
+        and manifest.get("weights") == described["weights"]
+        and int(manifest.get("seed", 0)) == int(described["seed"])
+        and bool(manifest.get("normalized", True)) == bool(described["normalized"])
+        and manifest.get("dim") == head_config["head"]["in_dim"]
+    )
+
+
 def open_source(
     source: Source,
     config: EvaluateSettings,
     images_uri: str,
     models: dict[str, dict[str, Any]] | None = None,
+    precomputed: list[EmbeddingsSource] | tuple[EmbeddingsSource, ...] = (),
 ):
+    """The encoder of ``source``; a head checkpoint beside embeddings of its own backbone
+    (among ``precomputed``) projects those instead of re-embedding the images."""
     if isinstance(source, EmbeddingsSource):
         return PrecomputedEncoder(source)
+    head = _head_checkpoint(source.weights) if precomputed else None
+    if head is not None:
+        directory, head_config = head
+        for embeddings in precomputed:
+            manifest = datasets.read_manifest(embeddings.embeddings, EMBEDDINGS_KIND)
+            if _made_by_backbone(manifest, head_config):
+                from embedpipe.embed.images import resolve_device
+
+                device = resolve_device(config.device)
+                return ProjectedEncoder(source, directory, embeddings, device)
     return ModelEncoder(source, config, images_uri, models)

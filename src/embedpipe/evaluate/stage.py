@@ -28,7 +28,13 @@ from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import EVALUATION_KIND, IMAGES_KIND
 from embedpipe.evaluate import metrics as m
 from embedpipe.evaluate import plots, probes
-from embedpipe.evaluate.sources import MissingGroundTruth, Source, open_source
+from embedpipe.evaluate.sources import (
+    EmbeddingsSource,
+    MissingGroundTruth,
+    ProjectedEncoder,
+    Source,
+    open_source,
+)
 from embedpipe.evaluate.truth import Truth, read_metadata
 
 log = logging.getLogger(__name__)
@@ -312,9 +318,17 @@ def evaluate_models(
     tasks, explicit = _resolve_tasks(config)
     runs: list[ModelRun] = []
     vectors_of: dict[str, np.ndarray] = {}
+    precomputed = [source for source in sources if isinstance(source, EmbeddingsSource)]
     for source in sources:
-        encoder = open_source(source, config, images_uri, models)
+        encoder = open_source(source, config, images_uri, models, precomputed)
         name = encoder.name
+        if isinstance(encoder, ProjectedEncoder):
+            log.info(
+                "%s: the head projects %s (made by its backbone) instead of re-embedding "
+                "the images",
+                name,
+                encoder.embeddings_source,
+            )
         while name in {r.name for r in runs}:
             name += "'"
         run = ModelRun(name, encoder.source)
