@@ -519,8 +519,9 @@ def seeded_backbone_embeddings(demo_images, tiny_entry, tmp_path_factory):
 
 @pytest.mark.parametrize("recorded_seed", [2, 3])
 def test_a_head_beside_its_backbones_embeddings_projects_them(
-    seeded_backbone_embeddings, demo_images, tiny_entry, tmp_path, monkeypatch, recorded_seed
-):
+    seeded_backbone_embeddings, demo_images, tiny_entry, tmp_path, monkeypatch, caplog,
+    recorded_seed,
+):  # fmt: skip
     """Projecting the embeddings gives the metrics of re-embedding every image through the
     backbone; embeddings of another backbone (seed) are never projected."""
     from embedpipe.evaluate import sources
@@ -545,8 +546,11 @@ def test_a_head_beside_its_backbones_embeddings_projects_them(
         EmbeddingsSource(seeded_backbone_embeddings, name="untrained"),
         ModelSource(checkpoint, name="trained"),
     ]
-    result = evaluate_models(both, demo_images, str(tmp_path / "b"), config)
+    with caplog.at_level("INFO", logger="embedpipe.evaluate"):
+        result = evaluate_models(both, demo_images, str(tmp_path / "b"), config)
     assert re_embedded == ([] if recorded_seed == 2 else [checkpoint])
+    if recorded_seed != 2:
+        assert f"seed 2, the head's backbone {recorded_seed}" in caplog.text
     (expected,) = alone.model_metrics.values()
     assert expected["image_image_queries"] > 0
     for metric, value in expected.items():

@@ -93,7 +93,7 @@ def test_every_step_retries_and_caching_is_chosen_per_step(gpu_cloud):
                 continue
             checked.add(name)
             assert task["retryPolicy"]["maxRetryCount"] == 2, name
-            assert task["retryPolicy"]["backoffDuration"] == "30s", name
+            assert task["retryPolicy"]["backoffDuration"] == "330s", name
             expected_cache = name not in UNCACHED_TASKS
             assert task.get("cachingOptions", {}).get("enableCache", False) is expected_cache, name
     assert {"check-settings", "ingest", "embed", "partition", "mine", "combine", "to-hf"} <= checked
@@ -117,3 +117,12 @@ def test_the_local_overlay_has_no_gpu_pool(tmp_path):
     image = spec["deploymentSpec"]["executors"]["exec-ingest"]["container"]["image"]
     assert image == "localhost:5001/embedpipe/embedpipe-data:0.1.0"
     assert spec["defaultPipelineRoot"] == "s3://mlpipeline/embedpipe"
+
+
+def test_the_default_retry_comes_after_the_lease_of_a_killed_pods_lock():
+    from embedpipe.config.cluster import ClusterSettings
+    from embedpipe.core.locks import LEASE_SECONDS
+
+    backoff = ClusterSettings().retry_backoff
+    seconds = int(backoff[:-1]) * {"s": 1, "m": 60, "h": 3600}[backoff[-1]]
+    assert seconds > LEASE_SECONDS

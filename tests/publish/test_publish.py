@@ -235,12 +235,24 @@ def test_head_publishes_as_a_transformers_model_with_the_same_outputs(
     assert meta["library_name"] == "transformers"
 
 
-def test_the_card_of_a_head_names_the_weights_its_backbone_embedded_with(tiny_entry, tmp_path):
+@pytest.mark.parametrize(
+    ("weights", "seed", "said"),
+    [
+        ("random", 5, "random (seed 5)"),
+        ("laion2b_s34b_b79k", 0, "laion2b_s34b_b79k"),
+        ("s3://private-bucket/team/backbone-ft", 0, "a checkpoint named backbone-ft"),
+        ("/home/someone/runs/backbone-ft", 0, "a checkpoint named backbone-ft"),
+    ],
+)
+def test_the_card_of_a_head_names_the_weights_its_backbone_embedded_with(
+    tiny_entry, tmp_path, weights, seed, said
+):
     head = ProjectionHead(in_dim=64, out_dim=16, width=32, depth=2)
-    save_head_checkpoint(head, tiny_entry, str(tmp_path / "ckpt"), weights="random", seed=5)
+    save_head_checkpoint(head, tiny_entry, str(tmp_path / "ckpt"), weights=weights, seed=seed)
     publish_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), PublishSettings())
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "weights `random (seed 5)`" in card
+    assert f"weights `{said}`" in card
+    assert "private-bucket" not in card and "/home/someone" not in card
 
 
 # --- the Hub, on loopback --------------------------------------------------------------

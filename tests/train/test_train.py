@@ -239,6 +239,40 @@ def test_a_second_training_of_the_same_output_is_refused_naming_the_lock(
     assert not lock_path.exists()
 
 
+def test_a_second_multi_process_training_is_refused_before_torchrun_starts(
+    demo_images, demo_splits, demo_embeddings, tmp_path, capsys
+):
+    out = tmp_path / "model"
+    run = [*head_run(demo_images, demo_splits, demo_embeddings, out), "--nproc-per-node", "2"]
+    with lock_held_elsewhere(out) as (pid, _):
+        assert main(run) == 1
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and f"pid {pid}" in error and "torchrun" not in error
+        assert [p.name for p in out.rglob("*")] == [".embedpipe", "lock"]
+
+
+def test_a_run_that_lost_its_lock_publishes_no_further_checkpoint(
+    demo_images, demo_splits, demo_embeddings, backbone_entry, tmp_path
+):
+    from embedpipe.core.locks import OutputLockedError
+
+    out = tmp_path / "model"
+    lock_path = out / ".embedpipe" / "lock"
+
+    def taken_over(step, metrics):  # as if another run took the lock after a missed lease
+        record = json.loads(lock_path.read_text())
+        lock_path.write_text(json.dumps({**record, "token": "another run"}))
+
+    config = _head_settings(steps=9, val_every=3, checkpoint_every=4)
+    inputs = dict(splits_uri=demo_splits, embeddings_uri=demo_embeddings)
+    with pytest.raises(OutputLockedError, match="lost its lock"):
+        train_model(
+            demo_images, str(out), config, backbone_entry, **inputs, on_validation=taken_over
+        )
+    assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists()
+    assert json.loads(lock_path.read_text())["token"] == "another run"  # left to its holder
+
+
 def test_an_output_inside_an_input_is_refused(demo_images, demo_splits, demo_embeddings, capsys):
     out = f"{demo_embeddings}/model"
     assert main(head_run(demo_images, demo_splits, demo_embeddings, out)) == 1

@@ -202,7 +202,8 @@ def run_train(args: argparse.Namespace, settings: Settings) -> None:
     config = settings.train
     nproc = processes_wanted(config.nproc_per_node)
     if nproc > 1 and not launched():
-        status = relaunch(nproc, args.argv)
+        inputs = [args.images, args.splits, args.negatives, args.embeddings, args.captions]
+        status = relaunch(nproc, args.argv, args.out, inputs)
         if status:
             raise RuntimeError(f"{nproc} training processes (torchrun) exited with status {status}")
         return

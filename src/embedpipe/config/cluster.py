@@ -77,5 +77,8 @@ class ClusterSettings(Section):
     )
     retries: int = Field(2, ge=0, description="retries of a failed step (transient failures)")
     retry_backoff: str = Field(
-        "30s", pattern=r"^\d+(s|m|h)$", description="wait before the first retry"
+        "330s",
+        pattern=r"^\d+(s|m|h)$",
+        description="wait before the first retry (doubling after); past the 300 s lease of "
+        "the output lock a killed pod leaves, so the retry can take it over",
     )

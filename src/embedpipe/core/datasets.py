@@ -127,6 +127,17 @@ def output_lock(out_uri: str) -> Iterator[locks.OutputLock]:
                 _remove_if_untouched(out_uri)
 
 
+def verify_output_held(uri: str) -> None:
+    """Raise if this process held the lock of the output that holds ``uri`` and another run
+    has taken it over since (call before publishing into a long-running output)."""
+    uri = storage.normalize(uri)
+    with _held_guard:
+        holders = [out for out in _held if uri == out or uri.startswith(out.rstrip("/") + "/")]
+        lock = _held[max(holders, key=len)][0] if holders else None
+    if lock is not None:
+        lock.verify_held()
+
+
 def _remove_if_untouched(out_uri: str) -> None:
     """A run that wrote nothing leaves no folder behind: only the empty side folder its
     lock made (and the output folder itself) are removed, never a file."""

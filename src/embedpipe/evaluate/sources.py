@@ -9,6 +9,7 @@ Hugging Face layout), or a weights file / ``random`` / ``s3://`` prefix for the 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from embedpipe.core import datasets, storage
 from embedpipe.core.schemas import EMBEDDINGS_KIND, IMAGES_KIND, TEXT_EMBEDDINGS_KIND
 
 LOCAL_DIR = "local-dir:"
+
+log = logging.getLogger(__name__)
 
 
 class MissingGroundTruth(ValueError):
@@ -220,10 +223,11 @@ def _string_array(values):
 class ProjectedEncoder:
     """A projection head on precomputed embeddings of its own backbone (the same model,
     weights, seed and normalisation, as the embeddings' manifest and the head's config
-    record them): the head projects those vectors, where a ``ModelEncoder`` would run
-    every image through the backbone again to compute the same ones."""
+    record them): the head projects the very vectors it was trained on, where a
+    ``ModelEncoder`` would run every image through the backbone again."""
 
     has_text = False
+    ROWS_PER_PASS = 65536
 
     def __init__(self, source: ModelSource, directory: str, embeddings: EmbeddingsSource, device):
         import torch
@@ -238,7 +242,7 @@ class ProjectedEncoder:
         )
         normalized = backbone_of(saved)["normalized"]
         self._module = HeadOnBackbone(torch.nn.Identity(), head, normalized).to(device).eval()
-        self._embeddings = PrecomputedEncoder(embeddings)
+        self._embeddings = PrecomputedEncoder(EmbeddingsSource(embeddings.embeddings))
         self._device = device
         self._torch = torch
 
@@ -247,13 +251,17 @@ class ProjectedEncoder:
 
     def images(self, ids: list[str]) -> np.ndarray:
         vectors = self._embeddings.images(ids)
+        parts = []
         with self._torch.inference_mode():
-            features = self._torch.from_numpy(vectors).to(self._device)
-            return self._module.project(features).float().cpu().numpy()
+            for start in range(0, len(vectors), self.ROWS_PER_PASS):
+                rows = self._torch.from_numpy(vectors[start : start + self.ROWS_PER_PASS])
+                parts.append(self._module.project(rows.to(self._device)).float().cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
 def _head_checkpoint(weights: str) -> tuple[str, dict[str, Any]] | None:
-    """The local folder and config.json of an embedpipe head checkpoint at ``weights``."""
+    """The local folder and config.json of an embedpipe head checkpoint at ``weights``;
+    None for anything else (``ModelEncoder`` loads it, or says what is wrong with it)."""
     import json
 
     from embedpipe.models.heads import is_head_config
@@ -262,25 +270,30 @@ def _head_checkpoint(weights: str) -> tuple[str, dict[str, Any]] | None:
     if not weights or weights == RANDOM_WEIGHTS or ":" in weights.split("://")[0]:
         return None  # a registry name, random weights, local-dir: or hf-hub:
     directory = fetch_weights(weights)
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
         return None
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    return (directory, config) if is_head_config(config) else None
+    return (directory, config) if isinstance(config, dict) and is_head_config(config) else None
 
 
-def _made_by_backbone(manifest: dict[str, Any], head_config: dict[str, Any]) -> bool:
+def _backbone_difference(manifest: dict[str, Any], head_config: dict[str, Any]) -> str:
+    """What tells the embeddings' model apart from the head's backbone; "" if nothing."""
     from embedpipe.models.heads import backbone_of
 
     described = backbone_of(head_config)
-    return (
-        manifest.get("model") == described["entry"].get("name")
-        and manifest.get("weights") == described["weights"]
-        and int(manifest.get("seed", 0)) == int(described["seed"])
-        and bool(manifest.get("normalized", True)) == bool(described["normalized"])
-        and manifest.get("dim") == head_config["head"]["in_dim"]
-    )
+    pairs = {
+        "model": (manifest.get("model"), described["entry"].get("name")),
+        "weights": (manifest.get("weights"), described["weights"]),
+        "seed": (int(manifest.get("seed", 0)), int(described["seed"])),
+        "normalized": (bool(manifest.get("normalized", True)), bool(described["normalized"])),
+        "dim": (manifest.get("dim"), (head_config.get("head") or {}).get("in_dim")),
+    }
+    for field, (theirs, ours) in pairs.items():
+        if theirs != ours:
+            return f"{field} {theirs!r}, the head's backbone {ours!r}"
+    return ""
 
 
 def open_source(
@@ -299,9 +312,16 @@ def open_source(
         directory, head_config = head
         for embeddings in precomputed:
             manifest = datasets.read_manifest(embeddings.embeddings, EMBEDDINGS_KIND)
-            if _made_by_backbone(manifest, head_config):
+            difference = _backbone_difference(manifest, head_config)
+            if not difference:
                 from embedpipe.embed.images import resolve_device
 
                 device = resolve_device(config.device)
                 return ProjectedEncoder(source, directory, embeddings, device)
+            log.info(
+                "%s: not projecting %s (%s); the images go through the backbone",
+                source.weights,
+                embeddings.embeddings,
+                difference,
+            )
     return ModelEncoder(source, config, images_uri, models)

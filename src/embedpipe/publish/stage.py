@@ -234,9 +234,13 @@ def _stage_head(
 
 
 def _backbone_weights(described: dict[str, Any], entry: ModelEntry) -> str:
+    """What the card says of the weights a head's backbone embedded with: a tag or hub id
+    as it is, never a local path or a bucket (meaningless to a reader, maybe private)."""
     weights = described["weights"] or entry.pretrained
     if weights == RANDOM_WEIGHTS:
         return f"{RANDOM_WEIGHTS} (seed {described['seed']})"
+    if storage.is_s3(weights) or os.path.isabs(weights) or os.path.exists(weights):
+        return f"a checkpoint named {os.path.basename(os.path.normpath(weights))}"
     return weights
 
 

@@ -42,6 +42,7 @@ _STEP_DIR = re.compile(r"^(last|best)-(\d{8})$")
 
 
 def _publish_files(staging: Path, target_uri: str) -> None:
+    datasets.verify_output_held(target_uri)  # a run that lost its lock publishes nothing
     names = sorted(os.listdir(staging), key=lambda name: name == CONFIG_NAME)
     for name in names:
         with storage.atomic_output(storage.join(target_uri, name)) as path:

@@ -5,6 +5,7 @@
 with the same arguments; in the children ``WORLD_SIZE`` is set, so they train instead of
 launching again. Every rank reads the same seeded order and takes its own contiguous
 slice of each global batch; the losses gather features across ranks; only rank 0 writes.
+The launching process holds the output's lock for the whole run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from embedpipe.core import datasets, storage
+
+# Set by a launcher that holds the output's lock for the processes it starts under torchrun.
+LAUNCHER_HOLDS_LOCK = "EMBEDPIPE_LAUNCHER_HOLDS_LOCK"
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,10 @@ def launched() -> bool:
 
 
 def is_main_process() -> bool:
-    """Whether this process writes: the only one, or rank 0 of those torchrun started."""
+    """Whether this process takes the output's lock: the only one, or rank 0 of those
+    torchrun started, unless the process that started torchrun holds it for them all."""
+    if os.environ.get(LAUNCHER_HOLDS_LOCK):
+        return False
     return not launched() or int(os.environ["RANK"]) == 0
 
 
@@ -45,19 +54,29 @@ def processes_wanted(nproc_per_node: int) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
+def relaunch(nproc: int, argv: list[str], out_uri: str, input_uris: list[str | None]) -> int:
     """Run ``embedpipe <argv>`` under torchrun with ``nproc`` processes; its exit status."""
+    return _torchrun(nproc, ["-m", "embedpipe", *argv], out_uri, input_uris)
+
+
+def _torchrun(
+    nproc: int, module_args: list[str], out_uri: str, input_uris: list[str | None]
+) -> int:
+    """Start ``nproc`` processes under torchrun while this process holds the output's lock:
+    a second run of the same output stops here with one line, before any process starts,
+    and the lock covers the whole run, however long the workers take to start or stop."""
+    storage.check_output_apart(out_uri, input_uris)
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        "-m",
-        "embedpipe",
-        *argv,
+        *module_args,
     ]
-    return subprocess.run(command, check=False).returncode
+    with datasets.output_lock(out_uri):
+        environment = {**os.environ, LAUNCHER_HOLDS_LOCK: "1"}
+        return subprocess.run(command, check=False, env=environment).returncode
 
 
 def setup(device: str) -> tuple[World, torch.device]:
@@ -92,18 +111,13 @@ def train_in_processes(nproc: int, spec: dict) -> None:
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
+    inputs = [
+        spec.get(name) for name in ("images", "splits", "negatives", "embeddings", "captions")
+    ]
     try:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "embedpipe.train.worker",
-            handle.name,
-        ]
-        status = subprocess.run(command, check=False).returncode
+        status = _torchrun(
+            nproc, ["-m", "embedpipe.train.worker", handle.name], spec["out"], inputs
+        )
     finally:
         os.remove(handle.name)
     if status:
