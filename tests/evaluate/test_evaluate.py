@@ -555,3 +555,43 @@ def test_a_head_beside_its_backbones_embeddings_projects_them(
     assert expected["image_image_queries"] > 0
     for metric, value in expected.items():
         assert result.model_metrics["trained"][metric] == pytest.approx(value, abs=1e-6), metric
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("model", "other", "model 'other'"),
+        ("weights", "openai", "weights 'openai'"),
+        ("seed", 4, "seed 4"),
+        ("normalized", False, "normalized False"),
+        ("dim", 32, "dim 32"),
+    ],
+)
+def test_embeddings_of_another_backbone_are_told_apart_by_the_field_that_differs(
+    field, value, said
+):
+    from embedpipe.evaluate.sources import _backbone_difference
+
+    manifest = {"model": "tiny", "weights": "random", "seed": 2, "normalized": True, "dim": 64}
+    head = {
+        "kind": "head",
+        "backbone": {"entry": {"name": "tiny"}, "weights": "random", "seed": 2},
+        "head": {"in_dim": 64},
+    }
+    assert _backbone_difference(manifest, head) == ""
+    assert _backbone_difference({**manifest, field: value}, head).startswith(said)
+
+
+def test_a_head_saved_before_seeds_were_recorded_loads_the_seed_0_backbone(tiny_entry, tmp_path):
+    from embedpipe.models.heads import ProjectionHead, save_head_checkpoint
+    from embedpipe.models.loading import load_model
+
+    save_head_checkpoint(ProjectionHead(in_dim=64, out_dim=8), tiny_entry, str(tmp_path / "h"))
+    config_path = tmp_path / "h" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["backbone"] = {"entry": config["backbone"]["entry"], "weights": "random"}
+    config_path.write_text(json.dumps(config))
+    headed = load_model(tiny_entry, str(tmp_path / "h"))
+    seed_0 = load_model(tiny_entry, "random", seed=0)
+    for name, tensor in seed_0.module.state_dict().items():
+        torch.testing.assert_close(headed.module.backbone.state_dict()[name], tensor)
