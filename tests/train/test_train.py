@@ -273,6 +273,39 @@ def test_a_run_that_lost_its_lock_publishes_no_further_checkpoint(
     assert json.loads(lock_path.read_text())["token"] == "another run"  # left to its holder
 
 
+def test_a_multi_process_run_that_lost_its_lock_stops_its_workers(
+    demo_images, demo_splits, demo_embeddings, tmp_path, capsys, monkeypatch
+):
+    import threading
+    import time
+
+    from embedpipe.core import locks
+    from embedpipe.train import distributed
+
+    monkeypatch.setattr(locks, "LEASE_SECONDS", 2.5)  # refreshed, and checked, every 0.5 s
+    monkeypatch.setattr(distributed, "LOCK_CHECK_SECONDS", 0.2)
+    out = tmp_path / "model"
+    lock_path = out / ".embedpipe" / "lock"
+    run = [*head_run(demo_images, demo_splits, demo_embeddings, out), "--nproc-per-node", "2"]
+    run[run.index("--steps") + 1] = "1000000"  # runs until stopped
+
+    def take_over_once_training() -> None:  # as another run would after a missed lease
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        record = json.loads(lock_path.read_text())
+        lock_path.write_text(json.dumps({**record, "token": "another run"}))
+
+    thief = threading.Thread(target=take_over_once_training)
+    thief.start()
+    started = time.monotonic()
+    assert main([*run, "--checkpoint-every", "20"]) == 1
+    thief.join()
+    assert "lost its lock" in capsys.readouterr().err
+    assert time.monotonic() - started < 200
+    assert json.loads(lock_path.read_text())["token"] == "another run"
+
+
 def test_an_output_inside_an_input_is_refused(demo_images, demo_splits, demo_embeddings, capsys):
     out = f"{demo_embeddings}/model"
     assert main(head_run(demo_images, demo_splits, demo_embeddings, out)) == 1

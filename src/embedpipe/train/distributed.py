@@ -22,6 +22,8 @@ from embedpipe.core import datasets, storage
 
 # Set by a launcher that holds the output's lock for the processes it starts under torchrun.
 LAUNCHER_HOLDS_LOCK = "EMBEDPIPE_LAUNCHER_HOLDS_LOCK"
+# How often the launcher looks whether it still holds that lock.
+LOCK_CHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,30 @@ def _torchrun(
         f"--nproc-per-node={nproc}",
         *module_args,
     ]
-    with datasets.output_lock(out_uri):
-        environment = {**os.environ, LAUNCHER_HOLDS_LOCK: "1"}
-        return subprocess.run(command, check=False, env=environment).returncode
+    with datasets.output_lock(out_uri) as lock:
+        process = subprocess.Popen(command, env={**os.environ, LAUNCHER_HOLDS_LOCK: "1"})
+        try:
+            while True:
+                try:
+                    return process.wait(timeout=LOCK_CHECK_SECONDS)
+                except subprocess.TimeoutExpired:
+                    if lock.lost:  # another run took the output over: stop writing into it
+                        _stop(process)
+                        lock.verify_held()
+        except BaseException:
+            _stop(process)
+            raise
+
+
+def _stop(process: subprocess.Popen, grace_seconds: float = 30.0) -> None:
+    """SIGTERM first, which torchrun passes on to its workers; SIGKILL if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def setup(device: str) -> tuple[World, torch.device]:
