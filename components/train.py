@@ -77,12 +77,8 @@ def train_job(
 
     config = stage_settings("train", settings, overrides)
     placement = ClusterSettings.model_validate(cluster)
-    inputs = TrainInputs(
-        images=images.uri,
-        out=model.uri,
-        splits=splits.uri,
-        negatives=negatives.uri,
-        embeddings=embeddings.uri if config.mode == "head" else "",
+    inputs = TrainInputs.of_mode(
+        config.mode, images.uri, model.uri, splits.uri, negatives.uri, embeddings.uri
     )
     job = build_train_job(
         object_name("embedpipe-train", run_id, task_name),

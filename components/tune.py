@@ -93,12 +93,8 @@ def tune_katib(
 
     config = stage_settings("tune", settings, overrides)
     train = stage_settings("train", train_settings, train_overrides)
-    inputs = TrainInputs(
-        images=images.uri,
-        out=trials.uri,
-        splits=splits.uri,
-        negatives=negatives.uri,
-        embeddings=embeddings.uri if train.mode == "head" else "",
+    inputs = TrainInputs.of_mode(
+        train.mode, images.uri, trials.uri, splits.uri, negatives.uri, embeddings.uri
     )
     result = launch_search(
         object_name("embedpipe-tune", run_id, task_name),

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import lock_held_elsewhere
+from conftest import head_train, lock_held_elsewhere
 from safetensors.torch import load_file
 
 from embedpipe.cli import main
@@ -137,23 +137,8 @@ def test_a_checkpoint_of_another_architecture_is_refused(tiny_entry, tmp_path):
 
 
 def _head_settings(**changes) -> TrainSettings:
-    values = dict(
-        mode="head",
-        pairs="image_image",
-        loss="infonce",
-        batch_size=16,
-        steps=9,
-        lr=1e-2,
-        depth=2,
-        width=32,
-        out_dim=16,
-        checkpoint_every=4,
-        val_every=3,
-        num_workers=0,
-        warmup_steps=2,
-        hard_negative_share=0.0,
-    )
-    return TrainSettings(**{**values, **changes})
+    resumable = dict(steps=9, checkpoint_every=4, val_every=3, warmup_steps=2)
+    return head_train(**{**resumable, **changes})
 
 
 class Crash(Exception):

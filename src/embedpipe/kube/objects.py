@@ -42,6 +42,13 @@ class TrainInputs:
     embeddings: str = ""
     captions: str = ""
 
+    @classmethod
+    def of_mode(
+        cls, mode: str, images: str, out: str, splits: str, negatives: str, embeddings: str
+    ) -> TrainInputs:
+        """The inputs of a training in ``mode``: only a head reads the embeddings."""
+        return cls(images, out, splits, negatives, embeddings if mode == "head" else "")
+
 
 def object_name(prefix: str, *parts: str) -> str:
     """A DNS-1035 name that is the same every time for the same parts (a KFP run and

@@ -110,6 +110,22 @@ def _check_images(count: int, images_uri: str) -> list:
     ]
 
 
+def _card_inputs(
+    kind: str, entry: ModelEntry, saved: dict[str, Any], state: dict[str, torch.Tensor], **extra
+) -> card.CardInputs:
+    """What the card says of a model of ``kind``: its entry, training settings and size."""
+    parameters, by_dtype = _size(state)
+    return card.CardInputs(
+        name="",
+        kind=kind,
+        entry=entry.model_dump(mode="json"),
+        training=_training_settings(saved),
+        parameters=parameters,
+        bytes_by_dtype=by_dtype,
+        **extra,
+    )
+
+
 def _size(state: dict[str, torch.Tensor]) -> tuple[int, dict[str, int]]:
     by_dtype: dict[str, int] = {}
     for tensor in state.values():
@@ -165,16 +181,7 @@ def _stage_open_clip(
     if entry.hub_tokenizer and not model.tokenizer_dir:
         model.tokenizer_dir = str(staging)
     difference = _reload_difference(model, staging, images, config.device)
-    parameters, by_dtype = _size(state)
-    inputs = card.CardInputs(
-        name="",
-        kind="open_clip",
-        entry=entry.model_dump(mode="json"),
-        training=_training_settings(saved),
-        parameters=parameters,
-        bytes_by_dtype=by_dtype,
-    )
-    return inputs, difference
+    return _card_inputs("open_clip", entry, saved, state), difference
 
 
 @torch.no_grad()
@@ -219,14 +226,11 @@ def _stage_head(
     with torch.no_grad():
         difference = (head(inputs) - reloaded(inputs)).abs().max().item()
     state = {k: v.detach() for k, v in head.state_dict().items()}
-    parameters, by_dtype = _size(state)
-    card_inputs = card.CardInputs(
-        name="",
-        kind="head",
-        entry=backbone.model_dump(mode="json"),
-        training=_training_settings(saved),
-        parameters=parameters,
-        bytes_by_dtype=by_dtype,
+    card_inputs = _card_inputs(
+        "head",
+        backbone,
+        saved,
+        state,
         head=head.config,
         backbone_weights=_backbone_weights(backbone_of(saved), backbone),
     )

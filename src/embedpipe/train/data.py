@@ -183,8 +183,11 @@ class PixelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def _pixels(self, row: int) -> torch.Tensor:
+        return self.transform(decode(self.store.read(self.image_ids[row]), None))
+
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor]:
-        return row, self.transform(decode(self.store.read(self.image_ids[row]), None))
+        return row, self._pixels(row)
 
 
 def collate_rows(items: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

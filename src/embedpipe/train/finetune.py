@@ -10,16 +10,16 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from embedpipe.config import ConfigError, TrainSettings
-from embedpipe.embed.images import decode
 from embedpipe.models.loading import LoadedModel, fetch_weights, load_model
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train import losses
 from embedpipe.train.data import (
     Examples,
     ImageStore,
+    PixelDataset,
     caption_for,
     positive_for,
     rows_by_concept,
@@ -142,19 +142,8 @@ def init_scale(loss: str) -> float:
     return math.log(1 / 0.07) if value is None else value
 
 
-class PairsDataset(Dataset):
+class PairsDataset(PixelDataset):
     """Item (row, second) -> (row, pixels, pixels of ``second`` or an empty tensor)."""
-
-    def __init__(self, store: ImageStore, image_ids: list[str], transform):
-        self.store = store
-        self.image_ids = image_ids
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def _pixels(self, row: int) -> torch.Tensor:
-        return self.transform(decode(self.store.read(self.image_ids[row]), None))
 
     def __getitem__(self, item: tuple[int, int]):
         row, second = item

@@ -207,11 +207,11 @@ class _SigmoidLoss(_Loss):
     def __init__(
         self,
         *,
-        pos_weight: float,
-        rank: int,
-        world_size: int,
-        local_loss: bool,
-        gather_with_grad: bool,
+        pos_weight: float = 1.0,
+        rank: int = 0,
+        world_size: int = 1,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
     ):
         super().__init__(
             rank=rank,
@@ -282,45 +282,11 @@ class UpweightedPositivesSigmoidLoss(_SigmoidLoss):
 
     name = "pairwise_sigmoid_upwtdpos"
 
-    def __init__(
-        self,
-        *,
-        pos_weight: float = 1.0,
-        rank: int = 0,
-        world_size: int = 1,
-        local_loss: bool = True,
-        gather_with_grad: bool = True,
-    ):
-        super().__init__(
-            pos_weight=pos_weight,
-            rank=rank,
-            world_size=world_size,
-            local_loss=local_loss,
-            gather_with_grad=gather_with_grad,
-        )
-
 
 class MultiPositiveSigmoidLoss(_SigmoidLoss):
     """Sigmoid loss where every pair with equal ``labels`` is a positive, across ranks too."""
 
     name = "multipos_sigmoid"
-
-    def __init__(
-        self,
-        *,
-        pos_weight: float = 1.0,
-        rank: int = 0,
-        world_size: int = 1,
-        local_loss: bool = True,
-        gather_with_grad: bool = True,
-    ):
-        super().__init__(
-            pos_weight=pos_weight,
-            rank=rank,
-            world_size=world_size,
-            local_loss=local_loss,
-            gather_with_grad=gather_with_grad,
-        )
 
     def _keys(self, image_features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if labels is None:
