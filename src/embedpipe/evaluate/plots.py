@@ -61,12 +61,19 @@ def projection_plot(points: np.ndarray, groups: list[str], title: str) -> str:
 def recall_plot(curves: dict[str, dict[str, dict[int, float]]]) -> str:
     """curves: metric family -> model -> {K: recall}."""
     plt, figure = _figure(4.0 * max(len(curves), 1), 3.6)
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
     for k, (family, per_model) in enumerate(curves.items()):
         axes = figure.add_subplot(1, len(curves), k + 1)
         for model, points in per_model.items():
             ks = sorted(points)
             axes.plot(ks, [points[x] for x in ks], marker="o", label=model)
         axes.set_xscale("log")
+        # the measured Ks as plain ticks: a log axis would label them 2x10^0, 3x10^0...
+        measured = sorted({x for points in per_model.values() for x in points})
+        axes.xaxis.set_major_locator(FixedLocator(measured))
+        axes.xaxis.set_major_formatter(FixedFormatter([str(x) for x in measured]))
+        axes.xaxis.set_minor_locator(NullLocator())
         axes.set_xlabel("K")
         axes.set_ylabel("recall@K")
         axes.set_ylim(0, 1.02)
