@@ -553,8 +553,10 @@ def test_a_head_beside_its_backbones_embeddings_projects_them(
         assert f"seed 2, the head's backbone {recorded_seed}" in caplog.text
     (expected,) = alone.model_metrics.values()
     assert expected["image_image_queries"] > 0
+    # projected and re-embedded vectors differ in the last float32 bits, which can swap two
+    # near-tied gallery images: recall@K stays put, the mean average precision moves ~1e-5
     for metric, value in expected.items():
-        assert result.model_metrics["trained"][metric] == pytest.approx(value, abs=1e-6), metric
+        assert result.model_metrics["trained"][metric] == pytest.approx(value, abs=1e-4), metric
 
 
 @pytest.mark.parametrize(
