@@ -265,10 +265,10 @@ def test_a_multi_process_run_that_lost_its_lock_stops_its_workers(
     import time
 
     from embedpipe.core import locks
-    from embedpipe.train import distributed
+    from embedpipe.train import launch
 
     monkeypatch.setattr(locks, "LEASE_SECONDS", 2.5)  # refreshed, and checked, every 0.5 s
-    monkeypatch.setattr(distributed, "LOCK_CHECK_SECONDS", 0.2)
+    monkeypatch.setattr(launch, "LOCK_CHECK_SECONDS", 0.2)
     out = tmp_path / "model"
     lock_path = out / ".embedpipe" / "lock"
     run = [*head_run(demo_images, demo_splits, demo_embeddings, out), "--nproc-per-node", "2"]
