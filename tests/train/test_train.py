@@ -435,7 +435,7 @@ def test_a_head_checkpoint_embeds_backbone_then_head(demo_images, tiny_entry, tm
 def test_two_gloo_processes_follow_the_loss_curve_of_one(
     demo_images, demo_splits, demo_embeddings, tmp_path
 ):
-    """`--nproc-per-node 2` re-launches under torchrun (gloo on CPU), each rank half of
+    """`--nproc-per-node 2` trains under torchrun (gloo on CPU), each rank half of
     every global batch; the losses gather features, so the curve is the one process's."""
     import subprocess
     import sys
@@ -454,6 +454,8 @@ def test_two_gloo_processes_follow_the_loss_curve_of_one(
         [sys.executable, "-m", "embedpipe", *two], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count('"steps": 5') == 1  # rank 0's result, printed by the launcher
+    assert "trained clip_vitb32: 5 steps" in done.stderr  # the workers log at INFO
 
     def curve(folder):
         metrics = json.loads((tmp_path / folder / ".embedpipe" / "metrics.json").read_text())
