@@ -467,3 +467,30 @@ def test_two_gloo_processes_follow_the_loss_curve_of_one(
     b = load_file(tmp_path / "2" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+
+
+def test_the_train_component_trains_in_two_processes_the_same_way(
+    demo_images, demo_splits, demo_embeddings, backbone_entry, tmp_path
+):
+    """The component takes the command line's torchrun route: the same workers, the lock
+    held by the launching process, the model and its metrics at the step's output."""
+    import types
+
+    from embedpipe.components.train import train
+
+    logged = {}
+    metrics = types.SimpleNamespace(log_metric=logged.__setitem__)
+
+    def artifact(path):
+        return types.SimpleNamespace(path=str(path), uri=str(path), metadata={})
+
+    out = tmp_path / "model"
+    train(
+        images=artifact(demo_images), splits=artifact(demo_splits), negatives=artifact(""),
+        embeddings=artifact(demo_embeddings),
+        settings=head_train(nproc_per_node=2, val_every=0).model_dump(mode="json"),
+        overrides={}, model_entry=backbone_entry.model_dump_json(), model=artifact(out),
+        metrics=metrics, report=artifact(tmp_path / "report.html"),
+    )  # fmt: skip
+    assert logged["steps"] == 6
+    assert (out / "model.safetensors").exists() and not (out / ".embedpipe" / "lock").exists()
