@@ -22,25 +22,14 @@ def train(
     """
     from embedpipe.config import stage_settings
     from embedpipe.models.registry import ModelEntry
-    from embedpipe.train.distributed import processes_wanted, train_in_processes
+    from embedpipe.train.inputs import TrainInputs
+    from embedpipe.train.launch import launch_training
     from embedpipe.train.report import record_training_outputs
-    from embedpipe.train.stage import train_model
 
     config = stage_settings("train", settings, overrides)
     entry = ModelEntry.model_validate_json(model_entry)
-    inputs = {
-        "splits": splits.path,
-        "negatives": negatives.path,
-        "embeddings": embeddings.path if config.mode == "head" else None,
-    }
-    nproc = processes_wanted(config.nproc_per_node)
-    if nproc > 1:
-        spec = {"images": images.path, "out": model.path, "entry": entry.model_dump(mode="json")}
-        train_in_processes(nproc, {**spec, **inputs, "settings": config.model_dump(mode="json")})
-    else:
-        train_model(
-            images.path, model.path, config, entry, **{f"{k}_uri": v for k, v in inputs.items()}
-        )
+    inputs = TrainInputs(images.path, splits.path, negatives.path, embeddings.path)
+    launch_training(inputs.for_mode(config.mode), model.path, config, entry)
     record_training_outputs(model, metrics, report.path, config, entry.name)
 
 
@@ -64,26 +53,21 @@ def train_job(
     writing the model to this step's output. The TrainJob's name comes from the run and
     the task, so a retried pod follows the job already there; it fails with the job's
     reason."""
+    from embedpipe.cli.stages import train_arguments
     from embedpipe.config import ClusterSettings, stage_settings
     from embedpipe.kube import api as kube
-    from embedpipe.kube.objects import (
-        TrainInputs,
-        as_dict,
-        object_name,
-        train_arguments,
-    )
+    from embedpipe.kube.objects import as_dict, object_name
     from embedpipe.kube.objects import train_job as build_train_job
+    from embedpipe.train.inputs import TrainInputs
     from embedpipe.train.report import record_training_outputs
 
     config = stage_settings("train", settings, overrides)
     placement = ClusterSettings.model_validate(cluster)
-    inputs = TrainInputs.of_mode(
-        config.mode, images.uri, model.uri, splits.uri, negatives.uri, embeddings.uri
-    )
+    inputs = TrainInputs(images.uri, splits.uri, negatives.uri, embeddings.uri)
     job = build_train_job(
         object_name("embedpipe-train", run_id, task_name),
         trainer_image,
-        train_arguments(inputs, config),
+        train_arguments(inputs.for_mode(config.mode), model.uri, config),
         placement,
         num_nodes=config.num_nodes,
         gpus_per_node=config.accelerator_limit,

@@ -32,21 +32,15 @@ def tune(
     from embedpipe.config import stage_settings
     from embedpipe.core import datasets, storage
     from embedpipe.models.registry import ModelEntry
+    from embedpipe.train.inputs import TrainInputs
     from embedpipe.tune.study import best_path, tune_model
 
     config = stage_settings("tune", settings, overrides)
     train = stage_settings("train", train_settings, train_overrides)
     entry = ModelEntry.model_validate_json(model_entry)
-    result = tune_model(
-        images.path,
-        study.path,
-        config,
-        train,
-        entry,
-        splits_uri=splits.path,
-        negatives_uri=negatives.path,
-        embeddings_uri=embeddings.path if train.mode == "head" else None,
-    )
+    inputs = TrainInputs(images.path, splits.path, negatives.path, embeddings.path)
+    inputs = inputs.for_mode(train.mode)
+    result = tune_model(inputs.images, study.path, config, train, entry, **inputs.keywords())
     table = datasets.read_table(f"{study.path}/trials")
     datasets.write_table(trials.path, table, "tune_trials")
     shutil.copyfile(best_path(study.path), best.path)
@@ -87,22 +81,24 @@ def tune_katib(
     import json
     from collections import namedtuple
 
+    from embedpipe.cli.stages import train_arguments
     from embedpipe.config import ClusterSettings, stage_settings
-    from embedpipe.kube.objects import TrainInputs, object_name
+    from embedpipe.kube.objects import object_name
+    from embedpipe.train.inputs import TrainInputs
     from embedpipe.tune.katib import launch_search
 
     config = stage_settings("tune", settings, overrides)
     train = stage_settings("train", train_settings, train_overrides)
-    inputs = TrainInputs.of_mode(
-        train.mode, images.uri, trials.uri, splits.uri, negatives.uri, embeddings.uri
-    )
+    inputs = TrainInputs(images.uri, splits.uri, negatives.uri, embeddings.uri)
     result = launch_search(
         object_name("embedpipe-tune", run_id, task_name),
         config,
         train,
-        inputs,
+        inputs.for_mode(train.mode),
+        trials.uri,
         trial_image,
         ClusterSettings.model_validate(cluster),
+        command=train_arguments,
     )
     summary = {
         "params": result.best_params,

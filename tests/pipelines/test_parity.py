@@ -35,7 +35,7 @@ CHOSEN = {
     ("train", "val_k"): (1, 10),
     ("train", "lock_image"): True,
     ("train", "lock_text"): True,
-    ("train", "nproc_per_node"): 1,  # > 1 would re-launch the command under torchrun
+    ("train", "nproc_per_node"): 1,  # > 1 would train under torchrun
     ("train", "labels"): "concept",
     ("evaluate", "tasks"): ("zeroshot", "anomaly"),
     ("evaluate", "recall_k"): (2, 3),

@@ -265,10 +265,10 @@ def test_a_multi_process_run_that_lost_its_lock_stops_its_workers(
     import time
 
     from embedpipe.core import locks
-    from embedpipe.train import distributed
+    from embedpipe.train import launch
 
     monkeypatch.setattr(locks, "LEASE_SECONDS", 2.5)  # refreshed, and checked, every 0.5 s
-    monkeypatch.setattr(distributed, "LOCK_CHECK_SECONDS", 0.2)
+    monkeypatch.setattr(launch, "LOCK_CHECK_SECONDS", 0.2)
     out = tmp_path / "model"
     lock_path = out / ".embedpipe" / "lock"
     run = [*head_run(demo_images, demo_splits, demo_embeddings, out), "--nproc-per-node", "2"]
@@ -435,7 +435,7 @@ def test_a_head_checkpoint_embeds_backbone_then_head(demo_images, tiny_entry, tm
 def test_two_gloo_processes_follow_the_loss_curve_of_one(
     demo_images, demo_splits, demo_embeddings, tmp_path
 ):
-    """`--nproc-per-node 2` re-launches under torchrun (gloo on CPU), each rank half of
+    """`--nproc-per-node 2` trains under torchrun (gloo on CPU), each rank half of
     every global batch; the losses gather features, so the curve is the one process's."""
     import subprocess
     import sys
@@ -454,6 +454,8 @@ def test_two_gloo_processes_follow_the_loss_curve_of_one(
         [sys.executable, "-m", "embedpipe", *two], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count('"steps": 5') == 1  # rank 0's result, printed by the launcher
+    assert "trained clip_vitb32: 5 steps" in done.stderr  # the workers log at INFO
 
     def curve(folder):
         metrics = json.loads((tmp_path / folder / ".embedpipe" / "metrics.json").read_text())
@@ -465,3 +467,30 @@ def test_two_gloo_processes_follow_the_loss_curve_of_one(
     b = load_file(tmp_path / "2" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+
+
+def test_the_train_component_trains_in_two_processes_the_same_way(
+    demo_images, demo_splits, demo_embeddings, backbone_entry, tmp_path
+):
+    """The component takes the command line's torchrun route: the same workers, the lock
+    held by the launching process, the model and its metrics at the step's output."""
+    import types
+
+    from embedpipe.components.train import train
+
+    logged = {}
+    metrics = types.SimpleNamespace(log_metric=logged.__setitem__)
+
+    def artifact(path):
+        return types.SimpleNamespace(path=str(path), uri=str(path), metadata={})
+
+    out = tmp_path / "model"
+    train(
+        images=artifact(demo_images), splits=artifact(demo_splits), negatives=artifact(""),
+        embeddings=artifact(demo_embeddings),
+        settings=head_train(nproc_per_node=2, val_every=0).model_dump(mode="json"),
+        overrides={}, model_entry=backbone_entry.model_dump_json(), model=artifact(out),
+        metrics=metrics, report=artifact(tmp_path / "report.html"),
+    )  # fmt: skip
+    assert logged["steps"] == 6
+    assert (out / "model.safetensors").exists() and not (out / ".embedpipe" / "lock").exists()

@@ -12,8 +12,10 @@ from kubeflow_katib_api import models as katib_models
 from kubeflow_trainer_api import models as trainer_models
 
 from embedpipe.cli import main
+from embedpipe.cli.stages import train_arguments
 from embedpipe.config import ClusterSettings, ConfigError, TrainSettings, TuneSettings
-from embedpipe.kube.objects import TrainInputs, train_arguments, train_job
+from embedpipe.kube.objects import train_job
+from embedpipe.train.inputs import TrainInputs
 from embedpipe.tune.katib import METRIC_FILTER, build_experiment, experiment_dict
 
 SPACE = {
@@ -23,15 +25,17 @@ SPACE = {
     "loss": {"type": "categorical", "choices": ["infonce", "multipos_sigmoid"]},
 }
 CLUSTER = ClusterSettings(gpu_node_selector={"nvidia.com/gpu.product": "NVIDIA-B200"})
-INPUTS = TrainInputs(
-    images="s3://b/images", out="s3://b/tune", splits="s3://b/splits", negatives="s3://b/neg"
-)
+INPUTS = TrainInputs(images="s3://b/images", splits="s3://b/splits", negatives="s3://b/neg")
+OUT = "s3://b/tune"
 
 
 def _experiment(**tune) -> dict:
     settings = TuneSettings(**{"space": SPACE, "n_trials": 12, "parallel_trials": 3, **tune})
     train = TrainSettings(steps=200, val_every=20, templates=("a {concept}",))
-    built = build_experiment("search", settings, train, INPUTS, "reg/gpu:1", CLUSTER, "team-a")
+    built = build_experiment(
+        "search", settings, train, INPUTS, OUT, "reg/gpu:1", CLUSTER, "team-a",
+        command=train_arguments,
+    )  # fmt: skip
     assert isinstance(built, katib_models.V1beta1Experiment)
     return experiment_dict(built)
 
@@ -166,8 +170,9 @@ def test_a_trial_command_gives_the_trainer_the_settings_and_the_parameters(monke
     monkeypatch.setattr("embedpipe.train.stage.train_model", stub)
     train = head_train(model="dinov2_small", templates=("a {concept}", "{category}"), val_k=(1, 10))
     body = build_experiment(
-        "s", TuneSettings(space=SPACE, metric="val_recall_at_10"), train, INPUTS, "i", CLUSTER
-    )
+        "s", TuneSettings(space=SPACE, metric="val_recall_at_10"), train, INPUTS, OUT, "i",
+        CLUSTER, command=train_arguments,
+    )  # fmt: skip
     command = experiment_dict(body)["spec"]["trialTemplate"]["trialSpec"]["spec"]["trainer"][
         "command"
     ]
@@ -183,7 +188,7 @@ def test_a_trial_command_gives_the_trainer_the_settings_and_the_parameters(monke
 
 def test_a_trainjob_for_several_nodes():
     job = train_job(
-        "t", "reg/gpu:1", train_arguments(INPUTS, head_train()), CLUSTER,
+        "t", "reg/gpu:1", train_arguments(INPUTS, OUT, head_train()), CLUSTER,
         num_nodes=4, gpus_per_node=8, timeout_minutes=90,
     ).to_dict()  # fmt: skip
     assert job["metadata"]["name"] == "t"

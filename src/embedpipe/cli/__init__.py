@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from embedpipe import __version__
+from embedpipe import LOG_FORMAT, __version__
 from embedpipe.cli.cluster import add_cluster_commands
 from embedpipe.cli.pipelines import add_pipeline_commands
 from embedpipe.cli.stages import add_stage_commands
@@ -99,10 +99,7 @@ def _raise_terminated(signum: int, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train` re-launches itself
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:

@@ -3,7 +3,8 @@
 A field ``rows_per_shard`` of ``[ingest]`` becomes ``--rows-per-shard``: its type and
 choices come from the annotation (``Literal`` -> choices, ``bool`` -> ``--x/--no-x``,
 tuples -> comma-separated lists), its help from the description, with the default
-appended here. A flag left out keeps the config file's value.
+appended here. A flag left out keeps the config file's value. ``settings_flags`` writes
+settings back as such flags (the command line of a pod on the cluster).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from embedpipe.config import Section, Settings, has_flag, load_settings
+from embedpipe.config import ConfigError, Section, Settings, has_flag, load_settings
 
 DEST_SEPARATOR = "__"  # argparse dest: section__key
 METAVARS = {int: "N", float: "X", str: "TEXT"}
@@ -95,3 +96,36 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if DEST_SEPARATOR in dest
     }
     return load_settings(getattr(args, "config", None), overrides, labels=args.flag_labels)
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return ",".join(str(item) for item in value)
+    return format(value, ".10g") if isinstance(value, float) else str(value)
+
+
+def settings_flags(
+    section: str, settings: Section, searched: dict[str, str] | None = None
+) -> list[str]:
+    """The flags that set ``settings`` (the ``[section]`` of the config): one for every
+    setting that differs from its default, then ``--key=PLACEHOLDER`` for each searched
+    one (Katib substitutes the placeholders)."""
+    searched = searched or {}
+    flags = []
+    model = type(settings)
+    defaults = model()
+    for key, field in model.model_fields.items():
+        value = getattr(settings, key)
+        if key in searched or not has_flag(field) or value == getattr(defaults, key):
+            continue
+        if isinstance(value, bool):
+            flags.append(flag_name(key) if value else f"--no-{flag_name(key)[2:]}")
+            continue
+        if isinstance(value, tuple) and any("," in str(item) for item in value):
+            raise ConfigError(
+                f"[{section}].{key}: {value!r} has a comma, which a comma-separated flag of "
+                "the cluster command cannot carry"
+            )
+        flags.append(f"{flag_name(key)}={_flag_value(value)}")
+    flags += [f"{flag_name(key)}={placeholder}" for key, placeholder in searched.items()]
+    return flags

@@ -7,10 +7,13 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from embedpipe.cli.flags import add_settings_flags, settings_from_args
-from embedpipe.config import STAGE_SETTINGS, ConfigError, Settings
+from embedpipe.cli.flags import add_settings_flags, settings_flags, settings_from_args
+from embedpipe.config import STAGE_SETTINGS, ConfigError, Settings, TrainSettings
+
+if TYPE_CHECKING:
+    from embedpipe.train.inputs import TrainInputs
 
 
 def _print_result(result: Any) -> None:
@@ -197,30 +200,13 @@ def inputs_to_hf(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace, settings: Settings) -> None:
     from embedpipe.models.registry import get_entry
-    from embedpipe.train.distributed import launched, processes_wanted, relaunch
+    from embedpipe.train.inputs import TrainInputs
+    from embedpipe.train.launch import launch_training
 
     config = settings.train
-    nproc = processes_wanted(config.nproc_per_node)
-    if nproc > 1 and not launched():
-        inputs = [args.images, args.splits, args.negatives, args.embeddings, args.captions]
-        status = relaunch(nproc, args.argv, args.out, inputs)
-        if status:
-            raise RuntimeError(f"{nproc} training processes (torchrun) exited with status {status}")
-        return
-    from embedpipe.train.stage import train_model
-
     # head mode: the model that made the embeddings (the head's backbone)
     entry = get_entry(config.model, settings.models)
-    result = train_model(
-        args.images,
-        args.out,
-        config,
-        entry,
-        splits_uri=args.splits,
-        negatives_uri=args.negatives,
-        embeddings_uri=args.embeddings,
-        captions_uri=args.captions,
-    )
+    result = launch_training(TrainInputs.from_dict(vars(args)), args.out, config, entry)
     if os.environ.get("RANK", "0") == "0":  # one result line, from rank 0
         _print_result(result)
 
@@ -244,6 +230,16 @@ def inputs_train(parser: argparse.ArgumentParser) -> None:
     _out(parser, "output folder: the trained model, checkpoints/, .embedpipe/metrics.json")
 
 
+def train_arguments(
+    inputs: TrainInputs, out: str, train: TrainSettings, searched: dict[str, str] | None = None
+) -> list[str]:
+    """``train IMAGES --out OUT ...``: the arguments after ``embedpipe`` of the command that
+    trains ``out`` from ``inputs`` with ``train`` (``--key=PLACEHOLDER`` for each searched
+    key), as a pod on the cluster runs it."""
+    arguments = ["train", inputs.images, "--out", out, *inputs.flags()]
+    return arguments + settings_flags("train", train, searched)
+
+
 def run_tune(args: argparse.Namespace, settings: Settings) -> None:
     tune, train = settings.tune, settings.train
     if tune.backend == "katib":
@@ -252,19 +248,12 @@ def run_tune(args: argparse.Namespace, settings: Settings) -> None:
     if args.dry_run:
         raise ConfigError("--dry-run prints the Katib Experiment: give it with --backend katib")
     from embedpipe.models.registry import get_entry
+    from embedpipe.train.inputs import TrainInputs
     from embedpipe.tune.study import tune_model
 
-    result = tune_model(
-        args.images,
-        args.out,
-        tune,
-        train,
-        get_entry(train.model, settings.models),
-        splits_uri=args.splits,
-        negatives_uri=args.negatives,
-        embeddings_uri=args.embeddings,
-        captions_uri=args.captions,
-    )
+    inputs = TrainInputs.from_dict(vars(args))
+    entry = get_entry(train.model, settings.models)
+    result = tune_model(inputs.images, args.out, tune, train, entry, **inputs.keywords())
     _print_result(result)
 
 
@@ -272,30 +261,27 @@ def _run_katib(args: argparse.Namespace, settings: Settings) -> None:
     """The Experiment the cluster's tune step would create, named after --out; printed as
     YAML with --dry-run, else created (kubeconfig) and followed to the end."""
     from embedpipe.core import storage
-    from embedpipe.kube.objects import TrainInputs, check_cluster_model, object_name
+    from embedpipe.kube.objects import check_cluster_model, object_name
+    from embedpipe.train.inputs import TrainInputs
     from embedpipe.tune import katib
 
     tune, train = settings.tune, settings.train
     check_cluster_model(train, settings.models)
-    inputs = TrainInputs(
-        images=args.images,
-        out=args.out,
-        splits=args.splits or "",
-        negatives=args.negatives or "",
-        embeddings=args.embeddings or "",
-        captions=args.captions or "",
-    )
-    name = object_name("embedpipe-tune", storage.normalize(args.out))
+    inputs, out = TrainInputs.from_dict(vars(args)), args.out
+    name = object_name("embedpipe-tune", storage.normalize(out))
     image, cluster = settings.images.gpu_image, settings.cluster
     if args.dry_run:
         import yaml
 
         experiment = katib.build_experiment(
-            name, tune, train, inputs, image, cluster, tune.namespace
+            name, tune, train, inputs, out, image, cluster, tune.namespace, command=train_arguments
         )
         print(yaml.safe_dump(katib.experiment_dict(experiment), sort_keys=False), end="")
         return
-    _print_result(katib.launch_search(name, tune, train, inputs, image, cluster))
+    search = katib.launch_search(
+        name, tune, train, inputs, out, image, cluster, command=train_arguments
+    )
+    _print_result(search)
 
 
 def inputs_tune(parser: argparse.ArgumentParser) -> None:

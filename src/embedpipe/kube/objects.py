@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from kubeflow_trainer_api import models as trainer
 
-from embedpipe.cli.flags import flag_name
-from embedpipe.config import ClusterSettings, ConfigError, TrainSettings, has_flag
+from embedpipe.config import ClusterSettings, ConfigError, TrainSettings
 from embedpipe.config.cluster import OBJECT_STORE_SECRET_KEYS, SETTINGS_CONFIG_MAP_KEYS
 
 TRAINER_API = "trainer.kubeflow.org/v1alpha1"
@@ -31,25 +29,6 @@ NO_SIDECAR = {"sidecar.istio.io/inject": "false"}
 LABELS = {"app.kubernetes.io/part-of": "embedpipe"}
 
 
-@dataclass(frozen=True)
-class TrainInputs:
-    """The URIs ``embedpipe train`` reads and writes (s3:// on a cluster)."""
-
-    images: str
-    out: str
-    splits: str = ""
-    negatives: str = ""
-    embeddings: str = ""
-    captions: str = ""
-
-    @classmethod
-    def of_mode(
-        cls, mode: str, images: str, out: str, splits: str, negatives: str, embeddings: str
-    ) -> TrainInputs:
-        """The inputs of a training in ``mode``: only a head reads the embeddings."""
-        return cls(images, out, splits, negatives, embeddings if mode == "head" else "")
-
-
 def object_name(prefix: str, *parts: str) -> str:
     """A DNS-1035 name that is the same every time for the same parts (a KFP run and
     task): a retried launcher finds the object its first attempt created."""
@@ -59,46 +38,6 @@ def object_name(prefix: str, *parts: str) -> str:
 
 def spec_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body.get("spec"), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _flag_value(value: Any) -> str:
-    if isinstance(value, tuple | list):
-        return ",".join(str(item) for item in value)
-    return format(value, ".10g") if isinstance(value, float) else str(value)
-
-
-def train_flags(train: TrainSettings, searched: dict[str, str] | None = None) -> list[str]:
-    """``embedpipe train`` flags for every setting that differs from its default, then
-    ``--key=PLACEHOLDER`` for each searched one (Katib substitutes the placeholders)."""
-    searched = searched or {}
-    flags = []
-    defaults = TrainSettings()
-    for key, field in TrainSettings.model_fields.items():
-        value = getattr(train, key)
-        if key in searched or not has_flag(field) or value == getattr(defaults, key):
-            continue
-        if isinstance(value, bool):
-            flags.append(flag_name(key) if value else f"--no-{flag_name(key)[2:]}")
-            continue
-        if isinstance(value, tuple) and any("," in str(item) for item in value):
-            raise ConfigError(
-                f"[train].{key}: {value!r} has a comma, which a comma-separated flag of the "
-                "cluster command cannot carry"
-            )
-        flags.append(f"{flag_name(key)}={_flag_value(value)}")
-    flags += [f"{flag_name(key)}={placeholder}" for key, placeholder in searched.items()]
-    return flags
-
-
-def train_arguments(
-    inputs: TrainInputs, train: TrainSettings, searched: dict[str, str] | None = None
-) -> list[str]:
-    """``train IMAGES --out OUT ...``: the arguments after ``embedpipe``."""
-    arguments = ["train", inputs.images, "--out", inputs.out]
-    for name in ("splits", "negatives", "embeddings", "captions"):
-        if getattr(inputs, name):
-            arguments += [f"--{name}", getattr(inputs, name)]
-    return arguments + train_flags(train, searched)
 
 
 def _env(cluster: ClusterSettings) -> list[trainer.IoK8sApiCoreV1EnvVar]:

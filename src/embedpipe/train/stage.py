@@ -22,6 +22,7 @@ from embedpipe.train import checkpoint as ckpt
 from embedpipe.train import losses
 from embedpipe.train.data import load_examples
 from embedpipe.train.distributed import World, is_main_process, setup, teardown
+from embedpipe.train.inputs import TrainInputs
 from embedpipe.train.loop import Loop, history_curves, resumable
 from embedpipe.train.sampling import load_negatives
 
@@ -77,10 +78,7 @@ def check_inputs(
         log.info("triplet without --negatives: negatives are random images of other concepts")
 
 
-@datasets.writes_output(
-    inputs=("images_uri", "splits_uri", "negatives_uri", "embeddings_uri", "captions_uri"),
-    writer=is_main_process,
-)
+@datasets.writes_output(inputs=TrainInputs.parameters(), writer=is_main_process)
 def train_model(
     images_uri: str,
     out_uri: str,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from embedpipe.config import (
 )
 from embedpipe.kube import api as kube
 from embedpipe.kube import objects
+from embedpipe.train.inputs import TrainInputs
 from embedpipe.tune.space import check_search
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,10 @@ ALGORITHMS = {"tpe": "multivariate-tpe", "random": "random", "grid": "grid"}
 METRIC_FILTER = r"([a-z][a-z0-9_]*)=([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
 KATIB_UNSAFE = re.compile(r"[/.@]")
 TRIAL_NAME = "trialName"
+# A trial's command line (after ``embedpipe``) for its inputs, output, [train] settings and
+# a placeholder per searched key: the command line's own writer,
+# ``embedpipe.cli.stages.train_arguments``, handed in by the caller.
+TrainCommand = Callable[[TrainInputs, str, TrainSettings, dict[str, str]], list[str]]
 # Katib's own defaults for TrainJob trials (v0.19), spelled out so the Experiment reads
 # the same on any Katib version that runs it.
 TRAINJOB_SUCCESS = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
@@ -90,19 +96,20 @@ def build_experiment(
     name: str,
     tune: TuneSettings,
     train: TrainSettings,
-    inputs: objects.TrainInputs,
+    inputs: TrainInputs,
+    out: str,
     image: str,
     cluster: ClusterSettings,
     namespace: str = "",
+    *,
+    command: TrainCommand,
 ) -> katib.V1beta1Experiment:
-    """The Experiment; ``inputs.out`` is the prefix under which each trial writes its model
+    """The Experiment; ``out`` is the prefix under which each trial writes its model
     (``OUT/<trial name>``)."""
     space = check_katib(tune, train)
-    trial_inputs = objects.TrainInputs(
-        **{**inputs.__dict__, "out": f"{inputs.out.rstrip('/')}/${{trialParameters.{TRIAL_NAME}}}"}
-    )
+    trial_out = f"{out.rstrip('/')}/${{trialParameters.{TRIAL_NAME}}}"
     searched = {key: f"${{trialParameters.{key}}}" for key in space}
-    arguments = objects.train_arguments(trial_inputs, train, searched)
+    arguments = command(inputs, trial_out, train, searched)
     if tune.trial_template == "trainjob":
         trial = objects.train_job(
             "",
@@ -329,14 +336,17 @@ def launch_search(
     name: str,
     tune: TuneSettings,
     train: TrainSettings,
-    inputs: objects.TrainInputs,
+    inputs: TrainInputs,
+    out: str,
     image: str,
     cluster: ClusterSettings,
     api_client=None,
+    *,
+    command: TrainCommand,
 ) -> KatibResult:
     """Build the Experiment and run it in ``[tune].namespace`` (or the pod's)."""
     space = check_katib(tune, train)
     namespace = tune.namespace or kube.current_namespace()
-    experiment = build_experiment(name, tune, train, inputs, image, cluster)
+    experiment = build_experiment(name, tune, train, inputs, out, image, cluster, command=command)
     api_client = api_client or kube.connect()
     return run_experiment(api_client, experiment_dict(experiment), tune, space, namespace)

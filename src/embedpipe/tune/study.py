@@ -30,6 +30,7 @@ from embedpipe.config import ConfigError, SearchDimension, TrainSettings, TuneSe
 from embedpipe.core import datasets, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.models.registry import ModelEntry
+from embedpipe.train.inputs import TrainInputs
 from embedpipe.tune.space import check_search, grid_values, trial_settings
 
 log = logging.getLogger(__name__)
@@ -170,9 +171,9 @@ def trial_value(history: list[dict], metric: str, direction: str) -> float:
 
 
 class _Objective:
-    def __init__(self, out_uri, tune, train, space, train_inputs):
+    def __init__(self, out_uri, tune, train, space, entry: ModelEntry, inputs: TrainInputs):
         self.out_uri, self.tune, self.train, self.space = out_uri, tune, train, space
-        self.train_inputs = train_inputs
+        self.entry, self.inputs = entry, inputs
         self.run_now = 0
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -197,8 +198,10 @@ class _Objective:
         log.info("trial %d: %s", trial.number, params)
         try:
             config = trial_settings(self.train, params)
-            images, entry, inputs = self.train_inputs
-            train_model(images, out, config, entry, **inputs, on_validation=report)
+            inputs = self.inputs
+            train_model(
+                inputs.images, out, config, self.entry, **inputs.keywords(), on_validation=report
+            )
             history = storage.read_json(datasets.side_path(out, ckpt.METRICS_NAME))["history"]
             return trial_value(history, metric, self.tune.direction)
         except optuna.TrialPruned:
@@ -237,13 +240,8 @@ def tune_model(
     done = sum(len(counted[k]) for k in ("complete", "pruned", "failed"))
     if requeued or done:
         log.info("resuming the study in %s: %d trials done, %d to rerun", out_uri, done, requeued)
-    inputs = {
-        "splits_uri": splits_uri,
-        "negatives_uri": negatives_uri,
-        "embeddings_uri": embeddings_uri,
-        "captions_uri": captions_uri,
-    }
-    objective = _Objective(out_uri, tune, train, space, (images_uri, entry, inputs))
+    inputs = TrainInputs(images_uri, splits_uri, negatives_uri, embeddings_uri, captions_uri)
+    objective = _Objective(out_uri, tune, train, space, entry, inputs)
 
     def stop_when_too_many_fail(study: optuna.Study, _trial) -> None:
         if len(_counted(study)["failed"]) > tune.max_failed_trials:
