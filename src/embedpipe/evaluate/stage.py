@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from embedpipe.config.evaluate import TASKS, EvaluateSettings
 from embedpipe.core import datasets, storage
+from embedpipe.core.finite import check_embeddings
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import EVALUATION_KIND, IMAGES_KIND
 from embedpipe.evaluate import metrics as m
@@ -333,6 +334,7 @@ def evaluate_models(
             name += "'"
         run = ModelRun(name, encoder.source)
         vectors = m.as_tensor(encoder.images(truth.ids), device)
+        check_embeddings(vectors, name, str(encoder.source))
         for task in tasks:
             try:
                 getattr(evaluation, task)(encoder, vectors, run)

@@ -23,6 +23,7 @@ from embedpipe.train import losses
 from embedpipe.train.data import load_examples
 from embedpipe.train.distributed import World, is_main_process, setup, teardown
 from embedpipe.train.loop import Loop, history_curves, resumable
+from embedpipe.train.run_identity import check_training_output, input_identities
 from embedpipe.train.sampling import load_negatives
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,16 @@ def train_model(
     started = time.perf_counter()
     out_uri = storage.normalize(out_uri)
     check_inputs(config, entry, embeddings_uri, negatives_uri)
+    identities = input_identities(
+        dict(
+            images_uri=images_uri,
+            splits_uri=splits_uri,
+            negatives_uri=negatives_uri,
+            embeddings_uri=embeddings_uri,
+            captions_uri=captions_uri,
+        )
+    )
+    check_training_output(out_uri, config.model_dump(mode="json"), identities)
     examples = load_examples(images_uri, config, splits_uri, captions_uri)
     if losses.needs_labels(config.loss) and (examples.labels[examples.rows("train")] < 0).any():
         raise ConfigError(f"labels: some training images have no {config.labels} label")
@@ -119,7 +130,8 @@ def train_model(
         settings_json = config.model_dump(mode="json")
         loop = Loop(task, config, out_uri, world, device, mined, settings_json)
         loop.on_validation = on_validation
-        found = resumable(out_uri, settings_json, world.size)
+        loop.inputs = identities
+        found = resumable(out_uri, settings_json, world.size, identities)
         if found:
             loop.restore(*found)
             log.info("resuming %s from step %d", out_uri, loop.state.step)
