@@ -1,6 +1,8 @@
 """Training under hostile input: a diverged run, resumes with other inputs, an output
 folder that is not a training's, damaged checkpoints, numbers that would mean nothing."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,58 @@ def test_when_every_checkpoint_is_damaged_one_line_names_the_file(
     assert f"{out / 'checkpoints' / 'last-00000004' / 'training_state.pt'}: damaged" in error
     assert "(and the 1 earlier one(s) too); no earlier checkpoint to resume from" in error
     assert f"delete {out / 'checkpoints'} to start" in error
+
+
+def test_without_val_rows_validation_is_a_marked_skip_not_a_zero(
+    tune_inputs, inputs, frozen_entry, tmp_path
+):
+    import pyarrow as pa
+
+    from embedpipe.core import datasets
+
+    manifest = datasets.read_manifest(tune_inputs["splits"])
+    table = datasets.read_table(tune_inputs["splits"])
+    table = table.set_column(
+        table.column_names.index("split"), "split", pa.array(["train"] * table.num_rows)
+    )
+    no_val = str(tmp_path / "no-val")
+    datasets.write_table(no_val, table, manifest["kind"])
+    out = tmp_path / "model"
+    result = train_model(
+        tune_inputs["images"],
+        str(out),
+        head_train(steps=3, val_every=1),
+        frozen_entry,
+        **{**inputs, "splits_uri": no_val},
+    )
+    assert result.best_value is None and result.untrained_value is None
+    assert "best_value" not in result.metrics()
+    assert result.skipped == {
+        "validation": "the splits hold no val rows (held-out concepts) to validate on"
+    }
+    saved = json.loads((out / ".embedpipe" / "metrics.json").read_text())
+    assert saved["result"]["skipped"] == result.skipped
+    assert not any(k.startswith("val_") for r in saved["history"] for k in r)
+    from embedpipe.train.report import render_report
+
+    assert "Not measured" in render_report(saved) and "no val rows" in render_report(saved)
+
+
+def test_a_val_k_past_a_gallery_is_the_error_evaluate_gives(
+    tune_inputs, inputs, frozen_entry, tmp_path
+):
+    from embedpipe.config import ConfigError
+    from embedpipe.core.recall_rules import category_gallery_problem
+
+    config = head_train(steps=2, val_k=(1, 500))
+    with pytest.raises(
+        ConfigError,
+        match=r"^val_k 500 is larger than the gallery of category '\w+' \(\d+ images\)$",
+    ):
+        train_model(tune_inputs["images"], str(tmp_path / "m"), config, frozen_entry, **inputs)
+    assert not (tmp_path / "m").exists()
+    # the same rule, worded for evaluate's recall_k
+    categories = np.array(["a"] * 4 + ["b"] * 9, dtype=object)
+    assert category_gallery_problem((1, 5), categories[[0, 5]], categories) == (
+        "recall_k 5 is larger than the gallery of category 'a' (3 images)"
+    )
