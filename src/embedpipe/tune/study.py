@@ -207,8 +207,11 @@ class _Objective:
             config = trial_settings(self.train, params)
             images, entry, inputs = self.train_inputs
             train_model(images, out, config, entry, **inputs, on_validation=report)
-            history = storage.read_json(datasets.side_path(out, ckpt.METRICS_NAME))["history"]
-            return trial_value(history, metric, self.tune.direction)
+            summary = storage.read_json(datasets.side_path(out, ckpt.METRICS_NAME))
+            skipped = (summary.get("result") or {}).get("skipped", {}).get("validation")
+            if skipped:
+                raise RuntimeError(f"training measured no {metric}: validation skipped: {skipped}")
+            return trial_value(summary["history"], metric, self.tune.direction)
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
