@@ -10,6 +10,7 @@ from conftest import head_train
 from safetensors.torch import load_file
 
 from embedpipe.cli import main
+from embedpipe.config import EvaluateSettings
 from embedpipe.core.finite import NonFiniteError
 from embedpipe.train import checkpoint as ckpt
 from embedpipe.train.divergence import Diverged
@@ -247,3 +248,25 @@ def test_a_val_k_past_a_gallery_is_the_error_evaluate_gives(
     assert category_gallery_problem((1, 5), categories[[0, 5]], categories) == (
         "recall_k 5 is larger than the gallery of category 'a' (3 images)"
     )
+
+
+def test_a_truncated_head_checkpoint_is_one_line_naming_the_file(
+    tune_inputs, inputs, frozen_entry, tmp_path, capsys
+):
+    out = tmp_path / "head"
+    train_model(tune_inputs["images"], str(out), head_train(steps=2), frozen_entry, **inputs)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["publish", str(out), "--device", "cpu", "--out", str(tmp_path / "pub")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"{weights}: damaged weights file" in error
+    from embedpipe.evaluate.sources import ModelSource
+    from embedpipe.evaluate.stage import evaluate_models
+    from embedpipe.models.registry import ModelError
+
+    with pytest.raises(ModelError, match=f"{weights}: damaged weights file"):
+        evaluate_models(
+            [ModelSource(str(out))], tune_inputs["images"], str(tmp_path / "ev"),
+            EvaluateSettings(device="cpu"),
+        )  # fmt: skip
