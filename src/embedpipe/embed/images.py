@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from embedpipe.config import EmbedSettings
 from embedpipe.core import datasets, storage
+from embedpipe.core.finite import check_embeddings
 from embedpipe.core.images import (
     DEFAULT_LIMITS,
     ImageLimits,
@@ -533,6 +534,7 @@ def embed_images(
         for item, ids, vectors, failed in embedded_shards(
             work, inference, config, preprocess, progress
         ):
+            check_embeddings(vectors, entry.name, item.name)
             table = pa.table(
                 {
                     "image_id": ids,

@@ -30,6 +30,10 @@ class MissingGroundTruth(ValueError):
     """The data (or the model) lacks what an asked metric needs."""
 
 
+class CorruptImage(ValueError):
+    """An image of the evaluated set does not decode."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
     weights: str
@@ -155,7 +159,6 @@ class ModelEncoder:
         return self._torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def images(self, ids: list[str]) -> np.ndarray:
-        from embedpipe.embed.images import decode
 
         torch = self._torch
         if not self.images_uri:
@@ -190,7 +193,7 @@ class ModelEncoder:
                 row = wanted[image_id]
                 if found[row] or any(r == row for r, _ in pending):
                     continue
-                pending.append((row, self.transform(decode(data.as_py(), None))))
+                pending.append((row, self.transform(self._decode(image_id, data.as_py()))))
                 if len(pending) == self.config.batch_size:
                     flush()
         if pending:
@@ -203,6 +206,17 @@ class ModelEncoder:
             )
         assert out is not None
         return out
+
+    def _decode(self, image_id: str, data: bytes):
+        from embedpipe.embed.images import decode, decode_error
+
+        try:
+            return decode(data, None)
+        except Exception as error:  # PIL's errors: OSError, ValueError, DecompressionBomb
+            raise CorruptImage(
+                f"{self.images_uri}: image {image_id} cannot be decoded ({decode_error(error)}); "
+                "evaluate a selection without it (dedup or select), or ingest it again"
+            ) from None
 
     def texts(self, texts: list[str]) -> np.ndarray:
         torch = self._torch

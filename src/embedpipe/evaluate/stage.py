@@ -24,10 +24,17 @@ import pyarrow.compute as pc
 
 from embedpipe.config.evaluate import TASKS, EvaluateSettings
 from embedpipe.core import datasets, storage
+from embedpipe.core.finite import check_embeddings
+from embedpipe.core.recall_rules import category_gallery_problem, k_too_large, too_few_classes
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import EVALUATION_KIND, IMAGES_KIND
 from embedpipe.evaluate import metrics as m
 from embedpipe.evaluate import plots, probes
+from embedpipe.evaluate.preflight import (
+    check_given_settings,
+    check_sources,
+    given_settings,
+)
 from embedpipe.evaluate.sources import (
     EmbeddingsSource,
     MissingGroundTruth,
@@ -77,9 +84,14 @@ class ModelRun:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+class KTooLarge(MissingGroundTruth):
+    """recall@K over a gallery of at most K images (1 for any model)."""
+
+
 def _check_k(ks: tuple[int, ...], size: int, what: str) -> None:
-    if max(ks) > size:
-        raise MissingGroundTruth(f"recall_k {max(ks)} is larger than {what} ({size})")
+    problem = k_too_large(ks, size, what)
+    if problem:
+        raise KTooLarge(problem)
 
 
 class Evaluation:
@@ -94,6 +106,9 @@ class Evaluation:
         if not encoder.has_text:
             raise MissingGroundTruth(f"zero-shot classification: {encoder.why_no_text()}")
         labels = truth.labels()
+        single = too_few_classes(len(labels.class_names), "zero-shot classification")
+        if single:
+            raise MissingGroundTruth(single)
         rows = truth.in_split(config.eval_split) & (labels.targets >= 0)
         if not rows.any():
             raise MissingGroundTruth(
@@ -158,13 +173,9 @@ class Evaluation:
                 f"image->image retrieval: no query images (split '{config.query_split}')"
             )
         categories = truth.strings("category")
-        for category in np.unique(categories[queries]):
-            gallery = int((categories == category).sum()) - 1
-            if max(config.recall_k) > gallery:
-                raise MissingGroundTruth(
-                    f"recall_k {max(config.recall_k)} is larger than the gallery of category "
-                    f"'{category}' ({gallery} images)"
-                )
+        problem = category_gallery_problem(config.recall_k, categories[queries], categories)
+        if problem:
+            raise KTooLarge(problem)
         concepts = np.unique(truth.strings("concept"), return_inverse=True)[1]
         result = m.category_retrieval(vectors, categories, concepts, queries)
         if not (result["first_hit"] >= 0).any():
@@ -309,13 +320,24 @@ def evaluate_models(
     table, kind = read_metadata(metadata_uri)
     if select_uri:
         selected = datasets.read_table(select_uri, columns=["image_id"]).column("image_id")
+        before = table.num_rows
         table = table.filter(pc.is_in(table.column("image_id"), selected))
+        if not table.num_rows:
+            raise MissingGroundTruth(
+                f"--select {select_uri}: keeps none of the {before} images of {metadata_uri}; "
+                "nothing to evaluate"
+            )
+    if not table.num_rows:
+        raise MissingGroundTruth(f"{metadata_uri}: holds no images; nothing to evaluate")
     if not images_uri and kind == IMAGES_KIND:
         images_uri = metadata_uri
     truth = Truth(table, config)
+    check_given_settings(truth, config)
+    check_sources(sources, config, models)
     device = resolve_device(config.device)
     evaluation = Evaluation(truth, config, device)
     tasks, explicit = _resolve_tasks(config)
+    k_given = "recall_k" in given_settings(config)
     runs: list[ModelRun] = []
     vectors_of: dict[str, np.ndarray] = {}
     precomputed = [source for source in sources if isinstance(source, EmbeddingsSource)]
@@ -333,11 +355,12 @@ def evaluate_models(
             name += "'"
         run = ModelRun(name, encoder.source)
         vectors = m.as_tensor(encoder.images(truth.ids), device)
+        check_embeddings(vectors, name, str(encoder.source))
         for task in tasks:
             try:
                 getattr(evaluation, task)(encoder, vectors, run)
             except MissingGroundTruth as reason:
-                if explicit:
+                if explicit or (k_given and isinstance(reason, KTooLarge)):
                     raise
                 run.skipped[task] = str(reason)
         log.info("evaluated %s: %s", name, run.metrics)

@@ -35,6 +35,7 @@ from torch import nn
 from embedpipe.core import storage
 from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME
 from embedpipe.models.registry import ModelEntry, ModelError
+from embedpipe.models.weights_files import damaged_weights_named
 
 HEAD_KIND = "head"
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -160,5 +161,6 @@ def load_head_checkpoint(directory: str) -> tuple[ProjectionHead, ModelEntry, di
         head = ProjectionHead(**config["head"])
     except (KeyError, TypeError, ValueError) as error:
         raise ModelError(f"{config_path}: invalid head checkpoint config: {error}") from None
-    head.load_state_dict(load_file(str(weights_path)), strict=True)
+    with damaged_weights_named(str(weights_path)):
+        head.load_state_dict(load_file(str(weights_path)), strict=True)
     return head.eval(), entry, config

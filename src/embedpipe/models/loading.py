@@ -40,6 +40,7 @@ from embedpipe.models.backends.base import (
 from embedpipe.models.backends.open_clip import register_open_clip_config
 from embedpipe.models.heads import HEAD_KIND
 from embedpipe.models.registry import ModelEntry, ModelError
+from embedpipe.models.weights_files import damaged_weights_named
 
 __all__ = [
     "CACHE_DIR",
@@ -260,7 +261,15 @@ def load_model(
     seed: int = 0,
 ) -> LoadedModel:
     """The model with its weights. A checkpoint directory is loaded strictly against the
-    config it carries; a head checkpoint loads its backbone, then the head."""
+    config it carries; a head checkpoint loads its backbone, then the head. A damaged
+    weights file is a ModelError naming it."""
+    with damaged_weights_named(weights or entry.pretrained):
+        return _load_model(entry, weights, device, tokenizer_dir, seed)
+
+
+def _load_model(
+    entry: ModelEntry, weights: str, device: str, tokenizer_dir: str, seed: int
+) -> LoadedModel:
     source = weights or entry.pretrained
     if source.startswith(LOCAL_DIR):
         local = _published_source(source)

@@ -9,12 +9,15 @@ A run's output folder::
 
     OUT/config.json, OUT/model.safetensors     the trained model (best, else last)
     OUT/checkpoints/last-00000100/             the latest resumable checkpoint
+    OUT/checkpoints/last-00000050/             the one before it (a fallback)
     OUT/checkpoints/best-00000080/             the best by the named metric
     OUT/.embedpipe/metrics.json                result, history, bandit pulls
 
 Files go to a staging folder first and are published with ``config.json`` last: a
 folder without it is incomplete and ignored. Older checkpoints are deleted only after
-a newer one is complete, so a kill at any moment leaves one to resume from.
+a newer one is complete, so a kill at any moment leaves one to resume from; the last
+resumable checkpoint before the latest is kept too, to resume from should the latest be
+damaged (``resume_damaged``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from embedpipe.core import datasets, storage
+from embedpipe.core.finite import NonFiniteError, first_nonfinite_tensor
 from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME
 from embedpipe.train.report import METRICS_NAME
 
@@ -56,6 +60,12 @@ def write_checkpoint(
     training_state: dict[str, Any] | None = None,
     history: list[dict] | None = None,
 ) -> None:
+    resumable_weights = (training_state or {}).get("training_weights", {})
+    broken = first_nonfinite_tensor(weights) or first_nonfinite_tensor(resumable_weights)
+    if broken is not None:
+        raise NonFiniteError(
+            f"{target_uri}: not written: weight {broken} holds NaN or infinity (training diverged)"
+        )
     with tempfile.TemporaryDirectory(prefix="embedpipe-ckpt-") as folder:
         staging = Path(folder)
         state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
@@ -85,23 +95,49 @@ def complete_checkpoints(out_uri: str, kind: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def remove_older(out_uri: str, kind: str, keep_step: int) -> None:
+def remove_older(out_uri: str, kind: str, keep_step: int, keep_previous: bool = False) -> None:
+    """Delete the checkpoints of ``kind`` but the one of ``keep_step`` (and with
+    ``keep_previous`` the newest complete one before it: a fallback should that be damaged)."""
+    keep = {keep_step}
+    if keep_previous:
+        earlier = [step for step, _ in complete_checkpoints(out_uri, kind) if step < keep_step]
+        keep |= set(earlier[-1:])
     root = storage.join(out_uri, CHECKPOINTS_DIR)
     for entry in storage.list_files(root) if storage.exists(root) else []:
         folder = entry.uri[len(root) :].strip("/").split("/")[0]
         match = _STEP_DIR.match(folder)
-        if match and match.group(1) == kind and int(match.group(2)) != keep_step:
+        if match and match.group(1) == kind and int(match.group(2)) not in keep:
             storage.delete(entry.uri)
     if not storage.is_s3(root):
         for name in os.listdir(root):
             match = _STEP_DIR.match(name)
             folder = os.path.join(root, name)
-            if match and match.group(1) == kind and int(match.group(2)) != keep_step:
+            if match and match.group(1) == kind and int(match.group(2)) not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's file is empty, truncated or not what a training writes."""
+
+
+# keys every training state holds; a file without them is not a resumable checkpoint
+_STATE_KEYS = ("optimizer", "scheduler", "step", "epoch", "position", "training_weights")
+
+
+def _damaged(uri: str, name: str, error: BaseException | str) -> DamagedCheckpoint:
+    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    first_line = next((line for line in str(reason).splitlines() if line.strip()), "empty")
+    return DamagedCheckpoint(f"{storage.join(uri, name)}: damaged ({first_line[:200]})")
+
+
 def read_config(uri: str) -> dict[str, Any]:
-    return storage.read_json(storage.join(uri, CONFIG_NAME))
+    try:
+        config = json.loads(storage.read_bytes(storage.join(uri, CONFIG_NAME)))
+    except ValueError as error:
+        raise _damaged(uri, CONFIG_NAME, error) from None
+    if not isinstance(config, dict):
+        raise _damaged(uri, CONFIG_NAME, "not a JSON object")
+    return config
 
 
 def read_weights(uri: str) -> dict[str, torch.Tensor]:
@@ -113,12 +149,29 @@ def read_weights(uri: str) -> dict[str, torch.Tensor]:
 
 
 def read_training_state(uri: str) -> dict[str, Any]:
-    data = storage.read_bytes(storage.join(uri, STATE_NAME))
-    return torch.load(io.BytesIO(data), weights_only=True)
+    try:
+        data = storage.read_bytes(storage.join(uri, STATE_NAME))
+        state = torch.load(io.BytesIO(data), weights_only=True)
+    except FileNotFoundError:
+        raise _damaged(uri, STATE_NAME, "missing") from None
+    except Exception as error:  # EOFError, UnpicklingError, RuntimeError, UnicodeDecodeError
+        raise _damaged(uri, STATE_NAME, error) from None
+    missing = [key for key in _STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise _damaged(uri, STATE_NAME, f"no {missing[0]!r}: not a training state")
+    return state
 
 
 def read_history(uri: str) -> list[dict]:
-    return json.loads(storage.read_bytes(storage.join(uri, HISTORY_NAME)))
+    try:
+        history = json.loads(storage.read_bytes(storage.join(uri, HISTORY_NAME)))
+    except FileNotFoundError:
+        raise _damaged(uri, HISTORY_NAME, "missing") from None
+    except ValueError as error:
+        raise _damaged(uri, HISTORY_NAME, error) from None
+    if not (isinstance(history, list) and all(isinstance(r, dict) for r in history)):
+        raise _damaged(uri, HISTORY_NAME, "not a list of records")
+    return history
 
 
 def copy_model(source_uri: str, target_uri: str) -> None:

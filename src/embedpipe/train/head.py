@@ -16,6 +16,7 @@ from torch import nn
 
 from embedpipe.config import ConfigError, TrainSettings
 from embedpipe.core import datasets
+from embedpipe.core.finite import check_embeddings
 from embedpipe.core.schemas import EMBEDDINGS_KIND
 from embedpipe.core.seeding import derived_seed
 from embedpipe.models.heads import HEAD_KIND, ProjectionHead
@@ -128,6 +129,7 @@ def load_embeddings(embeddings_uri: str, examples: Examples) -> tuple[np.ndarray
     dim = table.schema.field("embedding").type.list_size
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy()
     vectors = vectors.reshape(-1, dim).astype(np.float32)
+    check_embeddings(vectors, manifest.get("model", "(unnamed)"), embeddings_uri)
     matrix = np.zeros((len(examples.image_ids), dim), dtype=np.float32)
     present = np.zeros(len(examples.image_ids), dtype=bool)
     for position, image_id in enumerate(table.column("image_id").to_pylist()):

@@ -26,6 +26,9 @@ from tqdm import tqdm
 from embedpipe.config import TrainSettings
 from embedpipe.train import checkpoint as ckpt
 from embedpipe.train.distributed import World
+from embedpipe.train.divergence import stop_if_diverged
+from embedpipe.train.resume_damaged import latest_readable
+from embedpipe.train.run_identity import check_same_inputs, settings_difference
 from embedpipe.train.sampling import MinedNegatives, batches_per_epoch, epoch_batches
 
 log = logging.getLogger(__name__)
@@ -106,21 +109,22 @@ class LoopState:
 
 
 def resumable(
-    out_uri: str, settings: dict[str, Any], world_size: int
+    out_uri: str,
+    settings: dict[str, Any],
+    world_size: int,
+    inputs: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[str, dict[str, Any]] | None:
     """The latest complete checkpoint in ``out_uri`` and its training state, or None.
-    A checkpoint of a run with other settings is an error, not silently overwritten."""
+    A checkpoint of a run with other settings or ``inputs`` (their identities) is an
+    error, not silently overwritten."""
     found = ckpt.complete_checkpoints(out_uri, "last")
     if not found:
         return None
-    _, uri = found[-1]
-    saved = ckpt.read_config(uri).get("train", {})
-    differ = sorted(
-        key
-        for key in set(saved) | set(settings)
-        if key not in RUNTIME_ONLY and saved.get(key) != settings.get(key)
-    )
-    state = ckpt.read_training_state(uri)
+    uri, saved_config, state = latest_readable(found)
+    saved = saved_config.get("train", {})
+    differ = settings_difference(saved, settings)
+    if inputs is not None and not differ:
+        check_same_inputs(out_uri, saved_config.get("inputs"), inputs)
     if differ or int(state.get("world_size", 1)) != world_size:
         what = ", ".join(differ) or "nproc_per_node (the global batch)"
         raise ResumeMismatch(
@@ -134,6 +138,8 @@ class Loop:
     # Called as on_validation(step, metrics) after each validation on rank 0 (the tune
     # stage's pruner listens here); an exception it raises ends the run.
     on_validation: Callable[[int, dict[str, float]], None] | None = None
+    # The identities of the inputs (run_identity), recorded in every checkpoint.
+    inputs: dict[str, dict[str, Any]] | None = None
 
     def __init__(
         self,
@@ -183,7 +189,13 @@ class Loop:
 
     # --- checkpoints -------------------------------------------------------------------
     def _config(self, extra: dict | None = None) -> dict[str, Any]:
-        return {**self.task.checkpoint_config(), "train": self.settings_json, **(extra or {})}
+        inputs = {"inputs": self.inputs} if self.inputs is not None else {}
+        return {
+            **self.task.checkpoint_config(),
+            "train": self.settings_json,
+            **inputs,
+            **(extra or {}),
+        }
 
     def _training_weights(self) -> dict[str, torch.Tensor]:
         getter = getattr(self.task, "training_weights", self.task.weights)
@@ -220,7 +232,7 @@ class Loop:
             self._training_state(),
             self.state.history,
         )
-        ckpt.remove_older(self.out_uri, "last", self.state.step)
+        ckpt.remove_older(self.out_uri, "last", self.state.step, keep_previous=True)
 
     def save_best(self, metrics: dict[str, float]) -> None:
         if not self.world.is_main:
@@ -337,6 +349,8 @@ class Loop:
                 window_samples += len(micro["rows"]) * size
                 if not last_micro:
                     continue
+                loss_value = float(self._reduce_mean(torch.tensor(running)))
+                stop_if_diverged(self.task.module, loss_value, s.step + 1, self.out_uri)
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.task.module.parameters(), config.grad_clip)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -344,7 +358,6 @@ class Loop:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 extra = getattr(self.task, "after_step", lambda _: {})(self._reduce_mean)
-                loss_value = float(self._reduce_mean(torch.tensor(running)))
                 running = 0.0
                 s.step += 1
                 progress.update(1)

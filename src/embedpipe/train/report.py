@@ -72,7 +72,11 @@ def render_report(metrics: dict[str, Any]) -> str:
     rows = "".join(
         f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>"
         for key, value in result.items()
-        if key != "out_uri"
+        if key not in ("out_uri", "skipped")
+    )
+    skipped = "".join(
+        f"<li>{html.escape(str(what))}: {html.escape(str(why))}</li>"
+        for what, why in (result.get("skipped") or {}).items()
     )
     untrained = "".join(
         f"<tr><th>{html.escape(key)}</th><td>{value:.4f}</td></tr>"
@@ -101,7 +105,9 @@ def render_report(metrics: dict[str, Any]) -> str:
         "<style>body{font-family:sans-serif;margin:1.5em}td,th{padding:2px 8px;"
         "text-align:left}img{margin:4px}</style></head><body>"
         f"<h1>Training: {html.escape(str(metrics.get('model', '')))}</h1>"
-        f"<table>{rows}</table><h2>Before training</h2><table>{untrained}</table>"
+        f"<table>{rows}</table>"
+        + (f"<h2>Not measured</h2><ul>{skipped}</ul>" if skipped else "")
+        + f"<h2>Before training</h2><table>{untrained}</table>"
         f"<h2>Curves</h2>{figures}{bandit_table}</body></html>"
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,7 +24,9 @@ from embedpipe.train.data import load_examples
 from embedpipe.train.distributed import World, is_main_process, setup, teardown
 from embedpipe.train.inputs import TrainInputs
 from embedpipe.train.loop import Loop, history_curves, resumable
+from embedpipe.train.run_identity import check_training_output, input_identities
 from embedpipe.train.sampling import load_negatives
+from embedpipe.train.validation import skip_meaningless_validation
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,14 @@ class TrainResult(StageMetrics):
     steps: int
     resumed_from_step: int
     best_metric: str
-    best_value: float
+    best_value: float | None  # None: no validation ran (see skipped)
     best_step: int
-    untrained_value: float
+    untrained_value: float | None
     final_loss: float
     samples_per_s: float
     mfu: float
     seconds: float
+    skipped: dict[str, str] = field(default_factory=dict)  # what was not measured, and why
 
 
 def loss_options(config: TrainSettings, world: World) -> dict:
@@ -98,6 +101,16 @@ def train_model(
     started = time.perf_counter()
     out_uri = storage.normalize(out_uri)
     check_inputs(config, entry, embeddings_uri, negatives_uri)
+    identities = input_identities(
+        dict(
+            images_uri=images_uri,
+            splits_uri=splits_uri,
+            negatives_uri=negatives_uri,
+            embeddings_uri=embeddings_uri,
+            captions_uri=captions_uri,
+        )
+    )
+    check_training_output(out_uri, config.model_dump(mode="json"), identities)
     examples = load_examples(images_uri, config, splits_uri, captions_uri)
     if losses.needs_labels(config.loss) and (examples.labels[examples.rows("train")] < 0).any():
         raise ConfigError(f"labels: some training images have no {config.labels} label")
@@ -114,21 +127,23 @@ def train_model(
             from embedpipe.train.finetune import FinetuneTask
 
             task = FinetuneTask(entry, config, examples, images_uri, device, options)
+        skipped = skip_meaningless_validation(task, config)
         settings_json = config.model_dump(mode="json")
         loop = Loop(task, config, out_uri, world, device, mined, settings_json)
         loop.on_validation = on_validation
-        found = resumable(out_uri, settings_json, world.size)
+        loop.inputs = identities
+        found = resumable(out_uri, settings_json, world.size, identities)
         if found:
             loop.restore(*found)
             log.info("resuming %s from step %d", out_uri, loop.state.step)
         loop.run()
-        result = _finish(loop, task, config, out_uri, entry, started)
+        result = _finish(loop, task, config, out_uri, entry, started, skipped)
     finally:
         teardown()
     return result
 
 
-def _finish(loop: Loop, task, config, out_uri, entry, started) -> TrainResult:
+def _finish(loop: Loop, task, config, out_uri, entry, started, skipped=None) -> TrainResult:
     state = loop.state
     last = [r for r in state.history if "loss" in r]
     speeds = [r["samples_per_s"] for r in last if "samples_per_s" in r]
@@ -140,13 +155,18 @@ def _finish(loop: Loop, task, config, out_uri, entry, started) -> TrainResult:
         steps=state.step,
         resumed_from_step=state.resumed_from,
         best_metric=config.best_metric,
-        best_value=float(state.best) if state.best is not None else 0.0,
+        best_value=float(state.best) if state.best is not None else None,
         best_step=state.best_step,
-        untrained_value=float(state.initial.get(config.best_metric, 0.0)),
+        untrained_value=(
+            float(state.initial[config.best_metric])
+            if config.best_metric in state.initial
+            else None
+        ),
         final_loss=float(last[-1]["loss"]) if last else 0.0,
         samples_per_s=round(sum(speeds) / len(speeds), 3) if speeds else 0.0,
         mfu=round(sum(mfus) / len(mfus), 4) if mfus else 0.0,
         seconds=round(time.perf_counter() - started, 3),
+        skipped=dict(skipped or {}),
     )
     if not loop.world.is_main:
         return result

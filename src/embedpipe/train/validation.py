@@ -9,10 +9,17 @@ caption's concept.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import numpy as np
 import torch
 
+from embedpipe.config import ConfigError, TrainSettings
+from embedpipe.core.recall_rules import category_gallery_problem
 from embedpipe.train.data import Examples
+
+log = logging.getLogger(__name__)
 
 
 def validation_rows(examples: Examples) -> tuple[np.ndarray, np.ndarray]:
@@ -28,6 +35,24 @@ def validation_rows(examples: Examples) -> tuple[np.ndarray, np.ndarray]:
         dtype=np.int64,
     )
     return queries, candidates
+
+
+def validation_problem(
+    examples: Examples, queries: np.ndarray, candidates: np.ndarray, ks: tuple[int, ...]
+) -> str:
+    """Why held-out recall would mean nothing here ("" when it would not): no val rows, no
+    val image with another image of its concept to find, or a K past a category's gallery
+    (the rule evaluate applies, ``recall_rules``)."""
+    if not len(queries):
+        return "the splits hold no val rows (held-out concepts) to validate on"
+    keys = examples.concept_keys()
+    by_concept: dict[tuple[str, str], int] = {}
+    for row in candidates.tolist():
+        by_concept[keys[row]] = by_concept.get(keys[row], 0) + 1
+    if not any(by_concept.get(keys[row], 0) > 1 for row in queries.tolist()):
+        return "no val image has another image of its concept among the candidates"
+    categories = np.asarray(examples.categories, dtype=object)
+    return category_gallery_problem(ks, categories[queries], categories[candidates], "val_k")
 
 
 def _hits(scores: torch.Tensor, same: torch.Tensor, ks: tuple[int, ...]) -> dict[int, torch.Tensor]:
@@ -99,3 +124,17 @@ def _concept_ids(examples: Examples, rows: list[int]) -> np.ndarray:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def skip_meaningless_validation(task: Any, config: TrainSettings) -> dict[str, str]:
+    """Turn validation off where its figures would mean nothing, saying why (returned as
+    ``{"validation": reason}`` for the result and the report); a ``val_k`` the user set
+    past a gallery is an error instead, as ``recall_k`` is in evaluate."""
+    problem = validation_problem(task.examples, task.queries, task.candidates, config.val_k)
+    if not problem:
+        return {}
+    if problem.startswith("val_k") and config.val_k != TrainSettings.model_fields["val_k"].default:
+        raise ConfigError(problem)
+    log.warning("validation skipped: %s", problem)
+    task.queries = task.queries[:0]
+    return {"validation": problem}

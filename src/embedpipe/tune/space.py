@@ -67,6 +67,11 @@ def _check_dimension(
         _train_value(base, key, int(bound) if dimension.type == "int" else bound)
     if algorithm == "grid" and dimension.type == "float" and dimension.step is None:
         raise ValueError("grid search needs a step for a float range (or use choices)")
+    if dimension.step is not None and dimension.step > dimension.high - dimension.low:
+        raise ValueError(
+            f"step {dimension.step:g} is larger than the range {dimension.low:g}..."
+            f"{dimension.high:g}: every trial would get the same value (use a smaller step)"
+        )
     return dimension
 
 

@@ -61,14 +61,19 @@ def best_path(out_uri: str) -> str:
     return os.path.join(out_uri, "best.json")
 
 
-def _sampler(tune: TuneSettings, space: dict[str, SearchDimension]) -> optuna.samplers.BaseSampler:
+def _sampler(
+    tune: TuneSettings, space: dict[str, SearchDimension], trials_before: int = 0
+) -> optuna.samplers.BaseSampler:
+    """The seeded sampler; a resumed study (``trials_before`` trials already stored) seeds
+    it with ``seed + trials_before``, so it does not draw the first run's values again."""
+    seed = tune.seed + trials_before
     if tune.algorithm == "random":
-        return optuna.samplers.RandomSampler(seed=tune.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if tune.algorithm == "grid":
         grid = {key: grid_values(dimension) for key, dimension in space.items()}
-        return optuna.samplers.GridSampler(grid, seed=tune.seed)
+        return optuna.samplers.GridSampler(grid, seed=seed)
     # multivariate: what Katib's Optuna suggestion runs as "multivariate-tpe"
-    return optuna.samplers.TPESampler(seed=tune.seed, multivariate=True)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
 
 
 def _suggest(trial: optuna.Trial, key: str, dimension: SearchDimension) -> Any:
@@ -118,6 +123,9 @@ def _open_study(out_uri: str, tune: TuneSettings, train: TrainSettings, space: d
         pruner=pruner,
         load_if_exists=True,
     )
+    trials_before = len(study.get_trials(deepcopy=False))
+    if trials_before:
+        study.sampler = _sampler(tune, space, trials_before)
     identity = _search_identity(tune, train, space)
     stored = study.user_attrs.get("search")
     if stored is None:
@@ -202,8 +210,11 @@ class _Objective:
             train_model(
                 inputs.images, out, config, self.entry, **inputs.keywords(), on_validation=report
             )
-            history = storage.read_json(datasets.side_path(out, ckpt.METRICS_NAME))["history"]
-            return trial_value(history, metric, self.tune.direction)
+            summary = storage.read_json(datasets.side_path(out, ckpt.METRICS_NAME))
+            skipped = (summary.get("result") or {}).get("skipped", {}).get("validation")
+            if skipped:
+                raise RuntimeError(f"training measured no {metric}: validation skipped: {skipped}")
+            return trial_value(summary["history"], metric, self.tune.direction)
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
@@ -214,6 +225,9 @@ class _Objective:
             raise
 
 
+@datasets.writes_output(
+    inputs=("images_uri", "splits_uri", "negatives_uri", "embeddings_uri", "captions_uri")
+)
 def tune_model(
     images_uri: str,
     out_uri: str,
@@ -225,7 +239,9 @@ def tune_model(
     embeddings_uri: str | None = None,
     captions_uri: str | None = None,
 ) -> TuneResult:
-    """Run (or resume) the study in ``out_uri`` (a local folder) and write its outputs."""
+    """Run (or resume) the study in ``out_uri`` (a local folder) and write its outputs.
+    The study holds the output's lock, so a second tune of the same folder stops at once
+    instead of failing the first one's live trial."""
     started = time.perf_counter()
     if storage.is_s3(out_uri):
         raise ConfigError(
