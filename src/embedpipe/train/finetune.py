@@ -24,6 +24,7 @@ from embedpipe.train.data import (
     positive_for,
     rows_by_concept,
 )
+from embedpipe.train.nested import nested_loss
 from embedpipe.train.validation import image_recall, text_recall, validation_rows
 
 
@@ -184,7 +185,9 @@ class FinetuneTask:
         wanted |= set(examples.image_ids[r] for r in self.candidates.tolist())
         self.store = ImageStore(images_uri, wanted)
         self.tokenizer = self.model.tokenizer() if config.image_text else None
-        self.loss = losses.get_loss(config.loss, **loss_options)
+        self.loss = nested_loss(
+            losses.get_loss(config.loss, **loss_options), config.nested_dims, entry.embed_dim
+        )
         self.dataset = PairsDataset(self.store, examples.image_ids, self.model.transform)
 
     def param_groups(self) -> list[dict]:
@@ -225,7 +228,13 @@ class FinetuneTask:
             }
 
     def loss_of(self, forward: nn.Module, batch: dict) -> torch.Tensor:
-        image, other, scale, bias = forward(batch["pixels"], batch["second"])
+        return self.loss_from(self.features_of(forward, batch), batch)
+
+    def features_of(self, forward: nn.Module, batch: dict) -> tuple:
+        return forward(batch["pixels"], batch["second"])
+
+    def loss_from(self, features: tuple, batch: dict) -> torch.Tensor:
+        image, other, scale, bias = features
         labels = torch.from_numpy(self.examples.labels[batch["rows"].numpy()]).to(self.device)
         return self.loss(image.float(), other.float(), scale.float(), bias, labels=labels)
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from embedpipe.config import TrainSettings
 from embedpipe.train import checkpoint as ckpt
 from embedpipe.train.distributed import World
+from embedpipe.train.gradcache import cached_backward
 from embedpipe.train.sampling import MinedNegatives, batches_per_epoch, epoch_batches
 
 log = logging.getLogger(__name__)
@@ -328,9 +329,20 @@ class Loop:
                     if size > 1 and not last_micro and hasattr(self.forward, "no_sync")
                     else contextlib.nullcontext()
                 )
-                with sync, self.autocast():
-                    loss = self.task.loss_of(self.forward, micro)
-                (loss / config.accumulation).backward()
+                if config.micro_batch:
+                    loss = cached_backward(
+                        self.task,
+                        self.forward,
+                        micro,
+                        config.micro_batch,
+                        self.autocast,
+                        synchronise=last_micro,
+                        divide=config.accumulation,
+                    )
+                else:
+                    with sync, self.autocast():
+                        loss = self.task.loss_of(self.forward, micro)
+                    (loss / config.accumulation).backward()
                 running += float(loss.detach()) / config.accumulation
                 micro_done += 1
                 s.position += 1
