@@ -93,10 +93,15 @@ def test_a_nested_head_records_its_prefixes_and_refuses_too_large_ones(
 ):
     inputs = dict(splits_uri=demo_splits, embeddings_uri=demo_embeddings)
     out = tmp_path / "nested"
-    config = head_train(steps=2, nested_dims=(4, 8), val_every=0)
+    config = head_train(steps=2, nested_dims=(4, 8), val_every=2)
     train_model(demo_images, str(out), config, backbone_entry, **inputs)
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["nested_dims"] == [4, 8]
+    history = json.loads((out / ".embedpipe" / "metrics.json").read_text())["history"]
+    last = history[-1]
+    for name in ("val_recall_at_1_dim4", "val_recall_at_5_dim8", "val_recall_at_1"):
+        assert 0 <= last[name] <= 1, name
+    assert "val_recall_at_1_dim16" not in last  # the full dimension is val_recall_at_1
     with pytest.raises(
         ConfigError, match="nested_dims: 32 is larger than the embedding dimension 16"
     ):

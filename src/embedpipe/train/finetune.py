@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from embedpipe.train.data import (
     positive_for,
     rows_by_concept,
 )
-from embedpipe.train.nested import nested_loss
+from embedpipe.train.nested import nested_loss, prefix_recalls
 from embedpipe.train.validation import image_recall, text_recall, validation_rows
 
 
@@ -261,9 +262,10 @@ class FinetuneTask:
             for _, pixels, _ in loader:
                 chunks.append(encode_rows(clip, pixels.to(self.device)).cpu())
         images = torch.cat(chunks)
-        metrics = image_recall(
-            self.examples, self.queries, self.candidates, images, self.config.val_k
+        recall = partial(
+            image_recall, self.examples, self.queries, self.candidates, ks=self.config.val_k
         )
+        metrics = recall(images) | prefix_recalls(recall, images, self.config.nested_dims)
         if self.config.image_text:
             captions: dict[str, int] = {}
             for row in self.queries.tolist():

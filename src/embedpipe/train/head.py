@@ -8,6 +8,7 @@ backbone and then the head (see ``embedpipe.models.loading``).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from embedpipe.models.registry import ModelEntry
 from embedpipe.train import losses
 from embedpipe.train.data import Examples, positive_for, rows_by_concept
 from embedpipe.train.finetune import init_scale, param_groups
-from embedpipe.train.nested import nested_loss
+from embedpipe.train.nested import nested_loss, prefix_recalls
 from embedpipe.train.sampling import BandBandit, MinedNegatives, triplet_negatives
 from embedpipe.train.validation import image_recall, validation_rows
 
@@ -276,9 +277,10 @@ class HeadTask:
             return {}
         vectors = self.matrix[self.candidates].to(self.device)
         projected = F.normalize(self.module.project(vectors).float(), dim=-1).cpu()
-        return image_recall(
-            self.examples, self.queries, self.candidates, projected, self.config.val_k
+        recall = partial(
+            image_recall, self.examples, self.queries, self.candidates, ks=self.config.val_k
         )
+        return recall(projected) | prefix_recalls(recall, projected, self.config.nested_dims)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.module.folded_head()

@@ -52,7 +52,7 @@ RUNTIME_ONLY = frozenset(
 PEAK_FLOPS = {"B200": 2.25e15, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
-HEADLINE = re.compile(r"^val_(text_)?recall_at_\d+$")
+HEADLINE = re.compile(r"^val_(text_)?recall_at_\d+(_dim\d+)?$")
 
 
 class ResumeMismatch(ValueError):

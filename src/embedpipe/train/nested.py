@@ -9,6 +9,9 @@ features do, so gathering across ranks and gradient caching work unchanged.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,3 +75,19 @@ def nested_loss(loss: nn.Module, dims: tuple[int, ...], full: int) -> nn.Module:
             f"nested_dims: {too_large[0]} is larger than the embedding dimension {full}"
         )
     return NestedLoss(loss, dims)
+
+
+OVERALL_RECALL = re.compile(r"^val_(text_)?recall_at_\d+$")
+
+
+def prefix_recalls(
+    recall: Callable[[torch.Tensor], dict[str, float]], vectors: torch.Tensor, dims
+) -> dict[str, float]:
+    """The overall validation recall of each prefix shorter than ``vectors``, under
+    Katib-safe names: ``val_recall_at_1_dim32``."""
+    metrics: dict[str, float] = {}
+    for dim in dims:
+        if dim < vectors.shape[1]:
+            found = recall(prefix(vectors, dim))
+            metrics |= {f"{k}_dim{dim}": v for k, v in found.items() if OVERALL_RECALL.match(k)}
+    return metrics
