@@ -32,21 +32,27 @@ class CachedTask(Protocol):
 
 
 class RandomState:
-    """The CPU and CUDA random states at one moment, to run code under them again later
-    without disturbing the current ones (GradCache's ``RandContext``)."""
+    """The CPU random state and that of the batch's GPU at one moment, to run code under
+    them again later without disturbing the current ones (GradCache's ``RandContext``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device if device.type == "cuda" else None
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        self.cuda = torch.cuda.get_rng_state(self.device) if self.device else None
 
     @contextlib.contextmanager
     def replayed(self) -> Iterator[None]:
-        devices = list(range(len(self.cuda)))
+        devices = [self.device] if self.device else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(self.cpu)
-            if self.cuda:
-                torch.cuda.set_rng_state_all(self.cuda)
+            if self.device:
+                torch.cuda.set_rng_state(self.cuda, self.device)
             yield
+
+
+def _device_of(batch: dict) -> torch.device:
+    tensors = (v for v in batch.values() if isinstance(v, torch.Tensor))
+    return next((t.device for t in tensors if t.device.type == "cuda"), torch.device("cpu"))
 
 
 def split_batch(batch: dict, size: int) -> list[dict]:
@@ -93,10 +99,11 @@ def cached_backward(
     Under DistributedDataParallel only the last re-run synchronises gradients, and only when
     ``synchronise`` (the last accumulation step)."""
     pieces = split_batch(batch, micro_batch)
+    device = _device_of(batch)
     states, outputs = [], []
     with torch.no_grad():
         for piece in pieces:
-            states.append(RandomState())
+            states.append(RandomState(device))
             with autocast():
                 outputs.append(task.features_of(forward, piece))
     leaves = tuple(_joined(list(column)) for column in zip(*outputs, strict=True))
