@@ -33,6 +33,7 @@ CHOSEN = {
     ("train", "templates"): ("a {concept}", "{category}"),
     ("train", "best_metric"): "val_recall_at_5",
     ("train", "val_k"): (1, 10),
+    ("train", "nested_dims"): (16, 32),
     ("train", "lock_image"): True,
     ("train", "lock_text"): True,
     ("train", "nproc_per_node"): 1,  # > 1 would train under torchrun

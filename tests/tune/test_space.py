@@ -4,7 +4,7 @@ import pytest
 
 from embedpipe.cli import main
 from embedpipe.config import ConfigError, TrainSettings, TuneSettings, load_settings
-from embedpipe.tune.space import check_search, grid_values
+from embedpipe.tune.space import check_search, grid_values, trial_settings
 
 
 def _config(tmp_path, space: str, tune: str = "", train: str = "") -> str:
@@ -47,7 +47,14 @@ def test_malformed_dimensions_fail_when_the_config_loads(tmp_path, space, proble
          "an integer setting takes type int"),
         ('num_nodes = { type = "int", low = 1, high = 4 }', "",
          r"\[tune\].space.num_nodes: set when the pipeline is compiled"),
-        ('val_k = { type = "categorical", choices = [1] }', "", "only number, text and choice"),
+        ('val_k = { type = "categorical", choices = [1] }', "",
+         "a list setting takes type categorical with text choices"),
+        ('val_k = { type = "categorical", choices = ["1,5"] }', "",
+         r"'1,5' is not a valid \[train\].val_k"),
+        ('nested_dims = { type = "categorical", choices = ["32,x"] }', "",
+         r"nested_dims: '32,x' is not a comma-separated list of integers"),
+        ('templates = { type = "int", low = 1, high = 2 }', "",
+         "a list setting takes type categorical with text choices"),
         ('lr = { type = "float", low = 0.001, high = 0.1 }', 'metric = "val_recall_at_10"',
          r"\[tune\].metric: training never reports 'val_recall_at_10'; .* val_recall_at_1, "
          "val_recall_at_5, val_text_recall_at_1"),
@@ -90,3 +97,18 @@ def test_values_are_held_as_train_holds_them():
     assert all(type(c) is int for c in space["batch_size"].choices)
     assert grid_values(space["depth"]) == [1, 4, 7]
     assert grid_values(space["weight_decay"]) == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+
+
+def test_micro_batch_and_nested_dims_can_be_searched():
+    tune = TuneSettings(
+        space={
+            "micro_batch": {"type": "categorical", "choices": [0, 16]},
+            "nested_dims": {"type": "categorical", "choices": ["", "4,8"]},
+        }
+    )
+    train = TrainSettings(mode="head", pairs="image_image", loss="infonce")
+    space = check_search(tune, train)
+    assert space["nested_dims"].choices == ("", "4,8")  # text, as Optuna and Katib hold it
+    trial = trial_settings(train, {"micro_batch": 16, "nested_dims": "4,8"})
+    assert (trial.micro_batch, trial.nested_dims) == (16, (4, 8))
+    assert trial_settings(train, {"nested_dims": ""}).nested_dims == ()

@@ -51,6 +51,12 @@ class EmbedSettings(Section):
         False, description="torch.compile the image tower (pays off on long GPU runs)"
     )
     normalize: bool = Field(True, description="L2-normalise the embeddings")
+    dim: int = Field(
+        0,
+        ge=0,
+        description="write the first N dimensions (a nested model's prefix), renormalised "
+        "when normalize (0: all)",
+    )
     draft_decode: bool = Field(False, description="JPEG draft decoding: faster, not bit-exact")
     accelerator_type: str = Field(
         "",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from embedpipe.config.base import COMPILE_TIME, COMPILE_TIME_FLAG, Section
 
@@ -53,8 +53,26 @@ class TrainSettings(Section):
         0.0, ge=0, description="peak learning rate of the pretrained towers (0: lr)"
     )
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on gains/biases)")
-    batch_size: int = Field(32, gt=0, description="samples per step per device")
-    accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    batch_size: int = Field(
+        32, gt=0, description="contrastive batch per device: the samples each loss compares"
+    )
+    micro_batch: int = Field(
+        0,
+        ge=0,
+        description="samples that go through the model with gradients at once, by gradient "
+        "caching; the loss still sees the whole batch_size (0: off, all at once)",
+    )
+    accumulation: int = Field(
+        1,
+        gt=0,
+        description="whole contrastive batches summed per optimizer step (plain gradient "
+        "accumulation: adds no negatives; for a larger contrastive batch use micro_batch)",
+    )
+    nested_dims: tuple[int, ...] = Field(
+        (),
+        description="Matryoshka: embedding prefixes also trained (the loss summed over them "
+        'and the full dimension), e.g. [32, 64, 128] or "32,64,128" (empty: off)',
+    )
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps, then cosine decay")
     steps: int = Field(0, ge=0, description="optimizer steps (0: from epochs)")
     epochs: int = Field(1, gt=0, description="passes over the training data when steps is 0")
@@ -116,6 +134,25 @@ class TrainSettings(Section):
         1, ge=1, description="nodes of a multi-node job", json_schema_extra=COMPILE_TIME
     )
 
+    @field_validator("nested_dims", mode="before")
+    @classmethod
+    def _dims_from_text(cls, value: Any) -> Any:
+        """ "32,64,128" as a list (a search choice or a Katib parameter is text)."""
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            try:
+                return tuple(int(part) for part in parts)
+            except ValueError:
+                raise ValueError(
+                    f"nested_dims: {value!r} is not a comma-separated list of integers"
+                ) from None
+        return value
+
+    @field_validator("nested_dims", mode="after")
+    @classmethod
+    def _dims_sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted(set(value)))
+
     @model_validator(mode="after")
     def _combinations(self) -> TrainSettings:
         if self.loss == "triplet" and self.mode == "finetune" and self.pairs == "image_text":
@@ -138,6 +175,8 @@ class TrainSettings(Section):
                 raise ValueError(
                     f"templates: {template!r} may use only {{concept}} and {{category}} ({error})"
                 ) from None
+        if any(dim <= 0 for dim in self.nested_dims):
+            raise ValueError("nested_dims: every dimension must be positive")
         if any(k <= 0 for k in self.val_k):
             raise ValueError("val_k: every K must be positive")
         if not self.best_metric.replace("_", "").isalnum():

@@ -60,6 +60,7 @@ from embedpipe.core.images import (
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import EMBEDDINGS_KIND, IMAGES_KIND, REJECTED_SCHEMA
 from embedpipe.embed import device_pixels
+from embedpipe.embed.prefix import prefix_model
 from embedpipe.models.backends.base import PreprocessSpec
 from embedpipe.models.loading import RANDOM_WEIGHTS, LoadedModel, load_model
 from embedpipe.models.registry import ModelEntry, get_entry
@@ -483,7 +484,7 @@ def _fingerprint(
     identity = {
         "entry": entry.model_dump(mode="json"),
         "settings": config.model_dump(
-            mode="json", include={"weights", "seed", "normalize", "draft_decode"}
+            mode="json", include={"weights", "seed", "normalize", "draft_decode", "dim"}
         ),
         # resolved: "auto" on another device embeds differently
         "precision": resolve_precision(config.precision, device),
@@ -519,6 +520,8 @@ def embed_images(
         wanted = set(pc.unique(selection).to_pylist())
     device = resolve_device(config.device)
     model = load_model(entry, config.weights, str(device), config.tokenizer_dir, config.seed)
+    model = prefix_model(model, config.dim)
+    entry = model.entry
     inference = prepare_inference(model, config, device)
     preprocess = resolve_preprocess(config.preprocess, device)
     schema = embedding_schema(model, config.normalize)

@@ -22,6 +22,7 @@ from embedpipe.embed.images import (
     prepare_inference,
     resolve_device,
 )
+from embedpipe.embed.prefix import prefix_model
 from embedpipe.models.loading import load_model
 from embedpipe.models.registry import ModelEntry, get_entry
 
@@ -95,6 +96,8 @@ def embed_texts(
     entry = entry or get_entry(config.model)
     device = resolve_device(config.device)
     model = load_model(entry, config.weights, str(device), config.tokenizer_dir, config.seed)
+    model = prefix_model(model, config.dim)
+    entry = model.entry
     inference = prepare_inference(model, config, device)
     schema = embedding_schema(model, config.normalize, key="text")
     out_uri = storage.normalize(out_uri)

@@ -30,6 +30,7 @@ from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import EVALUATION_KIND, IMAGES_KIND
 from embedpipe.evaluate import metrics as m
 from embedpipe.evaluate import plots, probes
+from embedpipe.evaluate.nested import prefix_recalls
 from embedpipe.evaluate.preflight import (
     check_given_settings,
     check_sources,
@@ -363,6 +364,8 @@ def evaluate_models(
                 if explicit or (k_given and isinstance(reason, KTooLarge)):
                     raise
                 run.skipped[task] = str(reason)
+        ran = [task for task in tasks if task not in run.skipped]
+        run.metrics.update(prefix_recalls(evaluation, encoder, vectors, ran))
         log.info("evaluated %s: %s", name, run.metrics)
         vectors_of[name] = vectors.cpu().numpy()
         runs.append(run)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from embedpipe.train.data import (
     positive_for,
     rows_by_concept,
 )
+from embedpipe.train.nested import nested_loss, prefix_recalls
 from embedpipe.train.validation import image_recall, text_recall, validation_rows
 
 
@@ -184,7 +186,9 @@ class FinetuneTask:
         wanted |= set(examples.image_ids[r] for r in self.candidates.tolist())
         self.store = ImageStore(images_uri, wanted)
         self.tokenizer = self.model.tokenizer() if config.image_text else None
-        self.loss = losses.get_loss(config.loss, **loss_options)
+        self.loss = nested_loss(
+            losses.get_loss(config.loss, **loss_options), config.nested_dims, entry.embed_dim
+        )
         self.dataset = PairsDataset(self.store, examples.image_ids, self.model.transform)
 
     def param_groups(self) -> list[dict]:
@@ -225,7 +229,13 @@ class FinetuneTask:
             }
 
     def loss_of(self, forward: nn.Module, batch: dict) -> torch.Tensor:
-        image, other, scale, bias = forward(batch["pixels"], batch["second"])
+        return self.loss_from(self.features_of(forward, batch), batch)
+
+    def features_of(self, forward: nn.Module, batch: dict) -> tuple:
+        return forward(batch["pixels"], batch["second"])
+
+    def loss_from(self, features: tuple, batch: dict) -> torch.Tensor:
+        image, other, scale, bias = features
         labels = torch.from_numpy(self.examples.labels[batch["rows"].numpy()]).to(self.device)
         return self.loss(image.float(), other.float(), scale.float(), bias, labels=labels)
 
@@ -252,9 +262,10 @@ class FinetuneTask:
             for _, pixels, _ in loader:
                 chunks.append(encode_rows(clip, pixels.to(self.device)).cpu())
         images = torch.cat(chunks)
-        metrics = image_recall(
-            self.examples, self.queries, self.candidates, images, self.config.val_k
+        recall = partial(
+            image_recall, self.examples, self.queries, self.candidates, ks=self.config.val_k
         )
+        metrics = recall(images) | prefix_recalls(recall, images, self.config.nested_dims)
         if self.config.image_text:
             captions: dict[str, int] = {}
             for row in self.queries.tolist():

@@ -8,6 +8,7 @@ backbone and then the head (see ``embedpipe.models.loading``).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from embedpipe.models.registry import ModelEntry
 from embedpipe.train import losses
 from embedpipe.train.data import Examples, positive_for, rows_by_concept
 from embedpipe.train.finetune import init_scale, param_groups
+from embedpipe.train.nested import nested_loss, prefix_recalls
 from embedpipe.train.sampling import BandBandit, MinedNegatives, triplet_negatives
 from embedpipe.train.validation import image_recall, validation_rows
 
@@ -187,7 +189,11 @@ class HeadTask:
         ).to(device)
         self.same_concept = rows_by_concept(examples, self.train_rows)
         self.queries, self.candidates = validation_rows(examples)
-        self.loss = losses.get_loss(config.loss, **loss_options)
+        self.loss = nested_loss(
+            losses.get_loss(config.loss, **loss_options),
+            config.nested_dims,
+            self.head.config["out_dim"],
+        )
         self.mined = mined
         self.bandit = None
         if config.loss == "triplet" and mined and mined.band_names:
@@ -232,9 +238,13 @@ class HeadTask:
         return derived_seed(epoch, *map(str, rows[:4]))
 
     def loss_of(self, forward: nn.Module, batch: dict) -> torch.Tensor:
-        first, second, negative, scale, bias = forward(
-            batch["first"], batch["second"], batch["third"]
-        )
+        return self.loss_from(self.features_of(forward, batch), batch)
+
+    def features_of(self, forward: nn.Module, batch: dict) -> tuple:
+        return forward(batch["first"], batch["second"], batch["third"])
+
+    def loss_from(self, features: tuple, batch: dict) -> torch.Tensor:
+        first, second, negative, scale, bias = features
         labels = torch.from_numpy(self.examples.labels[batch["rows"].numpy()]).to(self.device)
         loss = self.loss(first, second, scale, bias, labels=labels, negative_features=negative)
         if batch["arm"] is not None:
@@ -269,9 +279,10 @@ class HeadTask:
             return {}
         vectors = self.matrix[self.candidates].to(self.device)
         projected = F.normalize(self.module.project(vectors).float(), dim=-1).cpu()
-        return image_recall(
-            self.examples, self.queries, self.candidates, projected, self.config.val_k
+        recall = partial(
+            image_recall, self.examples, self.queries, self.candidates, ks=self.config.val_k
         )
+        return recall(projected) | prefix_recalls(recall, projected, self.config.nested_dims)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.module.folded_head()

@@ -27,6 +27,7 @@ from embedpipe.config import TrainSettings
 from embedpipe.train import checkpoint as ckpt
 from embedpipe.train.distributed import World
 from embedpipe.train.divergence import stop_if_diverged
+from embedpipe.train.gradcache import cached_backward
 from embedpipe.train.resume_damaged import latest_readable
 from embedpipe.train.run_identity import check_same_inputs, settings_difference
 from embedpipe.train.sampling import MinedNegatives, batches_per_epoch, epoch_batches
@@ -54,7 +55,7 @@ RUNTIME_ONLY = frozenset(
 PEAK_FLOPS = {"B200": 2.25e15, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
-HEADLINE = re.compile(r"^val_(text_)?recall_at_\d+$")
+HEADLINE = re.compile(r"^val_(text_)?recall_at_\d+(_dim\d+)?$")
 
 
 class ResumeMismatch(ValueError):
@@ -340,9 +341,20 @@ class Loop:
                     if size > 1 and not last_micro and hasattr(self.forward, "no_sync")
                     else contextlib.nullcontext()
                 )
-                with sync, self.autocast():
-                    loss = self.task.loss_of(self.forward, micro)
-                (loss / config.accumulation).backward()
+                if config.micro_batch:
+                    loss = cached_backward(
+                        self.task,
+                        self.forward,
+                        micro,
+                        config.micro_batch,
+                        self.autocast,
+                        synchronise=last_micro,
+                        divide=config.accumulation,
+                    )
+                else:
+                    with sync, self.autocast():
+                        loss = self.task.loss_of(self.forward, micro)
+                    (loss / config.accumulation).backward()
                 running += float(loss.detach()) / config.accumulation
                 micro_done += 1
                 s.position += 1

@@ -27,6 +27,8 @@ def _field_kind(annotation: Any) -> str:
         return _field_kind(next(arg for arg in args if arg is not type(None)))
     if origin is Literal:
         return "choice"
+    if origin is tuple:
+        return "list"
     if annotation is bool:
         return "bool"
     if annotation is int:
@@ -56,6 +58,19 @@ def _check_dimension(
     kind = _field_kind(field.annotation)
     if kind == "other":
         raise ValueError("only number, text and choice settings can be searched")
+    if kind == "list":
+        # Searched as text ("32,64,128"), as Optuna stores choices and Katib passes them.
+        texts = dimension.type == "categorical" and all(
+            isinstance(c, str) for c in dimension.choices
+        )
+        if not texts:
+            raise ValueError(
+                "a list setting takes type categorical with text choices, e.g. "
+                'choices = ["", "32,64,128"]'
+            )
+        for choice in dimension.choices:
+            _train_value(base, key, choice)
+        return dimension
     if dimension.type == "categorical":
         values = tuple(_train_value(base, key, choice) for choice in dimension.choices)
         return dimension.model_copy(update={"choices": values})

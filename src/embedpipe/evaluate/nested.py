@@ -1,0 +1,84 @@
+"""Recall@K of each prefix of a nested (Matryoshka) model.
+
+A model trained with ``[train].nested_dims`` records them in its checkpoint's
+``config.json``; embeddings record the weights that made them. For such a model the
+retrieval tasks run again on the first N dimensions of every vector (renormalised), and
+their recall@K metrics are reported with ``_dimN`` appended to clip_benchmark's names,
+e.g. ``image_image_recall@1_dim32``.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embedpipe.core import datasets, storage
+from embedpipe.core.datasets import MANIFEST_NAME
+from embedpipe.core.schemas import EMBEDDINGS_KIND
+
+log = logging.getLogger(__name__)
+
+RECALL_TASKS = ("retrieval", "image_retrieval")
+
+
+def _checkpoint_config(uri: str) -> dict[str, Any]:
+    """The config.json of a checkpoint; empty for a registry name, "random", a published
+    model or anything else."""
+    path = storage.join(uri, "config.json") if uri else ""
+    if not path or not storage.exists(path):
+        return {}
+    found = storage.read_json(path)
+    return found if isinstance(found, dict) else {}
+
+
+def trained_nested_dims(source: str) -> tuple[int, ...]:
+    """The prefixes the model behind ``source`` (a checkpoint, or embeddings it made) was
+    trained to embed with; empty for any other model."""
+    config = _checkpoint_config(source)
+    if not config and source and storage.exists(datasets.side_path(source, MANIFEST_NAME)):
+        manifest = datasets.read_manifest(source, EMBEDDINGS_KIND)
+        config = _checkpoint_config(str(manifest.get("weights", "")))
+    train = config.get("train")
+    dims = train.get("nested_dims") if isinstance(train, dict) else None
+    return tuple(int(dim) for dim in dims or ())
+
+
+class _PrefixEncoder:
+    """An encoder whose text vectors are cut to the prefix and renormalised."""
+
+    def __init__(self, encoder: Any, dim: int):
+        self._encoder, self._dim = encoder, dim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        vectors = np.asarray(self._encoder.texts(texts), dtype=np.float32)[:, : self._dim]
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def prefix_recalls(
+    evaluation: Any, encoder: Any, vectors: torch.Tensor, tasks: list[str]
+) -> dict[str, float]:
+    """recall@K of every trained prefix shorter than ``vectors``, for the retrieval
+    ``tasks`` that ran on the whole vectors."""
+    from embedpipe.evaluate.sources import MissingGroundTruth
+
+    dims = [d for d in trained_nested_dims(encoder.source) if d < vectors.shape[1]]
+    metrics: dict[str, float] = {}
+    for dim in dims:
+        cut = F.normalize(vectors[:, :dim].float(), dim=-1)
+        for task in (t for t in tasks if t in RECALL_TASKS):
+            run = SimpleNamespace(metrics={}, columns={})
+            try:
+                getattr(evaluation, task)(_PrefixEncoder(encoder, dim), cut, run)
+            except MissingGroundTruth as reason:
+                log.info("dim %d: %s", dim, reason)
+                continue
+            metrics |= {f"{k}_dim{dim}": v for k, v in run.metrics.items() if "recall@" in k}
+    return metrics
