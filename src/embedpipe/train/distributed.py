@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from embedpipe.core import datasets, storage
+from embedpipe.core import outputs, storage
 
 # Set by a launcher that holds the output's lock for the processes it starts under torchrun.
 LAUNCHER_HOLDS_LOCK = "EMBEDPIPE_LAUNCHER_HOLDS_LOCK"
@@ -76,7 +76,7 @@ def _torchrun(
         f"--nproc-per-node={nproc}",
         *module_args,
     ]
-    with datasets.output_lock(out_uri) as lock:
+    with outputs.output_lock(out_uri) as lock:
         process = subprocess.Popen(command, env={**os.environ, LAUNCHER_HOLDS_LOCK: "1"})
         try:
             while True:

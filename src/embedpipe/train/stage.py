@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from embedpipe.config import ConfigError, TrainSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import outputs, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train import checkpoint as ckpt
@@ -77,7 +77,7 @@ def check_inputs(
         log.info("triplet without --negatives: negatives are random images of other concepts")
 
 
-@datasets.writes_output(
+@outputs.writes_output(
     inputs=("images_uri", "splits_uri", "negatives_uri", "embeddings_uri", "captions_uri"),
     writer=is_main_process,
 )
