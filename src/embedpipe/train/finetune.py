@@ -24,6 +24,7 @@ from embedpipe.train.data import (
     positive_for,
     rows_by_concept,
 )
+from embedpipe.train.optim import param_groups
 from embedpipe.train.validation import image_recall, text_recall, validation_rows
 
 
@@ -92,35 +93,6 @@ def build(entry: ModelEntry, config: TrainSettings, device: str) -> tuple[Loaded
     if config.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     return model, new
-
-
-def no_weight_decay(name: str, parameter: torch.Tensor) -> bool:
-    """As open_clip: gains, biases, norms and the logit scale/bias are not decayed."""
-    return (
-        parameter.ndim < 2
-        or "bn" in name
-        or "ln" in name
-        or "bias" in name
-        or "logit_scale" in name
-    )
-
-
-def param_groups(module: nn.Module, new: set[str], config: TrainSettings) -> list[dict]:
-    tower_lr = config.tower_lr or config.lr
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, parameter in module.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        key = (name in new, no_weight_decay(name, parameter))
-        groups.setdefault(key, []).append(parameter)
-    return [
-        {
-            "params": params,
-            "lr": config.lr if is_new else tower_lr,
-            "weight_decay": 0.0 if no_decay else config.weight_decay,
-        }
-        for (is_new, no_decay), params in sorted(groups.items())
-    ]
 
 
 def flops_per_sample(wrapped: nn.Module, pixels: torch.Tensor, second: torch.Tensor) -> float:

@@ -22,7 +22,8 @@ from embedpipe.models.heads import HEAD_KIND, ProjectionHead
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train import losses
 from embedpipe.train.data import Examples, positive_for, rows_by_concept
-from embedpipe.train.finetune import init_scale, param_groups
+from embedpipe.train.finetune import init_scale
+from embedpipe.train.optim import param_groups
 from embedpipe.train.sampling import BandBandit, MinedNegatives, triplet_negatives
 from embedpipe.train.validation import image_recall, validation_rows
 
