@@ -146,7 +146,7 @@ def load_embeddings(embeddings_uri: str, examples: Examples) -> tuple[np.ndarray
 
 class HeadTask:
     """Batches of embedding rows: anchor, positive (another image of the concept) and,
-    for ``triplet``, a negative from the band the bandit picks."""
+    for a loss that needs negatives (``triplet``), a negative from the band the bandit picks."""
 
     def __init__(
         self,
@@ -189,7 +189,8 @@ class HeadTask:
         self.loss = losses.get_loss(config.loss, **loss_options)
         self.mined = mined
         self.bandit = None
-        if config.loss == "triplet" and mined and mined.band_names:
+        self.needs_negatives = losses.needs_negatives(config.loss)
+        if self.needs_negatives and mined and mined.band_names:
             self.bandit = BandBandit(mined.band_names, config.exploration)
         self.step = 0
 
@@ -210,7 +211,7 @@ class HeadTask:
                 "third": None,
                 "arm": None,
             }
-            if config.loss == "triplet":
+            if self.needs_negatives:
                 arm = self.bandit.choose() if self.bandit else None
                 band = self.bandit.bands[arm] if self.bandit else None
                 negatives = triplet_negatives(

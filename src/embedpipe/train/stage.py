@@ -54,8 +54,6 @@ def loss_options(config: TrainSettings, world: World) -> dict:
         "pos_weight": config.pos_weight,
         "margin": config.margin,
     }
-    if config.loss == "infonce":
-        options["local_loss"] = False  # every rank computes the global batch's loss
     return {key: value for key, value in options.items() if key in known}
 
 
@@ -73,7 +71,7 @@ def check_inputs(
         from embedpipe.train.finetune import check_model
 
         check_model(entry, config)
-    if config.loss == "triplet" and config.mode == "head" and not negatives_uri:
+    if losses.needs_negatives(config.loss) and config.mode == "head" and not negatives_uri:
         log.info("triplet without --negatives: negatives are random images of other concepts")
 
 
