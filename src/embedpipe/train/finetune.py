@@ -25,6 +25,7 @@ from embedpipe.train.data import (
     rows_by_concept,
 )
 from embedpipe.train.optim import param_groups
+from embedpipe.train.task import TaskDefaults
 from embedpipe.train.validation import image_recall, text_recall, validation_rows
 
 
@@ -130,7 +131,7 @@ def _collate_pairs(items):
     return rows, pixels, torch.stack(others) if others[0].numel() else None
 
 
-class FinetuneTask:
+class FinetuneTask(TaskDefaults):
     """Batches of images with captions (or second images), the loss, and validation."""
 
     def __init__(
@@ -251,7 +252,10 @@ class FinetuneTask:
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.module.state_dict()
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+    def training_weights(self) -> dict[str, torch.Tensor]:
+        return self.weights()
+
+    def load_training_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.model.module.load_state_dict(state, strict=True)
 
     def checkpoint_config(self) -> dict:

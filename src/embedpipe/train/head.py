@@ -25,6 +25,7 @@ from embedpipe.train.data import Examples, positive_for, rows_by_concept
 from embedpipe.train.finetune import init_scale
 from embedpipe.train.optim import param_groups
 from embedpipe.train.sampling import BandBandit, MinedNegatives, triplet_negatives
+from embedpipe.train.task import TaskDefaults
 from embedpipe.train.validation import image_recall, validation_rows
 
 __all__ = ["HeadModule", "HeadTask", "ProjectionHead", "load_embeddings"]
@@ -144,7 +145,7 @@ def load_embeddings(embeddings_uri: str, examples: Examples) -> tuple[np.ndarray
     return matrix, present, manifest
 
 
-class HeadTask:
+class HeadTask(TaskDefaults):
     """Batches of embedding rows: anchor, positive (another image of the concept) and,
     for a loss that needs negatives (``triplet``), a negative from the band the bandit picks."""
 
@@ -193,6 +194,7 @@ class HeadTask:
         if self.needs_negatives and mined and mined.band_names:
             self.bandit = BandBandit(mined.band_names, config.exploration)
         self.step = 0
+        self.pending_reward: tuple[int, torch.Tensor] | None = None
 
     def param_groups(self) -> list[dict]:
         new = {name for name, _ in self.module.named_parameters()}
@@ -249,7 +251,7 @@ class HeadTask:
 
     def after_step(self, reduce) -> dict:
         """Feed the bandit the (all-reduced) violation of the band it picked."""
-        pending = getattr(self, "pending_reward", None)
+        pending = self.pending_reward
         if self.bandit is None or pending is None:
             return {}
         arm, hinge = pending

@@ -163,7 +163,7 @@ def _finish(loop: Loop, task, config, out_uri, entry, started) -> TrainResult:
             "untrained": state.initial,
             "history": state.history,
             "curves": history_curves(state.history),
-            **getattr(task, "summary", dict)(),
+            **task.summary(),
         },
     )
     log.info("trained %s: %d steps, %s", entry.name, state.step, result.metrics())
