@@ -178,3 +178,26 @@ def test_config_files_that_cannot_be_read_are_one_line_errors(tmp_path):
         load_settings(str(latin1))
     with pytest.raises(ConfigError, match="is a folder, not a TOML config file"):
         load_settings(str(tmp_path))
+
+
+def test_the_loss_names_are_the_loss_registrys():
+    from typing import get_args
+
+    from embedpipe.config import TrainSettings
+    from embedpipe.train.losses import list_losses
+
+    assert sorted(get_args(TrainSettings.model_fields["loss"].annotation)) == list_losses()
+
+
+def test_image_text_finetuning_refuses_exactly_the_losses_that_need_negatives():
+    from embedpipe.config import TrainSettings
+    from embedpipe.train.losses import list_losses, needs_negatives
+
+    for name in list_losses():
+        TrainSettings(loss=name, mode="head", pairs="image_image")
+        TrainSettings(loss=name, pairs="image_image")
+        if needs_negatives(name):
+            with pytest.raises(ValueError, match=f"loss: {name} compares images with images"):
+                TrainSettings(loss=name)
+        else:
+            TrainSettings(loss=name)

@@ -26,7 +26,7 @@ from embedpipe.config import (
     TaxonomySettings,
     ToHfSettings,
 )
-from embedpipe.core import datasets, locks, storage
+from embedpipe.core import datasets, locks, outputs, storage
 from embedpipe.core.schemas import (
     CATALOG_KIND,
     EMBEDDINGS_KIND,
@@ -167,7 +167,7 @@ def test_staging_of_an_s3_output_is_local_and_cleared_by_the_next_run(
 ):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     out = f"s3://{bucket}/numbers"
-    staging = Path(datasets._staging_for(out))
+    staging = Path(outputs.staging_folder(out))
     assert staging.parent == tmp_path
     staging.mkdir()
     (staging / "killed-run.tmp").write_bytes(b"half")
@@ -178,7 +178,7 @@ def test_staging_of_an_s3_output_is_local_and_cleared_by_the_next_run(
 
 def test_s3_lock_is_created_only_if_absent_and_a_stale_one_is_taken_over(bucket, monkeypatch):
     out = f"s3://{bucket}/out"
-    lock_uri = datasets.side_path(out, datasets.LOCK_NAME)
+    lock_uri = outputs.side_path(out, outputs.LOCK_NAME)
     first = locks.OutputLock(out, lock_uri)
     first.record["pid"] = 999_999_999  # as if another run: not this process
     first.record["host"] = "another-host"
@@ -213,7 +213,7 @@ def test_two_concurrent_ingest_runs_to_s3_leave_a_consistent_dataset(many_images
     assert {s["path"] for s in manifest["shards"]} == {
         name for name in storage.list_names(out) if name.endswith(".parquet")
     }
-    assert not storage.exists(datasets.side_path(out, datasets.LOCK_NAME))
+    assert not storage.exists(outputs.side_path(out, outputs.LOCK_NAME))
 
 
 # -- 5: outputs apart from inputs -----------------------------------------------------------
@@ -475,7 +475,7 @@ def test_a_finished_embed_leaves_no_progress_folder_and_no_staging(
 def test_only_the_writing_process_of_a_distributed_run_takes_the_lock(tmp_path, monkeypatch):
     from embedpipe.train.distributed import is_main_process
 
-    @datasets.writes_output(writer=is_main_process)
+    @outputs.writes_output(writer=is_main_process)
     def stage(out_uri: str) -> str:
         return "ran"
 

@@ -11,9 +11,6 @@ from embedpipe.config.base import COMPILE_TIME, COMPILE_TIME_FLAG, Section
 # The same ranks as embedpipe.core.schemas.TAXONOMY_RANKS (config stays free of pyarrow).
 TAXONOMY_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 
-LOSSES = ("infonce", "pairwise_sigmoid", "pairwise_sigmoid_upwtdpos", "multipos_sigmoid", "triplet")
-SIGMOID_LOSSES = ("pairwise_sigmoid", "pairwise_sigmoid_upwtdpos", "multipos_sigmoid")
-
 
 class TrainSettings(Section):
     model: str = Field(
@@ -33,6 +30,7 @@ class TrainSettings(Section):
         "image_text",
         description="finetune: image-caption pairs or two images of one concept",
     )
+    # The names of embedpipe.train.losses' registry (a test holds the two together).
     loss: Literal[
         "infonce", "pairwise_sigmoid", "pairwise_sigmoid_upwtdpos", "multipos_sigmoid", "triplet"
     ] = Field("infonce", description="contrastive loss (embedpipe.train.losses)")
@@ -155,6 +153,8 @@ class TrainSettings(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainSettings:
+        # The one loss that needs negatives of its anchors' own modality (a test holds this to
+        # the registry's needs_negatives; settings stay free of torch).
         if self.loss == "triplet" and self.mode == "finetune" and self.pairs == "image_text":
             raise ValueError(
                 "loss: triplet compares images with images; use it with mode head, "

@@ -11,177 +11,43 @@ their bytes, so rewriting a dataset never changes a file an older manifest
 still points at, and the same rows always give the same file names and
 bytes. Shards no longer listed are removed once the new manifest is in place.
 
-One run writes an output at a time: writers hold the output's lock
-(``.embedpipe/lock``, see ``core.locks``) while they write, and keep their temporary
-files in ``.embedpipe/staging/`` (in the system temp folder for an S3 output), which
-the next run of the same output clears if a run was killed.
+One run writes an output at a time: writers hold the output's lock and keep their
+temporary files in its staging folder (see ``core.outputs``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import inspect
 import os
 import re
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedpipe import __version__
-from embedpipe.core import locks, storage
+from embedpipe.core import storage
+from embedpipe.core.outputs import SIDE_DIR, output_lock, side_path, staging_dir, writes_output
 from embedpipe.core.schemas import IMAGES_KIND
 
-# Hidden, so readers of the folder skip it; a name starting with "_" is not enough for
-# `datasets`, and DuckDB's `*.parquet` glob matches hidden files but not subfolders.
-SIDE_DIR = ".embedpipe"
 MANIFEST_NAME = "manifest.json"
 # Where older outputs kept their manifest; only looked for to explain a refusal.
 LEGACY_MANIFEST_NAME = "_manifest.json"
 CONFIG_NAME = "config.json"
-LOCK_NAME = "lock"
-STAGING_NAME = "staging"
 SHARD_PATTERN = re.compile(r"^part-\d{5}-[0-9a-f]{16}\.parquet$")
 # What a manifest may name as a shard: a plain file name in the dataset's own folder.
 SHARD_NAME = re.compile(r"^part-[A-Za-z0-9_.=-]*\.parquet$")
 # A bundle's part: a folder inside the bundle, one or more plain names deep.
 PART_NAME = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
-# Temporary files that writers of older versions left beside their targets.
-LEFTOVER_TMP = re.compile(r"^\..*\.tmp$")
 # Encoded images and float vectors do not shrink further; compressing them only costs time.
 NO_COMPRESSION_COLUMNS = ("image", "embedding")
 
 
 class DatasetError(RuntimeError):
     """A dataset is missing, incomplete or of the wrong kind."""
-
-
-def side_path(uri: str, *names: str) -> str:
-    """Where a side file of the dataset (or bundle) at ``uri`` lives: ``URI/.embedpipe/NAME``."""
-    return storage.join(storage.normalize(uri), SIDE_DIR, *names)
-
-
-_held: dict[str, tuple[locks.OutputLock, int]] = {}
-_held_guard = threading.Lock()
-
-
-def _staging_for(out_uri: str) -> str:
-    if storage.is_s3(out_uri):
-        digest = hashlib.sha256(out_uri.encode()).hexdigest()[:16]
-        return os.path.join(tempfile.gettempdir(), f"embedpipe-staging-{digest}")
-    return side_path(out_uri, STAGING_NAME)
-
-
-def _clear_leftovers(out_uri: str, staging: str) -> None:
-    """Remove what killed runs of this output left: we hold its lock, so no run is using it."""
-    shutil.rmtree(staging, ignore_errors=True)
-    if storage.is_s3(out_uri):
-        return
-    for folder in (out_uri, side_path(out_uri), side_path(out_uri, "progress")):
-        for name in storage.list_names(folder):
-            if LEFTOVER_TMP.match(name):
-                storage.delete(os.path.join(folder, name))
-
-
-@contextlib.contextmanager
-def output_lock(out_uri: str) -> Iterator[locks.OutputLock]:
-    """Hold the lock of the output at ``out_uri`` for the block (re-entrant in a process).
-
-    A second run writing the same output stops with an error naming the lock.
-    """
-    out_uri = storage.normalize(out_uri)
-    with _held_guard:
-        if out_uri in _held:
-            lock, depth = _held[out_uri]
-            _held[out_uri] = (lock, depth + 1)
-        else:
-            lock = locks.OutputLock(out_uri, side_path(out_uri, LOCK_NAME))
-            lock.acquire()
-            try:
-                staging = _staging_for(out_uri)
-                _clear_leftovers(out_uri, staging)
-                storage._make_dirs(staging, out_uri)
-            except BaseException:
-                lock.release()
-                raise
-            storage.register_staging(out_uri, staging)
-            _held[out_uri] = (lock, 1)
-    try:
-        yield lock
-    finally:
-        with _held_guard:
-            lock, depth = _held[out_uri]
-            if depth > 1:
-                _held[out_uri] = (lock, depth - 1)
-            else:
-                del _held[out_uri]
-                storage.register_staging(out_uri, None)
-                shutil.rmtree(_staging_for(out_uri), ignore_errors=True)
-                lock.release()
-                _remove_if_untouched(out_uri)
-
-
-def verify_output_held(uri: str) -> None:
-    """Raise if this process held the lock of the output that holds ``uri`` and another run
-    has taken it over since (call before publishing into a long-running output)."""
-    uri = storage.normalize(uri)
-    with _held_guard:
-        holders = [out for out in _held if uri == out or uri.startswith(out.rstrip("/") + "/")]
-        lock = _held[max(holders, key=len)][0] if holders else None
-    if lock is not None:
-        lock.verify_held()
-
-
-def _remove_if_untouched(out_uri: str) -> None:
-    """A run that wrote nothing leaves no folder behind: only the empty side folder its
-    lock made (and the output folder itself) are removed, never a file."""
-    if storage.is_s3(out_uri):
-        return  # S3 has no folders: nothing is left once the lock object is deleted
-    for folder in (side_path(out_uri), out_uri):
-        with contextlib.suppress(OSError):  # not empty, or already gone: keep it
-            os.rmdir(folder)
-
-
-def writes_output(
-    out: str = "out_uri",
-    inputs: tuple[str, ...] = (),
-    writer: Callable[[], bool] = lambda: True,
-) -> Callable:
-    """Decorate a stage entry: refuse an output that overlaps an input (the parameters named
-    in ``inputs``: URIs, lists of URIs or None), then hold the output's lock while it runs
-    in the process that writes (``writer()``: all but rank 0 of a distributed run only read)."""
-
-    def decorate(function: Callable) -> Callable:
-        signature = inspect.signature(function)
-
-        @functools.wraps(function)
-        def run(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            input_uris: list[str | None] = []
-            for name in inputs:
-                value = bound.arguments.get(name)
-                input_uris.extend(value if isinstance(value, list | tuple) else [value])
-            out_uri = bound.arguments[out]
-            storage.check_output_apart(out_uri, input_uris)
-            if not writer():
-                return function(*args, **kwargs)
-            with output_lock(out_uri):
-                return function(*args, **kwargs)
-
-        return run
-
-    return decorate
-
-
-def staging_dir(out_uri: str) -> str | None:
-    """Where a run holding the lock of ``out_uri`` keeps its temporary files."""
-    return storage.staging_dir(out_uri)
 
 
 def _file_sha256(path: str) -> str:
@@ -218,7 +84,7 @@ class DatasetWriter:
         self.shards: list[dict[str, Any]] = []
         self._lock = output_lock(self.out_uri)
         self._lock.__enter__()
-        self._staging = tempfile.mkdtemp(prefix="writer-", dir=storage.staging_dir(self.out_uri))
+        self._staging = tempfile.mkdtemp(prefix="writer-", dir=staging_dir(self.out_uri))
         self._writer: pq.ParquetWriter | None = None
         self._writer_path = ""
         self._rows_in_shard = 0

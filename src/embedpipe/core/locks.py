@@ -163,7 +163,7 @@ class OutputLock:
         if storage.is_s3(self.lock_uri):
             return self._s3_create()
         path = storage.normalize(self.lock_uri)
-        storage._make_dirs(os.path.dirname(path), self.out_uri)
+        storage.make_dirs(os.path.dirname(path), self.out_uri)
         try:
             handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -313,7 +313,7 @@ def _precondition_failed(error: BaseException) -> bool:
     codes = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
     return any(
         isinstance(link, ClientError) and link.response.get("Error", {}).get("Code") in codes
-        for link in storage._error_chain(error)
+        for link in storage.error_chain(error)
     )
 
 

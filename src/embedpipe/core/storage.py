@@ -18,7 +18,7 @@ import posixpath
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
@@ -39,7 +39,7 @@ NO_CREDENTIALS = "no credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
 ACCESS_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
 
 
-def _error_chain(error: BaseException) -> list[BaseException]:
+def error_chain(error: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     while error is not None and error not in chain:
         chain.append(error)
@@ -56,7 +56,7 @@ def s3_error_reason(error: BaseException) -> str:
     """One line saying why an S3 call failed, from botocore's, boto3's or pyarrow's error."""
     from botocore import exceptions as boto
 
-    chain = _error_chain(error)
+    chain = error_chain(error)
     for link in chain:
         if isinstance(link, boto.NoCredentialsError | boto.PartialCredentialsError):
             return NO_CREDENTIALS
@@ -304,29 +304,25 @@ def read_json(uri: str) -> Any:
         raise StorageError(f"{uri}: not valid JSON: {error}") from error
 
 
-# Output URI -> the folder for its temporary files, while a run holds that output's lock.
-_staging_dirs: dict[str, str] = {}
+def _no_staging(uri: str) -> str | None:
+    return None
 
 
-def register_staging(out_uri: str, directory: str | None) -> None:
-    if directory is None:
-        _staging_dirs.pop(normalize(out_uri), None)
-    else:
-        _staging_dirs[normalize(out_uri)] = directory
+# Where the temporary files of a write to a URI go: ``core.outputs`` answers with the staging
+# folder of the held output that contains it; None puts them beside the target.
+_staging_lookup: Callable[[str], str | None] = _no_staging
 
 
-def staging_dir(uri: str) -> str | None:
-    """The staging folder of the locked output that holds ``uri`` (the innermost), if any."""
-    uri = normalize(uri)
-    holders = [out for out in _staging_dirs if uri == out or uri.startswith(out + _sep(out))]
-    return _staging_dirs[max(holders, key=len)] if holders else None
+def set_staging_lookup(lookup: Callable[[str], str | None]) -> None:
+    global _staging_lookup
+    _staging_lookup = lookup
 
 
 def _sep(uri: str) -> str:
     return "/" if is_s3(uri) else os.sep
 
 
-def _make_dirs(directory: str, uri: str) -> None:
+def make_dirs(directory: str, uri: str) -> None:
     try:
         os.makedirs(directory, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -346,7 +342,7 @@ def atomic_output(uri: str) -> Iterator[str]:
     a run holds the lock of an output containing ``uri``, it lives in that output's
     staging folder, which the next run of the same output clears if this one is killed.
     """
-    staging = staging_dir(uri)
+    staging = _staging_lookup(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
         handle, tmp_path = tempfile.mkstemp(prefix=".embedpipe-", suffix=TMP_SUFFIX, dir=staging)
@@ -362,7 +358,7 @@ def atomic_output(uri: str) -> Iterator[str]:
         return
     final_path = normalize(uri)
     directory = os.path.dirname(final_path)
-    _make_dirs(directory, uri)
+    make_dirs(directory, uri)
     if os.path.isdir(final_path):
         raise StorageError(f"{uri}: cannot write a file there: it is a folder")
     handle, tmp_path = tempfile.mkstemp(
@@ -427,8 +423,8 @@ def copy_file(source: str, target: str) -> str:
     return "copy"
 
 
-def _overlap(a: str, b: str) -> bool:
-    """``a`` is ``b`` or lies inside it."""
+def is_within(a: str, b: str) -> bool:
+    """``a`` is ``b`` or lies inside it (both normalised)."""
     return a == b or a.startswith(b.rstrip(_sep(b)) + _sep(b))
 
 
@@ -448,9 +444,9 @@ def check_output_apart(out_uri: str, input_uris: list[str | None]) -> None:
         source = _resolved(input_uri)
         if out == source:
             problem = "is also an input"
-        elif _overlap(out, source):
+        elif is_within(out, source):
             problem = f"lies inside the input {input_uri}"
-        elif _overlap(source, out):
+        elif is_within(source, out):
             problem = f"contains the input {input_uri}"
         else:
             continue

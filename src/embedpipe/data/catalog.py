@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from embedpipe.config import CatalogSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import CATALOG_KIND, CATALOG_SCHEMA, IMAGES_KIND
 from embedpipe.core.seeding import rng_for
@@ -82,7 +82,7 @@ def _assign_auto(indices: list[int], config: CatalogSettings, key) -> dict[int, 
     return {i: ("train" if rank < train_count else "test") for rank, i in enumerate(shuffled)}
 
 
-@datasets.writes_output(inputs=("images_uri",))
+@outputs.writes_output(inputs=("images_uri",))
 def build_catalog(images_uri: str, out_uri: str, config: CatalogSettings) -> CatalogResult:
     """Assign every ingested image to train or test and write the catalog."""
     manifest = datasets.verify_dataset(images_uri, IMAGES_KIND)

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from embedpipe.config import DedupSettings
-from embedpipe.core import datasets, parallel, storage
+from embedpipe.core import datasets, outputs, parallel, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import (
     DEDUP_GROUPS_SCHEMA,
@@ -159,7 +159,7 @@ def hash_images(
     return codes, readable
 
 
-@datasets.writes_output(inputs=("images_uri", "splits_uri"))
+@outputs.writes_output(inputs=("images_uri", "splits_uri"))
 def find_duplicates(
     images_uri: str,
     out_uri: str,

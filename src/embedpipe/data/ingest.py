@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embedpipe.config import IngestSettings
-from embedpipe.core import datasets, images, parallel, storage
+from embedpipe.core import datasets, images, outputs, parallel, storage
 from embedpipe.core.images import ImageLimits
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import IMAGES_KIND, IMAGES_SCHEMA, REJECTED_SCHEMA, images_schema
@@ -99,7 +99,7 @@ def _read_chunks(members: Iterable[Member]) -> Iterator[tuple[list, list[bytes]]
         yield read, [data for _, data in read if data is not None]
 
 
-@datasets.writes_output(inputs=("sources",))
+@outputs.writes_output(inputs=("sources",))
 def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) -> IngestResult:
     """Ingest every image under ``sources`` into a Parquet image dataset at ``out_uri``."""
     if not sources:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedpipe.config import SplitSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import CATALOG_KIND, SPLITS_KIND, SPLITS_SCHEMA
 from embedpipe.core.seeding import rng_for
@@ -65,7 +65,7 @@ def select_concepts(category: str, concepts: list[str], config: SplitSettings) -
     return sorted(shuffled[: math.ceil(config.concept_frac * len(concepts))])
 
 
-@datasets.writes_output(inputs=("catalog_uri",))
+@outputs.writes_output(inputs=("catalog_uri",))
 def create_concept_splits(catalog_uri: str, out_uri: str, config: SplitSettings) -> SplitResult:
     """Split a catalog's concepts into train and val and write the outputs."""
     datasets.verify_dataset(catalog_uri, CATALOG_KIND)

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from embedpipe.config import EmbedSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.finite import check_embeddings
 from embedpipe.core.images import (
     DEFAULT_LIMITS,
@@ -495,7 +495,7 @@ def _fingerprint(
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-@datasets.writes_output(inputs=("images_uri", "select_uri"))
+@outputs.writes_output(inputs=("images_uri", "select_uri"))
 def embed_images(
     images_uri: str,
     out_uri: str,
@@ -681,7 +681,7 @@ def _write_rejected(out_uri: str, rejected: list[tuple[str, str]]) -> None:
 
 
 def _publish(out_uri: str, index: int, table: pa.Table) -> dict:
-    handle, path = tempfile.mkstemp(suffix=storage.TMP_SUFFIX, dir=datasets.staging_dir(out_uri))
+    handle, path = tempfile.mkstemp(suffix=storage.TMP_SUFFIX, dir=outputs.staging_dir(out_uri))
     os.close(handle)
     try:
         pq.write_table(table, path, compression="zstd")

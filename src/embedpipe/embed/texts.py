@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedpipe.config import EmbedSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.schemas import TEXT_EMBEDDINGS_KIND
 from embedpipe.embed.images import (
     EmbedResult,
@@ -82,7 +82,7 @@ def _distinct_batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-@datasets.writes_output(inputs=("texts_uri",))
+@outputs.writes_output(inputs=("texts_uri",))
 def embed_texts(
     texts_uri: str,
     out_uri: str,

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedpipe.config.evaluate import TASKS, EvaluateSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.finite import check_embeddings
 from embedpipe.core.recall_rules import category_gallery_problem, k_too_large, too_few_classes
 from embedpipe.core.results import StageMetrics
@@ -294,7 +294,7 @@ def _resolve_tasks(config: EvaluateSettings) -> tuple[list[str], bool]:
     return (list(config.tasks), True) if config.tasks else (list(TASKS), False)
 
 
-@datasets.writes_output(inputs=("metadata_uri", "images_uri", "select_uri"))
+@outputs.writes_output(inputs=("metadata_uri", "images_uri", "select_uri"))
 def evaluate_models(
     sources: list[Source],
     metadata_uri: str,

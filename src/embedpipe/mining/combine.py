@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedpipe.config import CombineSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.schemas import NEGATIVES_KIND, NEGATIVES_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class CombineResult:
         }
 
 
-@datasets.writes_output(inputs=("inputs",))
+@outputs.writes_output(inputs=("inputs",))
 def combine_negatives(inputs: list[str], out_uri: str, config: CombineSettings) -> CombineResult:
     num_samples, seed = config.num_samples, config.seed
     tables, skipped = [], {}

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedpipe.config import MineSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import NEGATIVES_KIND, NEGATIVES_SCHEMA
 from embedpipe.mining.partition import Partition, read_partition
@@ -137,7 +137,7 @@ def assign_bands(scores: np.ndarray, config: MineSettings) -> tuple[np.ndarray, 
     return np.searchsorted(edges, scores, side="right"), edges
 
 
-@datasets.writes_output()
+@outputs.writes_output()
 def mine_category(partition: str | Partition, out_uri: str, config: MineSettings) -> MineResult:
     """Hard negatives for the category of one partition (a partition dataset's URI, or the
     partition in memory), written as a dataset at ``out_uri``.

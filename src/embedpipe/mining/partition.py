@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.schemas import EMBEDDINGS_KIND, PARTITION_KIND, PARTITIONS_KIND
 
 META_COLUMNS = ["image_id", "category", "concept", "split"]
@@ -86,7 +86,7 @@ def split_by_category(metadata_uri: str, embeddings_uri: str) -> dict[str, Parti
     }
 
 
-@datasets.writes_output(inputs=("metadata_uri", "embeddings_uri"))
+@outputs.writes_output(inputs=("metadata_uri", "embeddings_uri"))
 def partition_by_category(metadata_uri: str, embeddings_uri: str, out_uri: str) -> dict[str, str]:
     """Write each category's distinct images with their vectors as a dataset of its own.
 

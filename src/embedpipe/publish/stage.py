@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from embedpipe.config import PublishSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.schemas import IMAGES_KIND
 from embedpipe.models.backends.base import CONFIG_NAME, EMBEDPIPE_NAME
 from embedpipe.models.heads import backbone_of, is_head_config, load_head_checkpoint
@@ -248,7 +248,7 @@ def _backbone_weights(described: dict[str, Any], entry: ModelEntry) -> str:
     return weights
 
 
-@datasets.writes_output(inputs=("checkpoint_uri", "check_images_uri"))
+@outputs.writes_output(inputs=("checkpoint_uri", "check_images_uri"))
 def publish_checkpoint(
     checkpoint_uri: str,
     out_uri: str,

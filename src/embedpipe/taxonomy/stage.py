@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from embedpipe.config import TaxonomySettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import (
     IMAGES_KIND,
@@ -144,7 +144,7 @@ def read_names(images_uri: str, config: TaxonomySettings) -> pa.Table:
     return joined.select(["image_id", "source", NAME])
 
 
-@datasets.writes_output(inputs=("images_uri", "table_uri"))
+@outputs.writes_output(inputs=("images_uri", "table_uri"))
 def build_taxonomy(
     images_uri: str, table_uri: str, out_uri: str, config: TaxonomySettings
 ) -> TaxonomyResult:

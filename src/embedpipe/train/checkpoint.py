@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.finite import NonFiniteError, first_nonfinite_tensor
 from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME
 from embedpipe.train.report import METRICS_NAME
@@ -46,7 +46,7 @@ _STEP_DIR = re.compile(r"^(last|best)-(\d{8})$")
 
 
 def _publish_files(staging: Path, target_uri: str) -> None:
-    datasets.verify_output_held(target_uri)  # a run that lost its lock publishes nothing
+    outputs.verify_output_held(target_uri)  # a run that lost its lock publishes nothing
     names = sorted(os.listdir(staging), key=lambda name: name == CONFIG_NAME)
     for name in names:
         with storage.atomic_output(storage.join(target_uri, name)) as path:

@@ -26,6 +26,8 @@ from embedpipe.train.data import (
     rows_by_concept,
 )
 from embedpipe.train.nested import nested_loss, prefix_recalls
+from embedpipe.train.optim import param_groups
+from embedpipe.train.task import TaskDefaults
 from embedpipe.train.validation import image_recall, text_recall, validation_rows
 
 
@@ -96,35 +98,6 @@ def build(entry: ModelEntry, config: TrainSettings, device: str) -> tuple[Loaded
     return model, new
 
 
-def no_weight_decay(name: str, parameter: torch.Tensor) -> bool:
-    """As open_clip: gains, biases, norms and the logit scale/bias are not decayed."""
-    return (
-        parameter.ndim < 2
-        or "bn" in name
-        or "ln" in name
-        or "bias" in name
-        or "logit_scale" in name
-    )
-
-
-def param_groups(module: nn.Module, new: set[str], config: TrainSettings) -> list[dict]:
-    tower_lr = config.tower_lr or config.lr
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, parameter in module.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        key = (name in new, no_weight_decay(name, parameter))
-        groups.setdefault(key, []).append(parameter)
-    return [
-        {
-            "params": params,
-            "lr": config.lr if is_new else tower_lr,
-            "weight_decay": 0.0 if no_decay else config.weight_decay,
-        }
-        for (is_new, no_decay), params in sorted(groups.items())
-    ]
-
-
 def flops_per_sample(wrapped: nn.Module, pixels: torch.Tensor, second: torch.Tensor) -> float:
     """Forward + backward FLOPs of one sample (3x the counted forward)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -160,7 +133,7 @@ def _collate_pairs(items):
     return rows, pixels, torch.stack(others) if others[0].numel() else None
 
 
-class FinetuneTask:
+class FinetuneTask(TaskDefaults):
     """Batches of images with captions (or second images), the loss, and validation."""
 
     def __init__(
@@ -228,9 +201,6 @@ class FinetuneTask:
                 "second": others.to(self.device, non_blocking=True),
             }
 
-    def loss_of(self, forward: nn.Module, batch: dict) -> torch.Tensor:
-        return self.loss_from(self.features_of(forward, batch), batch)
-
     def features_of(self, forward: nn.Module, batch: dict) -> tuple:
         return forward(batch["pixels"], batch["second"])
 
@@ -290,7 +260,10 @@ class FinetuneTask:
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.module.state_dict()
 
-    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+    def training_weights(self) -> dict[str, torch.Tensor]:
+        return self.weights()
+
+    def load_training_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.model.module.load_state_dict(state, strict=True)
 
     def checkpoint_config(self) -> dict:

@@ -24,9 +24,11 @@ from embedpipe.models.heads import HEAD_KIND, ProjectionHead
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train import losses
 from embedpipe.train.data import Examples, positive_for, rows_by_concept
-from embedpipe.train.finetune import init_scale, param_groups
+from embedpipe.train.finetune import init_scale
 from embedpipe.train.nested import nested_loss, prefix_recalls
+from embedpipe.train.optim import param_groups
 from embedpipe.train.sampling import BandBandit, MinedNegatives, triplet_negatives
+from embedpipe.train.task import TaskDefaults
 from embedpipe.train.validation import image_recall, validation_rows
 
 __all__ = ["HeadModule", "HeadTask", "ProjectionHead", "load_embeddings"]
@@ -147,9 +149,9 @@ def load_embeddings(embeddings_uri: str, examples: Examples) -> tuple[np.ndarray
     return matrix, present, manifest
 
 
-class HeadTask:
+class HeadTask(TaskDefaults):
     """Batches of embedding rows: anchor, positive (another image of the concept) and,
-    for ``triplet``, a negative from the band the bandit picks."""
+    for a loss that needs negatives (``triplet``), a negative from the band the bandit picks."""
 
     def __init__(
         self,
@@ -196,9 +198,11 @@ class HeadTask:
         )
         self.mined = mined
         self.bandit = None
-        if config.loss == "triplet" and mined and mined.band_names:
+        self.needs_negatives = losses.needs_negatives(config.loss)
+        if self.needs_negatives and mined and mined.band_names:
             self.bandit = BandBandit(mined.band_names, config.exploration)
         self.step = 0
+        self.pending_reward: tuple[int, torch.Tensor] | None = None
 
     def param_groups(self) -> list[dict]:
         new = {name for name, _ in self.module.named_parameters()}
@@ -217,7 +221,7 @@ class HeadTask:
                 "third": None,
                 "arm": None,
             }
-            if config.loss == "triplet":
+            if self.needs_negatives:
                 arm = self.bandit.choose() if self.bandit else None
                 band = self.bandit.bands[arm] if self.bandit else None
                 negatives = triplet_negatives(
@@ -236,9 +240,6 @@ class HeadTask:
     @staticmethod
     def _draw(epoch: int, rows: list[int]) -> int:
         return derived_seed(epoch, *map(str, rows[:4]))
-
-    def loss_of(self, forward: nn.Module, batch: dict) -> torch.Tensor:
-        return self.loss_from(self.features_of(forward, batch), batch)
 
     def features_of(self, forward: nn.Module, batch: dict) -> tuple:
         return forward(batch["first"], batch["second"], batch["third"])
@@ -259,7 +260,7 @@ class HeadTask:
 
     def after_step(self, reduce) -> dict:
         """Feed the bandit the (all-reduced) violation of the band it picked."""
-        pending = getattr(self, "pending_reward", None)
+        pending = self.pending_reward
         if self.bandit is None or pending is None:
             return {}
         arm, hinge = pending

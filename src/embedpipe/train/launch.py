@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 from embedpipe.config import TrainSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import outputs, storage
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train import stage
 from embedpipe.train.distributed import LAUNCHER_HOLDS_LOCK, launched, processes_wanted
@@ -69,7 +69,7 @@ def _torchrun(nproc: int, spec: str, out_uri: str, input_uris: list[str]) -> int
         "embedpipe.train.worker",
         spec,
     ]
-    with datasets.output_lock(out_uri) as lock:
+    with outputs.output_lock(out_uri) as lock:
         process = subprocess.Popen(command, env={**os.environ, LAUNCHER_HOLDS_LOCK: "1"})
         try:
             while True:

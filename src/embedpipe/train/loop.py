@@ -31,6 +31,7 @@ from embedpipe.train.gradcache import cached_backward
 from embedpipe.train.resume_damaged import latest_readable
 from embedpipe.train.run_identity import check_same_inputs, settings_difference
 from embedpipe.train.sampling import MinedNegatives, batches_per_epoch, epoch_batches
+from embedpipe.train.task import TrainingTask
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class Loop:
 
     def __init__(
         self,
-        task: Any,
+        task: TrainingTask,
         config: TrainSettings,
         out_uri: str,
         world: World,
@@ -198,10 +199,6 @@ class Loop:
             **(extra or {}),
         }
 
-    def _training_weights(self) -> dict[str, torch.Tensor]:
-        getter = getattr(self.task, "training_weights", self.task.weights)
-        return getter()
-
     def _training_state(self) -> dict[str, Any]:
         s = self.state
         state = {
@@ -218,9 +215,9 @@ class Loop:
             "bad_validations": s.bad_validations,
             "world_size": self.world.size,
             "initial": s.initial,
-            "training_weights": self._training_weights(),
+            "training_weights": self.task.training_weights(),
         }
-        return state | getattr(self.task, "extra_state", dict)()
+        return state | self.task.extra_state()
 
     def save_last(self) -> None:
         if not self.world.is_main:
@@ -244,11 +241,7 @@ class Loop:
         ckpt.remove_older(self.out_uri, "best", self.state.step)
 
     def restore(self, uri: str, state: dict[str, Any]) -> None:
-        getter = getattr(self.task, "load_training_weights", None)
-        if getter:
-            getter(state["training_weights"])
-        else:
-            self.task.load_weights(state["training_weights"])
+        self.task.load_training_weights(state["training_weights"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -261,7 +254,7 @@ class Loop:
         s.initial = dict(state["initial"])
         s.history = ckpt.read_history(uri)
         s.resumed_from = s.step
-        getattr(self.task, "load_extra_state", lambda _: None)(state)
+        self.task.load_extra_state(state)
 
     # --- validation --------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -303,7 +296,7 @@ class Loop:
     # --- the loop ----------------------------------------------------------------------
     def run(self) -> LoopState:
         config, s = self.config, self.state
-        has_validation = len(getattr(self.task, "queries", ())) > 0
+        has_validation = len(self.task.queries) > 0
         if s.step == 0 and has_validation and not s.initial:
             s.initial = self.validate()  # the untrained model, for comparison
             if s.initial:
@@ -369,7 +362,7 @@ class Loop:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
-                extra = getattr(self.task, "after_step", lambda _: {})(self._reduce_mean)
+                extra = self.task.after_step(self._reduce_mean)
                 running = 0.0
                 s.step += 1
                 progress.update(1)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from embedpipe.config import ConfigError, TrainSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import outputs, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train import checkpoint as ckpt
@@ -58,8 +58,6 @@ def loss_options(config: TrainSettings, world: World) -> dict:
         "pos_weight": config.pos_weight,
         "margin": config.margin,
     }
-    if config.loss == "infonce":
-        options["local_loss"] = False  # every rank computes the global batch's loss
     return {key: value for key, value in options.items() if key in known}
 
 
@@ -77,11 +75,11 @@ def check_inputs(
         from embedpipe.train.finetune import check_model
 
         check_model(entry, config)
-    if config.loss == "triplet" and config.mode == "head" and not negatives_uri:
+    if losses.needs_negatives(config.loss) and config.mode == "head" and not negatives_uri:
         log.info("triplet without --negatives: negatives are random images of other concepts")
 
 
-@datasets.writes_output(inputs=TrainInputs.parameters(), writer=is_main_process)
+@outputs.writes_output(inputs=TrainInputs.parameters(), writer=is_main_process)
 def train_model(
     images_uri: str,
     out_uri: str,
@@ -183,7 +181,7 @@ def _finish(loop: Loop, task, config, out_uri, entry, started, skipped=None) -> 
             "untrained": state.initial,
             "history": state.history,
             "curves": history_curves(state.history),
-            **getattr(task, "summary", dict)(),
+            **task.summary(),
         },
     )
     log.info("trained %s: %d steps, %s", entry.name, state.step, result.metrics())

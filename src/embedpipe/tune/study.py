@@ -27,7 +27,7 @@ import pyarrow as pa
 from optuna.trial import TrialState
 
 from embedpipe.config import ConfigError, SearchDimension, TrainSettings, TuneSettings
-from embedpipe.core import datasets, storage
+from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train.inputs import TrainInputs
@@ -225,7 +225,7 @@ class _Objective:
             raise
 
 
-@datasets.writes_output(
+@outputs.writes_output(
     inputs=("images_uri", "splits_uri", "negatives_uri", "embeddings_uri", "captions_uri")
 )
 def tune_model(
