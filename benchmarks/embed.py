@@ -28,9 +28,15 @@ import harness
 from embedpipe.config import EmbedSettings, IngestSettings
 from embedpipe.core import datasets
 from embedpipe.data.ingest import ingest_images
-from embedpipe.embed import images as embed
-from embedpipe.models.loading import load_model
+from embedpipe.embed.openmp import passive_wait
 from embedpipe.models.registry import ModelEntry, get_entry
+
+passive_wait()  # before torch loads, as `embedpipe embed` does
+
+from embedpipe.embed import loader, runtime  # noqa: E402
+from embedpipe.embed.images import embed_images  # noqa: E402
+from embedpipe.models.loading import load_model  # noqa: E402
+from embedpipe.models.precision import resolve_name  # noqa: E402
 
 SMALL_MODEL = ModelEntry(
     name="vit_s32", library="open_clip", architecture="ViT-S-32-alt", embed_dim=256, image_size=224
@@ -67,11 +73,11 @@ def model_flops_per_image(model, size: int, device, dtype) -> float:
 
 def ceiling(entry, config: EmbedSettings, images: int) -> tuple[float, float]:
     """images/s of the forward alone on one batch already on the device; FLOPs/image."""
-    import torch  # after embedpipe.embed.images, which sets the OpenMP wait policy first
+    import torch
 
-    device = embed.resolve_device(config.device)
+    device = runtime.resolve_device(config.device)
     model = load_model(entry, "random", str(device))
-    inference = embed.prepare_inference(model, config, device)
+    inference = runtime.prepare_inference(model, config, device)
     size = model.preprocess_spec.size
     pixels = torch.randn(
         inference.batch_size, 3, *size, generator=torch.Generator().manual_seed(0)
@@ -90,14 +96,16 @@ def ceiling(entry, config: EmbedSettings, images: int) -> tuple[float, float]:
 
 def decode_only(images_uri: str, entry, config: EmbedSettings) -> float:
     """images/s of embed's loader, decoding and preprocessing onto the device, no model."""
-    device = embed.resolve_device(config.device)
+    device = runtime.resolve_device(config.device)
     model = load_model(entry, "random", "cpu")  # only its transform and preprocessing spec
-    inference = embed.prepare_inference(model, config.model_copy(update={"compile": False}), device)
-    work, _, _ = embed.plan_work(images_uri)
-    preprocess = embed.resolve_preprocess(config.preprocess, device)
+    inference = runtime.prepare_inference(
+        model, config.model_copy(update={"compile": False}), device
+    )
+    work, _, _ = loader.plan_work(images_uri)
+    options = runtime.loader_options(config, device)
     started = time.perf_counter()
     count = 0
-    for batch in embed.device_batches(work, inference, config, preprocess):
+    for batch in loader.device_batches(work, inference, options):
         count += len(batch.ok)
     synchronize(device)
     return count / (time.perf_counter() - started)
@@ -151,14 +159,14 @@ def main() -> None:
     )
     import torch
 
-    device = embed.resolve_device(config.device)
-    precision = embed.resolve_precision(config.precision, device)
-    preprocess = embed.resolve_preprocess(config.preprocess, device)
+    device = runtime.resolve_device(config.device)
+    precision = resolve_name(config.precision, device)
+    preprocess = runtime.resolve_preprocess(config.preprocess, device)
     print(
         f"model {entry.name} ({entry.architecture}), device {device}, "
         f"{torch.get_num_threads()} torch threads, "
-        f"{embed.resolve_workers(config, device, preprocess)} decoding worker(s), "
-        f"batch {embed.resolve_batch_size(config, entry, device)}, precision {precision}, "
+        f"{runtime.resolve_workers(config, device, preprocess)} decoding worker(s), "
+        f"batch {runtime.resolve_batch_size(config, entry, device)}, precision {precision}, "
         f"preprocess {preprocess}"
     )
 
@@ -172,7 +180,7 @@ def main() -> None:
     out = work / "embeddings"
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    result = embed.embed_images(images_uri, str(out), config, entry)
+    result = embed_images(images_uri, str(out), config, entry)
     ours = result.embedded / (time.perf_counter() - started)
     rows.append(("embedpipe embed (Parquet in, Parquet out)", ours))
 

@@ -20,6 +20,9 @@ def embed(
     text, not a dict: KFP turns every number of a dict into a float, and a free-form
     architecture config needs its integers.
     """
+    from embedpipe.embed.openmp import passive_wait
+
+    passive_wait()  # before torch loads
     from embedpipe.config import stage_settings
     from embedpipe.core.results import log_metrics
     from embedpipe.core.schemas import EMBEDDINGS_KIND

@@ -24,6 +24,9 @@ def evaluate(
     import json
     import shutil
 
+    from embedpipe.embed.openmp import passive_wait
+
+    passive_wait()  # before torch loads
     from embedpipe.config import stage_settings
     from embedpipe.core import storage
     from embedpipe.core.datasets import side_path

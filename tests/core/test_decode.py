@@ -10,7 +10,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from embedpipe.core import images
 from embedpipe.core.images import DEFAULT_LIMITS, ImageLimits, ImageRejected
-from embedpipe.embed.images import decode
+from embedpipe.embed.pixels import decode
 
 
 def test_embed_decode_refuses_a_strip_that_a_resize_would_blow_up():

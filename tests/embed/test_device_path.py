@@ -18,7 +18,7 @@ from embedpipe.config import EmbedSettings, IngestSettings
 from embedpipe.core import datasets
 from embedpipe.core.schemas import IMAGES_KIND
 from embedpipe.data.ingest import ingest_images
-from embedpipe.embed import device_pixels
+from embedpipe.embed import device_pixels, runtime
 from embedpipe.embed import images as embed
 from embedpipe.embed.images import embed_images
 from embedpipe.models.backends.base import PreprocessSpec
@@ -174,7 +174,8 @@ def test_tensor_preprocessing_matches_open_clips_transform(name):
 
 def test_bf16_weights_on_cpu_stay_close_to_fp32(photo_images, tmp_path):
     model = load_model(VIT_S32, "random")
-    inference = embed.prepare_inference(model, EmbedSettings(precision="bf16"), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    inference = runtime.prepare_inference(model, EmbedSettings(precision="bf16"), cpu)
     assert {p.dtype for p in model.module.parameters()} == {torch.bfloat16}
     assert inference.input_dtype is torch.bfloat16 and inference.autocast is None
     bf16 = run(photo_images, tmp_path / "bf16", "pil", precision="bf16")
@@ -184,15 +185,15 @@ def test_bf16_weights_on_cpu_stay_close_to_fp32(photo_images, tmp_path):
 
 def test_batch_size_and_workers_follow_the_device_unless_set(monkeypatch):
     cpu = torch.device("cpu")
-    assert embed.resolve_batch_size(EmbedSettings(), VIT_S32, cpu) == embed.CPU_BATCH
-    assert embed.resolve_batch_size(EmbedSettings(batch_size=12), VIT_S32, cpu) == 12
-    monkeypatch.setattr(embed, "available_cores", lambda: 16)
-    assert embed.resolve_workers(EmbedSettings(), cpu, "pil") == 4
-    assert embed.resolve_workers(EmbedSettings(), torch.device("cuda"), "pil") == 15
-    assert embed.resolve_workers(EmbedSettings(), torch.device("cuda"), "device") == 8
-    assert embed.resolve_workers(EmbedSettings(num_workers=0), cpu, "pil") == 0
-    monkeypatch.setattr(embed, "available_cores", lambda: 2)
-    assert embed.resolve_workers(EmbedSettings(), cpu, "pil") == 1
+    assert runtime.resolve_batch_size(EmbedSettings(), VIT_S32, cpu) == runtime.CPU_BATCH
+    assert runtime.resolve_batch_size(EmbedSettings(batch_size=12), VIT_S32, cpu) == 12
+    monkeypatch.setattr(runtime, "available_cores", lambda: 16)
+    assert runtime.resolve_workers(EmbedSettings(), cpu, "pil") == 4
+    assert runtime.resolve_workers(EmbedSettings(), torch.device("cuda"), "pil") == 15
+    assert runtime.resolve_workers(EmbedSettings(), torch.device("cuda"), "device") == 8
+    assert runtime.resolve_workers(EmbedSettings(num_workers=0), cpu, "pil") == 0
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    assert runtime.resolve_workers(EmbedSettings(), cpu, "pil") == 1
 
 
 @pytest.mark.parametrize("resize", ["shortest", "squash"])

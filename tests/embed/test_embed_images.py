@@ -13,9 +13,11 @@ from embedpipe.config import EmbedSettings, IngestSettings
 from embedpipe.core import datasets, storage
 from embedpipe.data.ingest import ingest_images
 from embedpipe.embed import images as embed
+from embedpipe.embed import loader, runtime
 from embedpipe.embed.images import embed_images
 from embedpipe.embed.texts import embed_texts
 from embedpipe.models.loading import load_model, save_model
+from embedpipe.models.precision import precision_for
 from embedpipe.models.registry import get_entry
 
 
@@ -246,31 +248,31 @@ def test_s3_in_and_out(demo_dir, bucket, tiny_entry, tiny_checkpoint, tmp_path):
 
 def test_device_and_precision_choices():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert embed.resolve_device("cpu") == cpu
-    # DECISIONS 8: auto is bf16 weights (no autocast) on CUDA, fp32 on CPU
-    assert embed.autocast_dtype("auto", cpu) is None
-    assert embed.weights_dtype("auto", cpu) is torch.float32
-    assert embed.autocast_dtype("auto", cuda) is None
-    assert embed.weights_dtype("auto", cuda) is torch.bfloat16
-    assert embed.autocast_dtype("amp_bf16", cpu) is torch.bfloat16
-    assert embed.weights_dtype("amp_bf16", cpu) is torch.float32
-    assert embed.weights_dtype("pure_bf16", cpu) is torch.bfloat16
-    assert embed.autocast_dtype("fp16", cpu) is torch.float16
-    assert embed.resolve_preprocess("auto", cpu) == "pil"
-    assert embed.resolve_preprocess("auto", cuda) == "device"
+    assert runtime.resolve_device("cpu") == cpu
+    # DECISIONS 5: auto is bf16 weights (no autocast) on CUDA, fp32 on CPU
+    assert precision_for("auto", cpu).autocast is None
+    assert precision_for("auto", cpu).weights is torch.float32
+    assert precision_for("auto", cuda).autocast is None
+    assert precision_for("auto", cuda).weights is torch.bfloat16
+    assert precision_for("amp_bf16", cpu).autocast is torch.bfloat16
+    assert precision_for("amp_bf16", cpu).weights is torch.float32
+    assert precision_for("pure_bf16", cpu).weights is torch.bfloat16
+    assert precision_for("fp16", cpu).autocast is torch.float16
+    assert runtime.resolve_preprocess("auto", cpu) == "pil"
+    assert runtime.resolve_preprocess("auto", cuda) == "device"
 
 
 def test_one_loader_serves_every_shard(
     sharded_images, tiny_entry, tiny_checkpoint, tmp_path, monkeypatch
 ):
     loaders = []
-    real = embed.DataLoader
+    real = loader.DataLoader
 
     def counted(*args, **kwargs):
         loaders.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(embed, "DataLoader", counted)
+    monkeypatch.setattr(loader, "DataLoader", counted)
     result = embed_images(
         sharded_images, str(tmp_path / "e"), settings(tiny_checkpoint, num_workers=2), tiny_entry
     )

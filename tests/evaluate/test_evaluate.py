@@ -432,7 +432,7 @@ def test_a_checkpoint_evaluates_like_clip_benchmark_on_the_same_model(
     meta = datasets.read_table(demo_images, "images", ["image_id", "image", "concept"])
     seen, items = set(), []
     classes = sorted(set(meta.column("concept").to_pylist()))
-    from embedpipe.embed.images import decode
+    from embedpipe.embed.pixels import decode
 
     for image_id, data, concept in zip(
         *(meta.column(c).to_pylist() for c in ("image_id", "image", "concept")), strict=True

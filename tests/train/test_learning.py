@@ -13,7 +13,7 @@ from PIL import Image
 from embedpipe.config import TrainSettings
 from embedpipe.core import datasets
 from embedpipe.core.schemas import IMAGES_SCHEMA
-from embedpipe.embed.images import decode
+from embedpipe.embed.pixels import decode
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train.stage import train_model
 

@@ -112,6 +112,9 @@ def _embed_entry(settings: Settings):
 
 
 def run_embed(args: argparse.Namespace, settings: Settings) -> None:
+    from embedpipe.embed.openmp import passive_wait
+
+    passive_wait()  # before torch loads
     from embedpipe.embed.images import embed_images
 
     entry = _embed_entry(settings)
@@ -352,6 +355,9 @@ class _AppendSource(argparse.Action):
 
 
 def run_evaluate(args: argparse.Namespace, settings: Settings) -> None:
+    from embedpipe.embed.openmp import passive_wait
+
+    passive_wait()  # before torch loads
     from embedpipe.evaluate.sources import EmbeddingsSource, ModelSource
     from embedpipe.evaluate.stage import evaluate_models
 

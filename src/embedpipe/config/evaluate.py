@@ -74,8 +74,10 @@ class EvaluateSettings(Section):
     seed: int = Field(0, description="seed of probes, IsolationForest and plot sampling")
     batch_size: int = Field(64, gt=0, description="images per forward pass (models only)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+    precision: Literal["auto", "fp32", "amp_bf16", "bf16", "pure_bf16", "fp16"] = Field(
+        "auto",
+        description="models only, as embed: fp32; amp_bf16 (autocast); bf16 or pure_bf16 "
+        "(bf16 weights); fp16 (autocast); auto: bf16 on GPU, fp32 on CPU",
     )
     tokenizer_dir: str = Field("", description="local tokenizer for hub-tokenizer models")
     accelerator_type: str = Field(

@@ -76,7 +76,9 @@ class TrainSettings(Section):
     epochs: int = Field(1, gt=0, description="passes over the training data when steps is 0")
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: off)")
     precision: Literal["auto", "fp32", "amp_bf16", "bf16", "pure_bf16"] = Field(
-        "auto", description="auto: amp_bf16 on CUDA, fp32 on CPU (open_clip's names)"
+        "auto",
+        description="fp32; amp_bf16 (autocast); bf16 or pure_bf16 (bf16 weights, under bf16 "
+        "autocast); auto: amp_bf16 on CUDA, fp32 on CPU (open_clip's names)",
     )
     grad_checkpointing: bool = Field(False, description="recompute tower activations")
     compile: bool = Field(False, description="torch.compile the model")

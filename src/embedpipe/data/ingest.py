@@ -25,14 +25,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from embedpipe.config import IngestSettings
 from embedpipe.core import datasets, images, outputs, parallel, storage
 from embedpipe.core.images import ImageLimits
+from embedpipe.core.rejected import REJECTED_NAME, write_rejected
 from embedpipe.core.results import StageMetrics
-from embedpipe.core.schemas import IMAGES_KIND, IMAGES_SCHEMA, REJECTED_SCHEMA, images_schema
+from embedpipe.core.schemas import IMAGES_KIND, IMAGES_SCHEMA, images_schema
 from embedpipe.data import known_sources
 from embedpipe.data.sources import LayoutError, Member, SourceReader, resolve_source
 
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_IMAGES = 32
 REPORT_NAME = "ingest_report.json"
-REJECTED_NAME = "rejected.parquet"
 
 
 @dataclass(frozen=True)
@@ -161,7 +160,7 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
         coco_report = {}
         if any(source.kind == known_sources.COCO_KIND for source in planned):
             coco_report = {"coco_images_without_captions": uncaptioned}
-        _write_rejected(out_uri, rejected)
+        write_rejected(out_uri, rejected)
         storage.write_json(
             datasets.side_path(out_uri, REPORT_NAME),
             {**result.metrics(), **coco_report, "rejected_examples": rejected[:20]},
@@ -198,10 +197,3 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
             datasets.side_path(out_uri, REJECTED_NAME),
         )
     return result
-
-
-def _write_rejected(out_uri: str, rejected: list[tuple[str, str]]) -> None:
-    columns = list(zip(*rejected, strict=True)) if rejected else [[], []]
-    table = pa.table(dict(zip(REJECTED_SCHEMA.names, columns, strict=True)), schema=REJECTED_SCHEMA)
-    with storage.atomic_output(datasets.side_path(out_uri, REJECTED_NAME)) as path:
-        pq.write_table(table, path)

@@ -16,13 +16,9 @@ import pyarrow.parquet as pq
 from embedpipe.config import EmbedSettings
 from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.schemas import TEXT_EMBEDDINGS_KIND
-from embedpipe.embed.images import (
-    EmbedResult,
-    embedding_schema,
-    prepare_inference,
-    resolve_device,
-)
+from embedpipe.embed.images import EmbedResult, embedding_schema
 from embedpipe.embed.prefix import prefix_model
+from embedpipe.embed.runtime import prepare_inference, resolve_device
 from embedpipe.models.loading import load_model
 from embedpipe.models.registry import ModelEntry, get_entry
 

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 
 from embedpipe.config.evaluate import EvaluateSettings
 from embedpipe.core import datasets, storage
-from embedpipe.core.schemas import EMBEDDINGS_KIND, IMAGES_KIND, TEXT_EMBEDDINGS_KIND
+from embedpipe.core.schemas import EMBEDDINGS_KIND, TEXT_EMBEDDINGS_KIND
 
 LOCAL_DIR = "local-dir:"
 
@@ -28,10 +27,6 @@ log = logging.getLogger(__name__)
 
 class MissingGroundTruth(ValueError):
     """The data (or the model) lacks what an asked metric needs."""
-
-
-class CorruptImage(ValueError):
-    """An image of the evaluated set does not decode."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +97,9 @@ class PrecomputedEncoder:
 
 
 class ModelEncoder:
+    """A model run on the images (and texts) through the embedding engine: the loader of
+    ``embed``, in the inference meaning of ``[evaluate].precision``."""
+
     def __init__(
         self,
         source: ModelSource,
@@ -109,21 +107,19 @@ class ModelEncoder:
         images_uri: str,
         models: dict[str, dict[str, Any]] | None = None,
     ):
-        import torch
-
-        from embedpipe.embed.images import resolve_device
+        from embedpipe.embed.runtime import resolve_device
 
         self.source = source.weights
         self.images_uri = images_uri
         self.config = config
         self.device = resolve_device(config.device)
-        self._torch = torch
         self._load(source.weights, models)
         self.name = source.name or self.name
 
     def _load(self, weights: str, models: dict[str, dict[str, Any]] | None) -> None:
         """A registry name, a trained checkpoint or head (its config.json names the entry),
         a published model (local-dir:, hf-hub:), or weights of ``[evaluate].model``."""
+        from embedpipe.embed.runtime import ready_for_inference
         from embedpipe.models.loading import checkpoint_entry, entry_for_weights, load_model
         from embedpipe.models.registry import get_entry, load_registry
 
@@ -143,95 +139,44 @@ class ModelEncoder:
         model = load_model(entry, weights, str(self.device), self.config.tokenizer_dir)
         suffix = f" ({os.path.basename(os.path.normpath(weights))})" if weights else ""
         self.name = entry.name + suffix
-        self.transform = model.transform
-        self._encode_images = model.encode_images
-        self._encode_texts = model.encode_texts
+        self.inference = ready_for_inference(
+            model, self.device, self.config.precision, self.config.batch_size
+        )
         # A head projects image embeddings only: its backbone's text tower is not its own.
         self.has_text = entry.text and model.backbone_entry is None
 
     def why_no_text(self) -> str:
         return f"{self.name}: an image-only model has no text tower"
 
-    def _autocast(self):
-        from embedpipe.embed.images import autocast_dtype
-
-        dtype = autocast_dtype(self.config.precision, self.device)
-        return self._torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
     def images(self, ids: list[str]) -> np.ndarray:
+        from embedpipe.embed.loader import MissingImages, UndecodableImages, vectors_for
+        from embedpipe.embed.runtime import LoaderOptions, default_workers
 
-        torch = self._torch
         if not self.images_uri:
             raise MissingGroundTruth(
                 "evaluating a model needs the images: give --images (an `ingest` output)"
             )
-        wanted = {image_id: row for row, image_id in enumerate(ids)}
-        out: np.ndarray | None = None
-        found = np.zeros(len(ids), dtype=bool)
-        pending: list[tuple[int, Any]] = []
-
-        def flush() -> None:
-            nonlocal out
-            rows = [row for row, _ in pending]
-            pixels = torch.stack([p for _, p in pending]).to(self.device)
-            with torch.inference_mode(), self._autocast():
-                vectors = self._encode_images(pixels).float().cpu().numpy()
-            if out is None:
-                out = np.zeros((len(ids), vectors.shape[1]), dtype=np.float32)
-            out[rows] = vectors
-            found[rows] = True
-            pending.clear()
-
-        batches = datasets.iter_batches(self.images_uri, IMAGES_KIND, ["image_id", "image"], 256)
-        for batch in batches:
-            keep = pc.is_in(batch.column(0), value_set=_string_array(wanted))
-            for image_id, data in zip(
-                batch.column(0).filter(keep).to_pylist(),
-                batch.column(1).filter(keep),
-                strict=True,
-            ):
-                row = wanted[image_id]
-                if found[row] or any(r == row for r, _ in pending):
-                    continue
-                pending.append((row, self.transform(self._decode(image_id, data.as_py()))))
-                if len(pending) == self.config.batch_size:
-                    flush()
-        if pending:
-            flush()
-        if not found.all():
-            missing = ids[int(np.flatnonzero(~found)[0])]
-            raise MissingGroundTruth(
-                f"{self.images_uri}: {int((~found).sum())} image(s) of the metadata are not in "
-                f"the images dataset (e.g. {missing})"
-            )
-        assert out is not None
-        return out
-
-    def _decode(self, image_id: str, data: bytes):
-        from embedpipe.embed.images import decode, decode_error
-
+        # Pillow and the model's own transform: exact to open_clip, as clip_benchmark runs
+        options = LoaderOptions("pil", default_workers(self.device, "pil"), normalize=False)
         try:
-            return decode(data, None)
-        except Exception as error:  # PIL's errors: OSError, ValueError, DecompressionBomb
-            raise CorruptImage(
-                f"{self.images_uri}: image {image_id} cannot be decoded ({decode_error(error)}); "
-                "evaluate a selection without it (dedup or select), or ingest it again"
+            return vectors_for(self.images_uri, ids, self.inference, options)
+        except UndecodableImages as error:
+            raise ValueError(
+                f"{error}; evaluate a selection without it (dedup or select), or ingest it again"
             ) from None
+        except MissingImages as error:
+            raise MissingGroundTruth(
+                f"{self.images_uri}: {len(error.missing)} image(s) of the metadata are not in "
+                f"the images dataset (e.g. {error.missing[0]})"
+            ) from error
 
     def texts(self, texts: list[str]) -> np.ndarray:
-        torch = self._torch
         chunks = []
-        with torch.inference_mode(), self._autocast():
+        with self.inference.running():
             for start in range(0, len(texts), self.config.batch_size):
                 batch = texts[start : start + self.config.batch_size]
-                chunks.append(self._encode_texts(batch).float().cpu().numpy())
+                chunks.append(self.inference.encode_texts(batch, normalize=False).cpu().numpy())
         return np.concatenate(chunks)
-
-
-def _string_array(values):
-    import pyarrow as pa
-
-    return pa.array(list(values), pa.string())
 
 
 class ProjectedEncoder:
@@ -328,7 +273,7 @@ def open_source(
             manifest = datasets.read_manifest(embeddings.embeddings, EMBEDDINGS_KIND)
             difference = _backbone_difference(manifest, head_config)
             if not difference:
-                from embedpipe.embed.images import resolve_device
+                from embedpipe.embed.runtime import resolve_device
 
                 device = resolve_device(config.device)
                 return ProjectedEncoder(source, directory, embeddings, device)

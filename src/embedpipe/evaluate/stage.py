@@ -312,7 +312,7 @@ def evaluate_models(
     columns): an ``ingest``, ``split`` or ``dedup`` output. Models read the images from
     ``images_uri`` (default: the metadata itself when it is an ``ingest`` output).
     """
-    from embedpipe.embed.images import resolve_device
+    from embedpipe.embed.runtime import resolve_device
 
     started = time.perf_counter()
     if not sources:

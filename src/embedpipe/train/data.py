@@ -19,9 +19,9 @@ from torch.utils.data import Dataset
 
 from embedpipe.config import ConfigError, TrainSettings
 from embedpipe.core import datasets, storage
+from embedpipe.core.images import DEFAULT_LIMITS, decode_rgb
 from embedpipe.core.schemas import IMAGES_KIND
 from embedpipe.core.seeding import derived_seed
-from embedpipe.embed.images import decode
 
 
 @dataclass
@@ -184,7 +184,7 @@ class PixelDataset(Dataset):
         return len(self.image_ids)
 
     def _pixels(self, row: int) -> torch.Tensor:
-        return self.transform(decode(self.store.read(self.image_ids[row]), None))
+        return self.transform(decode_rgb(self.store.read(self.image_ids[row]), DEFAULT_LIMITS))
 
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor]:
         return row, self._pixels(row)

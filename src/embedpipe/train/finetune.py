@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from embedpipe.config import ConfigError, TrainSettings
 from embedpipe.models.loading import LoadedModel, fetch_weights, load_model
+from embedpipe.models.precision import TRAINING, precision_for
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train import losses
 from embedpipe.train.data import (
@@ -108,10 +109,6 @@ def flops_per_sample(wrapped: nn.Module, pixels: torch.Tensor, second: torch.Ten
     return 3.0 * counter.get_total_flops()
 
 
-def encode_rows(clip: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    return F.normalize(clip.encode_image(pixels).float(), dim=-1)
-
-
 def init_scale(loss: str) -> float:
     value = losses.init_logit_scale(loss)
     return math.log(1 / 0.07) if value is None else value
@@ -157,6 +154,7 @@ class FinetuneTask(TaskDefaults):
         self.queries, self.candidates = validation_rows(examples)
         wanted = set(examples.image_ids[r] for r in self.train_rows.tolist())
         wanted |= set(examples.image_ids[r] for r in self.candidates.tolist())
+        self.images_uri = images_uri
         self.store = ImageStore(images_uri, wanted)
         self.tokenizer = self.model.tokenizer() if config.image_text else None
         self.loss = nested_loss(
@@ -218,20 +216,7 @@ class FinetuneTask(TaskDefaults):
             return {}
         clip = self.model.module
         clip.eval()
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=[
-                [(int(r), -1) for r in self.candidates[i : i + self.config.batch_size]]
-                for i in range(0, len(self.candidates), self.config.batch_size)
-            ],
-            num_workers=self.config.num_workers,
-            collate_fn=_collate_pairs,
-        )
-        chunks = []
-        with autocast():
-            for _, pixels, _ in loader:
-                chunks.append(encode_rows(clip, pixels.to(self.device)).cpu())
-        images = torch.cat(chunks)
+        images = self._candidate_vectors()
         recall = partial(
             image_recall, self.examples, self.queries, self.candidates, ks=self.config.val_k
         )
@@ -256,6 +241,20 @@ class FinetuneTask(TaskDefaults):
             )
         clip.train()
         return metrics
+
+    def _candidate_vectors(self) -> torch.Tensor:
+        """The validation gallery embedded by the embedding engine's loader, in the
+        training meaning of the precision (the loop's autocast)."""
+        from embedpipe.embed.loader import vectors_for
+        from embedpipe.embed.runtime import Inference, LoaderOptions
+
+        precision = precision_for(self.config.precision, self.device, TRAINING)
+        inference = Inference(
+            self.model, self.device, precision.autocast, torch.float32, self.config.batch_size
+        )
+        ids = [self.examples.image_ids[row] for row in self.candidates.tolist()]
+        options = LoaderOptions(workers=self.config.num_workers)
+        return torch.from_numpy(vectors_for(self.images_uri, ids, inference, options))
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.module.state_dict()

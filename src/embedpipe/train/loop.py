@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from embedpipe.config import TrainSettings
+from embedpipe.models.precision import TRAINING, precision_for
 from embedpipe.train import checkpoint as ckpt
 from embedpipe.train.distributed import World
 from embedpipe.train.divergence import stop_if_diverged
@@ -61,17 +62,6 @@ HEADLINE = re.compile(r"^val_(text_)?recall_at_\d+(_dim\d+)?$")
 
 class ResumeMismatch(ValueError):
     """The output folder holds a checkpoint of a run with other settings."""
-
-
-def autocast_dtype(config: TrainSettings, device: torch.device) -> torch.dtype | None:
-    precision = config.precision
-    if precision == "auto":
-        precision = "amp_bf16" if device.type == "cuda" else "fp32"
-    return None if precision == "fp32" else torch.bfloat16
-
-
-def weights_dtype(config: TrainSettings) -> torch.dtype | None:
-    return torch.bfloat16 if config.precision in ("bf16", "pure_bf16") else None
 
 
 def lr_multiplier(step: int, warmup: int, total: int) -> float:
@@ -161,10 +151,9 @@ class Loop:
         micro = batches_per_epoch(len(self.train_rows), self.global_batch)
         self.steps_per_epoch = max(1, micro // config.accumulation)
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
-        dtype = weights_dtype(config)
-        if dtype is not None:
-            task.module.to(dtype)
-        self.autocast_dtype = autocast_dtype(config, device)
+        precision = precision_for(config.precision, device, TRAINING)
+        precision.cast(task.module)
+        self.autocast_dtype = precision.autocast
         self.forward: nn.Module = task.module
         if world.size > 1:
             self.forward = nn.parallel.DistributedDataParallel(
