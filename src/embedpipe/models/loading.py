@@ -11,7 +11,8 @@ Weights come from:
 - a local checkpoint file (open_clip ``.pt``/``.bin``/``.safetensors``);
 - an ``s3://`` prefix holding either kind of folder, downloaded once to a cache;
 - ``local-dir:DIR`` (DIR local or s3://) or ``hf-hub:ORG/NAME``: a model published in
-  open_clip's Hugging Face layout; ``entry_for_weights`` builds its entry, no registry needed.
+  open_clip's Hugging Face layout, or a published head (``published_head``);
+  ``entry_for_weights`` builds its entry, no registry needed.
 
 Checkpoints are written as a directory with ``config.json`` (the registry
 entry, plus the architecture config) and ``model.safetensors``; no pickles.
@@ -39,6 +40,7 @@ from embedpipe.models.backends.base import (
 )
 from embedpipe.models.backends.open_clip import register_open_clip_config
 from embedpipe.models.heads import HEAD_KIND
+from embedpipe.models.published_head import head_entry, load_published_head, read_head_config
 from embedpipe.models.registry import ModelEntry, ModelError
 
 __all__ = [
@@ -147,11 +149,36 @@ def _published_source(source: str) -> str:
     return source
 
 
+def _hub_head_folder(source: str) -> str | None:
+    """The local snapshot of an ``hf-hub:`` repo holding a published head (from the
+    Hugging Face cache offline), or None when the repo is not one."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id = source[len(HF_HUB) :]
+    try:
+        config = Path(hf_hub_download(repo_id, CONFIG_NAME)).parent
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
+        return None
+    if read_head_config(str(config)) is None:
+        return None
+    try:
+        return snapshot_download(repo_id)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise ModelError(
+            f"{source}: cannot fetch the published head's files ({type(error).__name__}); "
+            "offline, download the repo and pass local-dir:DIR"
+        ) from None
+
+
 def _read_published_config(source: str) -> dict:
     if source.startswith(LOCAL_DIR):
         path = Path(source[len(LOCAL_DIR) :], OPEN_CLIP_CONFIG_NAME)
         if not path.is_file():
-            raise ModelError(f"{source}: no {OPEN_CLIP_CONFIG_NAME} in this folder")
+            raise ModelError(
+                f"{source}: no {OPEN_CLIP_CONFIG_NAME} in this folder (nor the config.json of "
+                "a published head)"
+            )
         text = path.read_text(encoding="utf-8")
     else:
         from huggingface_hub import hf_hub_download
@@ -179,10 +206,16 @@ def entry_for_weights(weights: str) -> ModelEntry | None:
     if not weights.startswith((LOCAL_DIR, HF_HUB)):
         return None
     source = _published_source(weights)
-    config = _read_published_config(source)
-    model_cfg, preprocess = config["model_cfg"], config.get("preprocess_cfg") or {}
     identifier = weights.split(":", 1)[1].rstrip("/")
     name = identifier.rsplit("/", 1)[-1] or identifier
+    folder = source[len(LOCAL_DIR) :] if source.startswith(LOCAL_DIR) else None
+    if source.startswith(HF_HUB):
+        folder = _hub_head_folder(source)
+    head = read_head_config(folder) if folder else None
+    if head is not None:  # a published head: the transformers form of a head checkpoint
+        return head_entry(head, name, weights)
+    config = _read_published_config(source)
+    model_cfg, preprocess = config["model_cfg"], config.get("preprocess_cfg") or {}
     digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:8]
     size = preprocess.get("size") or model_cfg.get("vision_cfg", {}).get("image_size")
     text_cfg = model_cfg.get("text_cfg") or {}
@@ -266,6 +299,15 @@ def load_model(
         local = _published_source(source)
     else:
         local = fetch_weights(source) if source != RANDOM_WEIGHTS else source
+    folder = local[len(LOCAL_DIR) :] if local.startswith(LOCAL_DIR) else local
+    if source.startswith(HF_HUB):
+        folder = _hub_head_folder(source) or folder
+    if read_head_config(folder) is not None:
+        backbone_entry, module = load_published_head(folder, source, device)
+        transform = backend_for(backbone_entry).eval_transform(backbone_entry, module.backbone)
+        return LoadedModel(
+            entry, module, transform, source, tokenizer_dir, backbone_entry=backbone_entry
+        )
     if os.path.isfile(os.path.join(local, CONFIG_NAME)):
         kind = json.loads(Path(local, CONFIG_NAME).read_text()).get("kind")
         if kind == HEAD_KIND:
