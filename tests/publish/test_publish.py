@@ -134,11 +134,13 @@ def test_model_card_has_hub_header_lineage_training_evaluation_and_size(
         ("coco", "image_retrieval_recall@5"): 0.125,
     }
     manifest = datasets.read_manifest(small_images)
-    assert f"`{small_images}` (images, {manifest['rows']} rows)" in body
-    assert f"source: `{manifest['sources'][0]}`" in body
+    assert f"`images` (images, {manifest['rows']} rows)" in body
+    assert manifest["sources"][0].endswith("/src") and "source: `src`" in body
     assert "images per split: test: 6, train: 7" in body
     assert "groups spanning splits (leakage): 1" in body
-    assert "| epochs | 3 |" in body and "| data.train | s3://bucket/kept |" in body
+    assert "| epochs | 3 |" in body and "| data.train | kept |" in body
+    # lineage, sources and settings name no local path and no bucket (issue 24, item 10)
+    assert str(tmp_path.parent) not in text and "s3://" not in text
     assert "| coco | image_retrieval_recall@5 | 0.1250 |" in body
     assert "- parameters: 7,532,545" in body
     assert "- weights stored as float32: 30,130,180 bytes" in body
@@ -192,7 +194,9 @@ def head_checkpoint(tiny_entry, tmp_path_factory):
     torch.manual_seed(0)
     head = ProjectionHead(in_dim=64, out_dim=16, width=32, depth=3)
     path = tmp_path_factory.mktemp("head") / "ckpt"
-    save_head_checkpoint(head, tiny_entry, str(path), {"train": {"epochs": 2}})
+    save_head_checkpoint(
+        head, tiny_entry, str(path), {"train": {"epochs": 2}}, weights="random", seed=3
+    )
     return path
 
 
@@ -208,33 +212,6 @@ def test_head_checkpoint_round_trips(tiny_entry, tmp_path):
         assert torch.equal(loaded(inputs), head(inputs))
 
 
-def test_head_publishes_as_a_transformers_model_with_the_same_outputs(
-    head_checkpoint, tiny_entry, tmp_path
-):
-    from transformers import AutoModel
-
-    out = tmp_path / "head"
-    result = publish_checkpoint(str(head_checkpoint), str(out), PublishSettings())
-    assert result.kind == "head"
-    assert {"config.json", "model.safetensors", "modeling_embedpipe_head.py", "README.md"} <= {
-        p.name for p in out.iterdir()
-    }
-    config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_embedpipe_head.EmbedpipeHeadModel"
-    assert config["backbone"]["name"] == "tiny"
-    assert config["backbone"]["open_clip_config"] == tiny_entry.open_clip_config
-
-    reloaded = AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
-    head, _, _ = load_head_checkpoint(str(head_checkpoint))
-    inputs = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        got = reloaded(inputs)
-        np.testing.assert_allclose(got.numpy(), head(inputs).numpy(), atol=1e-6)
-    assert got.shape == (5, 16)
-    meta = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
-    assert meta["library_name"] == "transformers"
-
-
 @pytest.mark.parametrize(
     ("weights", "seed", "said"),
     [
@@ -245,14 +222,25 @@ def test_head_publishes_as_a_transformers_model_with_the_same_outputs(
     ],
 )
 def test_the_card_of_a_head_names_the_weights_its_backbone_embedded_with(
-    tiny_entry, tmp_path, weights, seed, said
+    tiny_entry, weights, seed, said
 ):
-    head = ProjectionHead(in_dim=64, out_dim=16, width=32, depth=2)
-    save_head_checkpoint(head, tiny_entry, str(tmp_path / "ckpt"), weights=weights, seed=seed)
-    publish_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), PublishSettings())
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert f"weights `{said}`" in card
-    assert "private-bucket" not in card and "/home/someone" not in card
+    from embedpipe.publish.stage import _backbone_weights
+
+    assert _backbone_weights({"weights": weights, "seed": seed}, tiny_entry) == said
+
+
+def test_a_published_heads_card_says_what_it_takes_returns_and_needs(head_checkpoint, tmp_path):
+    publish_checkpoint(str(head_checkpoint), str(tmp_path / "out"), PublishSettings())
+    text = (tmp_path / "out" / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "image-feature-extraction"
+    assert "Takes an RGB picture of any size" in text
+    assert "resizes its shortest side to 64 px and centre-crops it, bicubic" in text
+    assert "returns one L2-normalised 16-d embedding per picture" in text
+    assert "weights `random (seed 3)`" in text and "`open_clip_torch`" in text
+    assert "- parameters: 802,896" in text  # the image tower and the head
+    assert str(tmp_path.parent) not in text
 
 
 # --- the Hub, on loopback --------------------------------------------------------------
@@ -261,7 +249,9 @@ def test_the_card_of_a_head_names_the_weights_its_backbone_embedded_with(
 class FakeHub:
     """Answers the endpoints HfApi.create_repo and upload_folder call; records the rest."""
 
-    def __init__(self):
+    def __init__(self, failing_commits=0):
+        # Answer the first N commits with a 507, which huggingface_hub does not retry itself.
+        self.failing_commits = failing_commits
         self.created = []
         self.commits = []
         self.unexpected = []
@@ -301,6 +291,9 @@ class FakeHub:
                             ]
                         }
                     )
+                if "/commit/" in path and hub.failing_commits:
+                    hub.failing_commits -= 1
+                    return self._reply({"error": "Insufficient Storage"}, 507)
                 if "/commit/" in path:
                     lines = [json.loads(line) for line in data.splitlines() if line.strip()]
                     hub.commits.append((path, lines))
@@ -388,6 +381,38 @@ def test_push_uploads_every_published_file(small_checkpoint, hub, tmp_path, monk
         'open_clip.create_model_and_transforms("hf-hub:org/micro")'
         in hub.files()["README.md"].decode()
     )
+
+
+def test_a_push_retried_after_a_failure_makes_one_whole_commit(
+    small_checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # loopback only
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    hub = FakeHub(failing_commits=1)
+    try:
+        out = tmp_path / "published"
+        config = PublishSettings(push="org/micro", hub_endpoint=hub.endpoint)
+        with pytest.raises(RuntimeError, match=r"push to org/micro: .*507.*rerun the same publish"):
+            publish_checkpoint(str(small_checkpoint), str(out), config)
+        assert hub.commits == []  # the failed commit left nothing in the repository
+        written = {p.name: p.read_bytes() for p in out.iterdir()}
+        publish_checkpoint(str(small_checkpoint), str(out), config)  # the retry
+        assert len(hub.commits) == 1  # one commit holding every file, once
+        assert hub.files() == written == {p.name: p.read_bytes() for p in out.iterdir()}
+        paths = [line["value"]["path"] for line in hub.commits[0][1] if line["key"] == "file"]
+        assert sorted(paths) == sorted(set(paths))
+    finally:
+        hub.server.shutdown()
+        hub.server.server_close()
+
+
+def test_an_invalid_repo_id_fails_before_anything_is_written(small_checkpoint, tmp_path, capsys):
+    out = tmp_path / "p"
+    argv = ["publish", str(small_checkpoint), "--out", str(out), "--push", "org/na..me"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--push 'org/na..me': not a valid Hub repo id (Cannot have -- or .." in err
+    assert "\n" not in err and not out.exists()
 
 
 def test_push_reads_the_token_from_a_mounted_secret_file(

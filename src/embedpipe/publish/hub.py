@@ -66,5 +66,8 @@ def push_folder(folder: str, config: PublishSettings, token: str) -> str:
         )
     except (HfHubHTTPError, httpx2.HTTPError) as error:
         first_line = str(error).splitlines()[0]
-        raise RuntimeError(f"push to {config.push}: {first_line}") from None
+        raise RuntimeError(
+            f"push to {config.push}: {first_line}; nothing was committed: rerun the same "
+            "publish to retry (one commit of the whole folder)"
+        ) from None
     return commit.commit_url
