@@ -545,3 +545,88 @@ def test_publish_to_s3_and_load_back_with_local_dir_s3(
         _embed(ours.module, ours.transform, images),
         atol=1e-6,
     )
+
+
+# --- the destination: one model per folder ----------------------------------------------
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_fine_tune_then_a_head_into_one_folder_do_not_mix(
+    checkpoint, head_checkpoint, tmp_path, capsys
+):
+    out = tmp_path / "published"
+    publish_checkpoint(str(checkpoint), str(out), PublishSettings())
+    before = _snapshot(out)
+    assert main(["publish", str(head_checkpoint), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"--out {out}: holds the published model of another checkpoint" in err
+    assert "\n" not in err
+    assert _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    entry = entry_for_weights(f"local-dir:{out}")  # still the fine-tune, whole
+    assert entry.embed_dim == 64 and entry.text
+
+
+def test_a_folder_of_the_users_files_is_refused_untouched(checkpoint, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "config.json").write_text('{"mine": true}')
+    assert main(["publish", str(checkpoint), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"--out {out}: not empty (README.md, config.json) and not a published model" in err
+    assert _snapshot(out) == {"README.md": b"my notes", "config.json": b'{"mine": true}'}
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json"]
+
+
+def test_republishing_the_same_checkpoint_replaces_its_own_publish_only(
+    checkpoint, tmp_path, capsys
+):
+    from embedpipe.models.identity import PUBLISH_RECORD, checkpoint_identity
+
+    out = tmp_path / "published"
+    publish_checkpoint(str(checkpoint), str(out), PublishSettings())
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config[PUBLISH_RECORD] == {
+        "checkpoint": checkpoint_identity(str(checkpoint)),
+        "files": ["README.md", "open_clip_config.json", "open_clip_model.safetensors"],
+    }
+    publish_checkpoint(str(checkpoint), str(out), PublishSettings(name="renamed"))
+    assert "# renamed" in (out / "README.md").read_text()
+    (out / "notes.txt").write_text("someone else's")
+    assert main(["publish", str(checkpoint), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "a previous publish of this checkpoint, plus files it did not write (notes.txt)" in err
+
+
+# --- the card's metrics: the published model's, by identity -----------------------------
+
+
+def _evaluation(path, runs):
+    path.write_text(json.dumps({"models": runs, "metadata": "m"}))
+    return str(path)
+
+
+def test_the_card_takes_the_published_models_metrics_by_identity_not_position(
+    checkpoint, tmp_path, capsys
+):
+    from embedpipe.models.identity import checkpoint_identity
+
+    mine = checkpoint_identity(str(checkpoint))
+    runs = [
+        {"model": "tiny (ckpt)", "identity": mine, "metrics": {"image_image_recall@1": 0.79}},
+        {"model": "other", "identity": "sha256:0f", "metrics": {"image_image_recall@1": 0.98}},
+    ]
+    metrics = _evaluation(tmp_path / "metrics.json", runs)
+    publish_checkpoint(str(checkpoint), str(tmp_path / "p"), PublishSettings(), metrics)
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert "| image_image_recall@1 | 0.7900 |" in card and "0.98" not in card
+
+    others = _evaluation(tmp_path / "others.json", [*runs[1:], {**runs[1], "model": "b2"}])
+    argv = ["publish", str(checkpoint), "--out", str(tmp_path / "q"), "--metrics", others]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "none of its models (other, b2) is the checkpoint being published" in err
+    assert not (tmp_path / "q").exists()

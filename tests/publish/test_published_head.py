@@ -227,3 +227,24 @@ def test_a_head_on_a_transformers_backbone_is_refused_in_one_line(frozen_entry, 
     err = capsys.readouterr().err.strip()
     assert "supports heads on open_clip backbones only" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bare_head_safetensors_given_with_model_is_one_short_line(
+    head_checkpoint, photos, tmp_path, capsys
+):
+    from conftest import TINY_OPEN_CLIP
+
+    config = tmp_path / "m.toml"
+    inline = json.dumps(TINY_OPEN_CLIP).replace('":', '" =')
+    config.write_text(
+        '[models.tiny]\nlibrary = "open_clip"\narchitecture = "embedpipe-tiny"\n'
+        f"embed_dim = 64\nimage_size = 64\ntext = true\nopen_clip_config = {inline}\n"
+    )
+    weights = f"{head_checkpoint}/model.safetensors"
+    argv = ["embed", photos, "--config", str(config), "--model", "tiny", "--weights", weights]
+    assert main([*argv, "--out", str(tmp_path / "e"), "--num-workers", "0"]) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("embedpipe embed: error")]
+    assert "its tensors are not this architecture's (62 missing, 6 unexpected keys" in line
+    assert "look like a projection head's weights: pass the head checkpoint's folder" in line
+    assert len(line) < 500 and "visual.transformer" not in err

@@ -324,12 +324,32 @@ def load_model(
         raise
     except backend.load_errors as error:
         raise ModelError(
-            f"{entry.name}: cannot load weights '{source}': {error}. Offline, pass weights= a "
-            "local directory or s3:// prefix holding a checkpoint, or 'random'"
+            f"{entry.name}: cannot load weights '{source}': {_load_failure(error)}. Offline, "
+            "pass weights= a local directory or s3:// prefix holding a checkpoint, or 'random'"
         ) from error
     transform = backend.eval_transform(entry, module)
     module = module.to(device).eval()
     return LoadedModel(entry, module, transform, source, tokenizer_dir)
+
+
+def _load_failure(error: Exception) -> str:
+    """One line of why weights did not load: a state-dict mismatch is counted, not listed."""
+    import re
+
+    text = str(error)
+    if "Error(s) in loading state_dict" not in text:
+        return text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+    missing = re.findall(r'"([^"]+)"', text.partition("Missing key(s)")[2].partition("\n")[0])
+    unexpected = re.findall(r'"([^"]+)"', text.partition("Unexpected key(s)")[2].partition("\n")[0])
+    counts = (len(missing), "missing"), (len(unexpected), "unexpected")
+    counts += ((text.count("size mismatch for"), "of another shape"),)
+    parts = ", ".join(f"{count} {what}" for count, what in counts if count)
+    example = (unexpected or missing or [""])[0]
+    said = f"its tensors are not this architecture's ({parts or 'mismatched'} keys"
+    said += f", e.g. {example})" if example else ")"
+    if unexpected and all(key.startswith("layers.") for key in unexpected):
+        said += "; these look like a projection head's weights: pass the head checkpoint's folder"
+    return said
 
 
 def _create_seeded(backend: Backend, entry: ModelEntry, seed: int) -> torch.nn.Module:
