@@ -630,3 +630,31 @@ def test_the_card_takes_the_published_models_metrics_by_identity_not_position(
     err = capsys.readouterr().err.strip()
     assert "none of its models (other, b2) is the checkpoint being published" in err
     assert not (tmp_path / "q").exists()
+
+
+def test_an_open_clip_cards_snippet_and_printed_line_embed_a_picture(
+    checkpoint, tiny_entry, tmp_path, capsys
+):
+    import re
+
+    import skimage.data
+
+    from embedpipe.publish.usage import load_line
+
+    out = tmp_path / "published"
+    publish_checkpoint(str(checkpoint), str(out), PublishSettings())
+    picture = tmp_path / "coffee.jpg"
+    Image.fromarray(skimage.data.coffee()).save(picture)
+    ours = load_model(tiny_entry, str(checkpoint))
+    expected = _embed(ours.module, ours.transform, [Image.open(picture)])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+
+    (code,) = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.DOTALL)
+    code = code.replace("local-dir:PATH", f"local-dir:{out}")
+    namespace: dict = {}
+    exec(code.replace('"IMAGE.jpg"', json.dumps(str(picture))), namespace)
+    np.testing.assert_allclose(namespace["embedding"].numpy(), expected, atol=1e-5)
+    assert namespace["text"].shape == (1, 64)
+
+    exec(load_line(str(out), str(picture)), {})
+    assert capsys.readouterr().out.startswith("tensor([[")

@@ -145,8 +145,7 @@ def _snippet(card: str) -> str:
 def test_the_cards_snippet_embeds_a_picture_as_written_without_embedpipe(
     published, photos, checkpoint_vectors, tmp_path
 ):
-    sources = datasets.read_table(photos, "images", ["image_id", "source"]).to_pylist()
-    picture = next(r for r in sources if r["source"].endswith("chelsea.jpeg"))
+    picture = _chelsea(photos)
     code = _snippet((published / "README.md").read_text())
     assert '"PATH"' in code and '"IMAGE.jpg"' in code  # what the comments say to replace
     code = code.replace('"PATH"', json.dumps(str(published))).replace(
@@ -248,3 +247,32 @@ def test_a_bare_head_safetensors_given_with_model_is_one_short_line(
     assert "its tensors are not this architecture's (62 missing, 6 unexpected keys" in line
     assert "look like a projection head's weights: pass the head checkpoint's folder" in line
     assert len(line) < 500 and "visual.transformer" not in err
+
+
+def _chelsea(photos: str) -> dict:
+    rows = datasets.read_table(photos, "images", ["image_id", "source"]).to_pylist()
+    return next(r for r in rows if r["source"].endswith("chelsea.jpeg"))
+
+
+def test_the_demos_printed_line_and_the_readmes_snippet_embed_a_picture(
+    published, photos, checkpoint_vectors, capsys
+):
+    from pathlib import Path
+
+    from embedpipe.publish.usage import example_image, load_line
+
+    picture = _chelsea(photos)
+    assert example_image(photos).startswith(str(Path(photos).parent / "src"))
+    namespace: dict = {}
+    exec(load_line(str(published), picture["source"]), namespace)  # as pasted
+    assert capsys.readouterr().out.startswith("tensor([[")
+    expected = checkpoint_vectors[picture["image_id"]]
+    got = namespace["model"].embed(Image.open(picture["source"])).numpy()[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "Auto" in c]
+    code = code.replace('"published"', json.dumps(str(published)))
+    namespace = {}
+    exec(code.replace('"photo.jpg"', json.dumps(picture["source"])), namespace)
+    np.testing.assert_allclose(namespace["embedding"].numpy()[0], expected, atol=1e-4)
