@@ -658,3 +658,37 @@ def test_an_open_clip_cards_snippet_and_printed_line_embed_a_picture(
 
     exec(load_line(str(out), str(picture)), {})
     assert capsys.readouterr().out.startswith("tensor([[")
+
+
+def test_a_head_published_to_s3_loads_back_and_the_prefix_refuses_another_model(
+    head_checkpoint, small_checkpoint, bucket, tmp_path, monkeypatch
+):
+    from embedpipe.core import storage
+
+    monkeypatch.setattr("embedpipe.models.loading.CACHE_DIR", tmp_path / "cache")
+    out = f"s3://{bucket}/models/head"
+    publish_checkpoint(str(head_checkpoint), out, PublishSettings())
+    names = sorted(e.uri.rsplit("/", 1)[-1] for e in storage.list_files(out))
+    assert names == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "modeling_embedpipe_head.py",
+        "preprocessor_config.json",
+    ]
+    publish_checkpoint(str(head_checkpoint), out, PublishSettings(name="again"))  # its own
+    with pytest.raises(ValueError, match="holds the published model of another checkpoint"):
+        publish_checkpoint(str(small_checkpoint), out, PublishSettings())
+    assert sorted(e.uri.rsplit("/", 1)[-1] for e in storage.list_files(out)) == names
+
+    entry = entry_for_weights(f"local-dir:{out}")
+    model = load_model(entry, f"local-dir:{out}")
+    ours = load_model(entry_for_weights(f"local-dir:{out}"), str(head_checkpoint))
+    images = _images(2)
+    pixels = torch.stack([ours.transform(i) for i in images])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            model.encode_images(pixels).numpy(), ours.encode_images(pixels).numpy(), atol=1e-6
+        )
+    with pytest.raises(ModelError, match="no published model here"):
+        entry_for_weights(f"local-dir:s3://{bucket}/models/absent")

@@ -145,7 +145,13 @@ def fetch_weights(uri: str) -> str:
 def _published_source(source: str) -> str:
     """``local-dir:s3://...`` downloaded once, as ``local-dir:LOCAL``; other sources as given."""
     if source.startswith(LOCAL_DIR):
-        return LOCAL_DIR + fetch_weights(source[len(LOCAL_DIR) :])
+        location = source[len(LOCAL_DIR) :]
+        if storage.is_s3(location) and not any(
+            storage.exists(storage.join(location, name))
+            for name in (OPEN_CLIP_CONFIG_NAME, CONFIG_NAME)
+        ):  # publish writes the config last: without it the prefix is no (whole) model
+            raise ModelError(f"{source}: no published model here (no {OPEN_CLIP_CONFIG_NAME})")
+        return LOCAL_DIR + fetch_weights(location)
     return source
 
 
