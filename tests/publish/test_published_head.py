@@ -219,13 +219,48 @@ def test_hf_hub_weights_of_a_published_head_load_from_the_local_cache_offline(
         np.testing.assert_allclose(vector, checkpoint_vectors[image_id], atol=1e-6)
 
 
-def test_a_head_on_a_transformers_backbone_is_refused_in_one_line(frozen_entry, tmp_path, capsys):
-    head = ProjectionHead(in_dim=frozen_entry.embed_dim, out_dim=8)
-    save_head_checkpoint(head, frozen_entry, str(tmp_path / "ckpt"), weights="random")
-    assert main(["publish", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "supports heads on open_clip backbones only" in err and "\n" not in err
-    assert not (tmp_path / "out").exists()
+def test_a_head_on_a_transformers_backbone_publishes_the_same_way(photos, tmp_path):
+    """A DINOv2 backbone (random weights, seed 2): its tower, the head and its
+    preprocessing in one model; AutoModel and local-dir: give embed's vectors."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from embedpipe.models.registry import ModelEntry
+
+    dinov2 = ModelEntry(
+        name="small-dinov2",
+        library="transformers",
+        architecture="Dinov2Model",
+        embed_dim=32,
+        image_size=40,
+        arch={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "patch_size": 8,
+            "image_size": 40,
+        },
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
+    torch.manual_seed(5)
+    head = ProjectionHead(in_dim=32, out_dim=8, depth=2)
+    checkpoint = str(tmp_path / "ckpt")
+    save_head_checkpoint(head, dinov2, checkpoint, weights="random", seed=2)
+    expected = _embed_cli(photos, checkpoint, tmp_path / "e1")
+    out = tmp_path / "published"
+    assert publish_checkpoint(checkpoint, str(out), PublishSettings()).max_difference <= 1e-5
+    config = json.loads((out / "config.json").read_text())
+    assert config["transformers_architecture"] == "Dinov2Model"
+
+    processor = AutoImageProcessor.from_pretrained(str(out), trust_remote_code=True)
+    model = AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
+    ids, pictures = _decoded(photos)
+    with torch.no_grad():
+        got = model(**processor(images=pictures, return_tensors="pt")).numpy()
+    np.testing.assert_allclose(got, np.stack([expected[i] for i in ids]), atol=1e-4)
+    again = _embed_cli(photos, f"local-dir:{out}", tmp_path / "e2")
+    for image_id, vector in again.items():
+        np.testing.assert_allclose(vector, expected[image_id], atol=1e-6)
 
 
 def test_a_bare_head_safetensors_given_with_model_is_one_short_line(

@@ -234,8 +234,8 @@ def _takes(inputs: CardInputs, out_dim: Any) -> str:
     return (
         f"Takes an RGB picture of any size (the preprocessing {resize}, "
         f"{cfg.get('interpolation', 'bicubic')} interpolation, then normalises with mean "
-        f"{_cell(cfg.get('mean'))} and std {_cell(cfg.get('std'))}, as open_clip does for the "
-        f"backbone); returns one L2-normalised {out_dim}-d embedding per picture."
+        f"{_cell(cfg.get('mean'))} and std {_cell(cfg.get('std'))}, as the backbone was fed); "
+        f"returns one L2-normalised {out_dim}-d embedding per picture."
     )
 
 
@@ -267,8 +267,8 @@ def _usage(inputs: CardInputs) -> list[str]:
             "",
             "Requires `torch`, `transformers` and `open_clip_torch` (`pip install transformers "
             "open_clip_torch`): `trust_remote_code=True` runs `modeling_embedpipe_head.py` of "
-            "this model, which builds the backbone's image tower with open_clip. embedpipe is "
-            "not needed; with it, `embedpipe embed IMAGES --weights "
+            "this model, which builds the backbone's image tower and preprocesses with "
+            "open_clip. embedpipe is not needed; with it, `embedpipe embed IMAGES --weights "
             f"{'hf-hub:' + inputs.repo_id if pushed else 'local-dir:PATH'} --out EMBEDDINGS` "
             "writes the same embeddings.",
         ]
@@ -307,7 +307,7 @@ def _backbone_section(inputs: CardInputs) -> list[str]:
     return [
         "## Backbone and head",
         "",
-        f"- backbone: the image tower of `{entry.get('name')}` (open_clip "
+        f"- backbone: the image tower of `{entry.get('name')}` ({entry.get('library')} "
         f"`{entry.get('architecture')}`, {entry.get('embed_dim')}-d features, "
         f"{entry.get('image_size')} px input), weights `{weights}`; "
         "its weights are in this model's `model.safetensors` (`visual.*`)",

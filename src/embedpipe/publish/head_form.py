@@ -1,8 +1,10 @@
 """A head checkpoint published as one transformers custom model that embeds pictures: the
-backbone's image tower, the head and the backbone's preprocessing in one folder
+backbone's image tower (open_clip's, or the transformers vision model), the head and the
+backbone's preprocessing in one folder
 (``config.json`` with ``auto_map``, ``model.safetensors``, ``preprocessor_config.json``,
 ``modeling_embedpipe_head.py``), loaded with ``AutoModel`` / ``AutoImageProcessor``
-and ``trust_remote_code=True``. The modeling file needs open_clip, not embedpipe."""
+and ``trust_remote_code=True``. The modeling file needs open_clip (its preprocessing, and
+an open_clip backbone's tower) and transformers, not embedpipe."""
 
 from __future__ import annotations
 
@@ -47,6 +49,22 @@ def open_clip_model_cfg(entry: ModelEntry, visual: torch.nn.Module) -> dict[str,
     return {**model_cfg, "quick_gelu": quick}
 
 
+def transformers_preprocess_cfg(entry: ModelEntry) -> dict[str, Any]:
+    """The transformers backend's eval transform in open_clip's terms: bicubic resize of the
+    shortest side then centre crop (or a squash), to tensor, normalise; open_clip's
+    transform with these settings is the same torchvision steps."""
+    size = entry.image_size
+    return {
+        "size": [size, size],
+        "mode": "RGB",
+        "mean": list(entry.mean),
+        "std": list(entry.std),
+        "interpolation": "bicubic",
+        "resize_mode": entry.resize,
+        "fill_color": 0,
+    }
+
+
 def public_entry(entry: ModelEntry) -> dict[str, Any]:
     """The backbone's entry as published: a ``pretrained`` that is a local path or a bucket
     (meaningless to a reader, maybe private) is left out."""
@@ -70,18 +88,25 @@ def stage_head(
     )
 
     head, backbone, saved = load_head_checkpoint(directory)
-    if backbone.library != "open_clip":
-        raise ModelError(
-            f"{directory}: a head on the {backbone.library} backbone {backbone.name}: publishing "
-            "supports heads on open_clip backbones only; embed with --weights CHECKPOINT"
-        )
     model = load_model(checkpoint_entry(directory), directory, device, tokenizer_dir)
-    visual = model.module.backbone.visual
-    preprocess_cfg = dict(visual.preprocess_cfg)
+    if backbone.library == "open_clip":
+        visual = model.module.backbone.visual
+        preprocess_cfg = dict(visual.preprocess_cfg)
+        tower = {"open_clip_model_cfg": open_clip_model_cfg(backbone, visual)}
+    else:
+        visual = model.module.backbone
+        preprocess_cfg = transformers_preprocess_cfg(backbone)
+        tower = {
+            "backbone_library": "transformers",
+            "transformers_architecture": type(visual).__name__,
+            "transformers_config": visual.config.to_dict(),
+            # as the transformers backend takes image features (see backends/transformers)
+            "transformers_features": "get_image_features" if backbone.text else "pooler_output",
+        }
     config = EmbedpipeHeadConfig(
         **head.config,
+        **tower,
         normalize_input=backbone_of(saved)["normalized"],
-        open_clip_model_cfg=open_clip_model_cfg(backbone, visual),
         preprocess_cfg=preprocess_cfg,
         backbone=public_entry(backbone),
     )

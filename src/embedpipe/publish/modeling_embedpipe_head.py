@@ -1,5 +1,6 @@
-"""An image-embedding model published by embedpipe: an open_clip image tower (the backbone)
-and the projection head trained on its embeddings, as one transformers model.
+"""An image-embedding model published by embedpipe: a backbone's image tower (open_clip's,
+or a transformers vision model) and the projection head trained on its embeddings, as one
+transformers model.
 
     from transformers import AutoImageProcessor, AutoModel
     processor = AutoImageProcessor.from_pretrained(DIR, trust_remote_code=True)
@@ -13,6 +14,7 @@ torch, transformers and open_clip_torch; this file is copied as is into each pub
 """
 
 import torch
+import transformers
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
@@ -24,8 +26,10 @@ _PREPROCESS_KEYS = ("size", "mode", "mean", "std", "interpolation", "resize_mode
 
 
 class EmbedpipeHeadConfig(PretrainedConfig):
-    """``open_clip_model_cfg``: the backbone's open_clip model config (its ``vision_cfg``
-    builds the image tower); ``preprocess_cfg``: open_clip's preprocessing of that tower;
+    """``backbone_library``: ``open_clip`` (``open_clip_model_cfg``, the backbone's open_clip
+    model config, builds the image tower) or ``transformers`` (``transformers_config`` builds
+    the ``transformers_architecture`` class; ``transformers_features`` says how it gives
+    image features); ``preprocess_cfg``: open_clip's terms for the backbone's preprocessing;
     ``normalize_input``: the head learnt from L2-normalised backbone embeddings; the rest
     shapes the head (``depth`` linear layers in_dim -> width ... -> out_dim)."""
 
@@ -43,8 +47,16 @@ class EmbedpipeHeadConfig(PretrainedConfig):
         open_clip_model_cfg=None,
         preprocess_cfg=None,
         backbone=None,
+        backbone_library="open_clip",
+        transformers_architecture="",
+        transformers_config=None,
+        transformers_features="pooler_output",
         **kwargs,
     ):
+        self.backbone_library = backbone_library
+        self.transformers_architecture = transformers_architecture
+        self.transformers_config = transformers_config or {}
+        self.transformers_features = transformers_features
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.width = width
@@ -81,12 +93,17 @@ class EmbedpipeHeadModel(PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
-        model_cfg = config.open_clip_model_cfg
-        self.visual = _build_vision_tower(
-            model_cfg["embed_dim"],
-            CLIPVisionCfg(**model_cfg["vision_cfg"]),
-            quick_gelu=model_cfg.get("quick_gelu", False),
-        )
+        if config.backbone_library == "transformers":
+            settings = dict(config.transformers_config)
+            backbone_config = transformers.AutoConfig.for_model(**settings)
+            self.visual = getattr(transformers, config.transformers_architecture)(backbone_config)
+        else:
+            model_cfg = config.open_clip_model_cfg
+            self.visual = _build_vision_tower(
+                model_cfg["embed_dim"],
+                CLIPVisionCfg(**model_cfg["vision_cfg"]),
+                quick_gelu=model_cfg.get("quick_gelu", False),
+            )
         self.head = _head_layers(config)
         self._transform = None
         self.post_init()
@@ -96,10 +113,18 @@ class EmbedpipeHeadModel(PreTrainedModel):
 
     def get_image_features(self, pixel_values):
         """Preprocessed pixels (batch, 3, H, W) -> L2-normalised embeddings (batch, out_dim)."""
-        features = self.visual(pixel_values).float()
+        features = self._backbone_features(pixel_values).float()
         if self.config.normalize_input:
             features = torch.nn.functional.normalize(features, dim=-1)
         return torch.nn.functional.normalize(self.head(features), dim=-1)
+
+    def _backbone_features(self, pixel_values):
+        if self.config.backbone_library != "transformers":
+            return self.visual(pixel_values)
+        if self.config.transformers_features == "get_image_features":
+            output = self.visual.get_image_features(pixel_values=pixel_values)
+            return output if torch.is_tensor(output) else output.pooler_output
+        return self.visual(pixel_values=pixel_values).pooler_output
 
     def forward(self, pixel_values, **kwargs):
         return self.get_image_features(pixel_values)
