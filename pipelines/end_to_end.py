@@ -134,17 +134,15 @@ def summary(outputs: dict[str, str]) -> list[str]:
     from embedpipe.core import storage
     from embedpipe.core.datasets import side_path
     from embedpipe.evaluate.stage import METRICS_NAME
-    from embedpipe.publish.stage import OPEN_CLIP_CONFIG
+    from embedpipe.publish import usage
 
     evaluated = storage.read_json(side_path(outputs["evaluate/evaluation"], METRICS_NAME))
     recall = {
         run["model"]: run["metrics"].get("image_image_recall@1") for run in evaluated["models"]
     }
     published = outputs["publish/published"]
-    if storage.exists(storage.join(published, OPEN_CLIP_CONFIG)):
-        load = f'open_clip.create_model_and_transforms("local-dir:{published}")'
-    else:  # a projection head publishes as a transformers custom model
-        load = f'transformers.AutoModel.from_pretrained("{published}", trust_remote_code=True)'
+    image = usage.example_image(outputs["ingest/images"]) if "ingest/images" in outputs else ""
+    load = usage.load_line(published, image or usage.PLACEHOLDER_IMAGE)
 
     def shown(value) -> str:
         return "n/a" if value is None else f"{value:.2f}"
@@ -155,5 +153,5 @@ def summary(outputs: dict[str, str]) -> list[str]:
         f"reports: {outputs['evaluate/report']} (evaluation), {outputs['train/report']} "
         f"(training), {outputs['dedup/report']} (duplicates)",
         f"published model: {published}",
-        f"load it: {load}",
+        f"load it and embed a picture (Python): {load}",
     ]

@@ -134,11 +134,13 @@ def test_model_card_has_hub_header_lineage_training_evaluation_and_size(
         ("coco", "image_retrieval_recall@5"): 0.125,
     }
     manifest = datasets.read_manifest(small_images)
-    assert f"`{small_images}` (images, {manifest['rows']} rows)" in body
-    assert f"source: `{manifest['sources'][0]}`" in body
+    assert f"`images` (images, {manifest['rows']} rows)" in body
+    assert manifest["sources"][0].endswith("/src") and "source: `src`" in body
     assert "images per split: test: 6, train: 7" in body
     assert "groups spanning splits (leakage): 1" in body
-    assert "| epochs | 3 |" in body and "| data.train | s3://bucket/kept |" in body
+    assert "| epochs | 3 |" in body and "| data.train | kept |" in body
+    # lineage, sources and settings name no local path and no bucket (issue 24, item 10)
+    assert str(tmp_path.parent) not in text and "s3://" not in text
     assert "| coco | image_retrieval_recall@5 | 0.1250 |" in body
     assert "- parameters: 7,532,545" in body
     assert "- weights stored as float32: 30,130,180 bytes" in body
@@ -192,7 +194,9 @@ def head_checkpoint(tiny_entry, tmp_path_factory):
     torch.manual_seed(0)
     head = ProjectionHead(in_dim=64, out_dim=16, width=32, depth=3)
     path = tmp_path_factory.mktemp("head") / "ckpt"
-    save_head_checkpoint(head, tiny_entry, str(path), {"train": {"epochs": 2}})
+    save_head_checkpoint(
+        head, tiny_entry, str(path), {"train": {"epochs": 2}}, weights="random", seed=3
+    )
     return path
 
 
@@ -208,33 +212,6 @@ def test_head_checkpoint_round_trips(tiny_entry, tmp_path):
         assert torch.equal(loaded(inputs), head(inputs))
 
 
-def test_head_publishes_as_a_transformers_model_with_the_same_outputs(
-    head_checkpoint, tiny_entry, tmp_path
-):
-    from transformers import AutoModel
-
-    out = tmp_path / "head"
-    result = publish_checkpoint(str(head_checkpoint), str(out), PublishSettings())
-    assert result.kind == "head"
-    assert {"config.json", "model.safetensors", "modeling_embedpipe_head.py", "README.md"} <= {
-        p.name for p in out.iterdir()
-    }
-    config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_embedpipe_head.EmbedpipeHeadModel"
-    assert config["backbone"]["name"] == "tiny"
-    assert config["backbone"]["open_clip_config"] == tiny_entry.open_clip_config
-
-    reloaded = AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
-    head, _, _ = load_head_checkpoint(str(head_checkpoint))
-    inputs = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        got = reloaded(inputs)
-        np.testing.assert_allclose(got.numpy(), head(inputs).numpy(), atol=1e-6)
-    assert got.shape == (5, 16)
-    meta = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
-    assert meta["library_name"] == "transformers"
-
-
 @pytest.mark.parametrize(
     ("weights", "seed", "said"),
     [
@@ -245,14 +222,25 @@ def test_head_publishes_as_a_transformers_model_with_the_same_outputs(
     ],
 )
 def test_the_card_of_a_head_names_the_weights_its_backbone_embedded_with(
-    tiny_entry, tmp_path, weights, seed, said
+    tiny_entry, weights, seed, said
 ):
-    head = ProjectionHead(in_dim=64, out_dim=16, width=32, depth=2)
-    save_head_checkpoint(head, tiny_entry, str(tmp_path / "ckpt"), weights=weights, seed=seed)
-    publish_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), PublishSettings())
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert f"weights `{said}`" in card
-    assert "private-bucket" not in card and "/home/someone" not in card
+    from embedpipe.publish.stage import _backbone_weights
+
+    assert _backbone_weights({"weights": weights, "seed": seed}, tiny_entry) == said
+
+
+def test_a_published_heads_card_says_what_it_takes_returns_and_needs(head_checkpoint, tmp_path):
+    publish_checkpoint(str(head_checkpoint), str(tmp_path / "out"), PublishSettings())
+    text = (tmp_path / "out" / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "image-feature-extraction"
+    assert "Takes an RGB picture of any size" in text
+    assert "resizes its shortest side to 64 px and centre-crops it, bicubic" in text
+    assert "returns one L2-normalised 16-d embedding per picture" in text
+    assert "weights `random (seed 3)`" in text and "`open_clip_torch`" in text
+    assert "- parameters: 802,896" in text  # the image tower and the head
+    assert str(tmp_path.parent) not in text
 
 
 # --- the Hub, on loopback --------------------------------------------------------------
@@ -261,7 +249,9 @@ def test_the_card_of_a_head_names_the_weights_its_backbone_embedded_with(
 class FakeHub:
     """Answers the endpoints HfApi.create_repo and upload_folder call; records the rest."""
 
-    def __init__(self):
+    def __init__(self, failing_commits=0):
+        # Answer the first N commits with a 507, which huggingface_hub does not retry itself.
+        self.failing_commits = failing_commits
         self.created = []
         self.commits = []
         self.unexpected = []
@@ -301,6 +291,9 @@ class FakeHub:
                             ]
                         }
                     )
+                if "/commit/" in path and hub.failing_commits:
+                    hub.failing_commits -= 1
+                    return self._reply({"error": "Insufficient Storage"}, 507)
                 if "/commit/" in path:
                     lines = [json.loads(line) for line in data.splitlines() if line.strip()]
                     hub.commits.append((path, lines))
@@ -388,6 +381,38 @@ def test_push_uploads_every_published_file(small_checkpoint, hub, tmp_path, monk
         'open_clip.create_model_and_transforms("hf-hub:org/micro")'
         in hub.files()["README.md"].decode()
     )
+
+
+def test_a_push_retried_after_a_failure_makes_one_whole_commit(
+    small_checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # loopback only
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    hub = FakeHub(failing_commits=1)
+    try:
+        out = tmp_path / "published"
+        config = PublishSettings(push="org/micro", hub_endpoint=hub.endpoint)
+        with pytest.raises(RuntimeError, match=r"push to org/micro: .*507.*rerun the same publish"):
+            publish_checkpoint(str(small_checkpoint), str(out), config)
+        assert hub.commits == []  # the failed commit left nothing in the repository
+        written = {p.name: p.read_bytes() for p in out.iterdir()}
+        publish_checkpoint(str(small_checkpoint), str(out), config)  # the retry
+        assert len(hub.commits) == 1  # one commit holding every file, once
+        assert hub.files() == written == {p.name: p.read_bytes() for p in out.iterdir()}
+        paths = [line["value"]["path"] for line in hub.commits[0][1] if line["key"] == "file"]
+        assert sorted(paths) == sorted(set(paths))
+    finally:
+        hub.server.shutdown()
+        hub.server.server_close()
+
+
+def test_an_invalid_repo_id_fails_before_anything_is_written(small_checkpoint, tmp_path, capsys):
+    out = tmp_path / "p"
+    argv = ["publish", str(small_checkpoint), "--out", str(out), "--push", "org/na..me"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--push 'org/na..me': not a valid Hub repo id (Cannot have -- or .." in err
+    assert "\n" not in err and not out.exists()
 
 
 def test_push_reads_the_token_from_a_mounted_secret_file(
@@ -520,3 +545,150 @@ def test_publish_to_s3_and_load_back_with_local_dir_s3(
         _embed(ours.module, ours.transform, images),
         atol=1e-6,
     )
+
+
+# --- the destination: one model per folder ----------------------------------------------
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_fine_tune_then_a_head_into_one_folder_do_not_mix(
+    checkpoint, head_checkpoint, tmp_path, capsys
+):
+    out = tmp_path / "published"
+    publish_checkpoint(str(checkpoint), str(out), PublishSettings())
+    before = _snapshot(out)
+    assert main(["publish", str(head_checkpoint), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"--out {out}: holds the published model of another checkpoint" in err
+    assert "\n" not in err
+    assert _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    entry = entry_for_weights(f"local-dir:{out}")  # still the fine-tune, whole
+    assert entry.embed_dim == 64 and entry.text
+
+
+def test_a_folder_of_the_users_files_is_refused_untouched(checkpoint, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "config.json").write_text('{"mine": true}')
+    assert main(["publish", str(checkpoint), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"--out {out}: not empty (README.md, config.json) and not a published model" in err
+    assert _snapshot(out) == {"README.md": b"my notes", "config.json": b'{"mine": true}'}
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json"]
+
+
+def test_republishing_the_same_checkpoint_replaces_its_own_publish_only(
+    checkpoint, tmp_path, capsys
+):
+    from embedpipe.models.identity import PUBLISH_RECORD, checkpoint_identity
+
+    out = tmp_path / "published"
+    publish_checkpoint(str(checkpoint), str(out), PublishSettings())
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config[PUBLISH_RECORD] == {
+        "checkpoint": checkpoint_identity(str(checkpoint)),
+        "files": ["README.md", "open_clip_config.json", "open_clip_model.safetensors"],
+    }
+    publish_checkpoint(str(checkpoint), str(out), PublishSettings(name="renamed"))
+    assert "# renamed" in (out / "README.md").read_text()
+    (out / "notes.txt").write_text("someone else's")
+    assert main(["publish", str(checkpoint), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "a previous publish of this checkpoint, plus files it did not write (notes.txt)" in err
+
+
+# --- the card's metrics: the published model's, by identity -----------------------------
+
+
+def _evaluation(path, runs):
+    path.write_text(json.dumps({"models": runs, "metadata": "m"}))
+    return str(path)
+
+
+def test_the_card_takes_the_published_models_metrics_by_identity_not_position(
+    checkpoint, tmp_path, capsys
+):
+    from embedpipe.models.identity import checkpoint_identity
+
+    mine = checkpoint_identity(str(checkpoint))
+    runs = [
+        {"model": "tiny (ckpt)", "identity": mine, "metrics": {"image_image_recall@1": 0.79}},
+        {"model": "other", "identity": "sha256:0f", "metrics": {"image_image_recall@1": 0.98}},
+    ]
+    metrics = _evaluation(tmp_path / "metrics.json", runs)
+    publish_checkpoint(str(checkpoint), str(tmp_path / "p"), PublishSettings(), metrics)
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert "| image_image_recall@1 | 0.7900 |" in card and "0.98" not in card
+
+    others = _evaluation(tmp_path / "others.json", [*runs[1:], {**runs[1], "model": "b2"}])
+    argv = ["publish", str(checkpoint), "--out", str(tmp_path / "q"), "--metrics", others]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "none of its models (other, b2) is the checkpoint being published" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_an_open_clip_cards_snippet_and_printed_line_embed_a_picture(
+    checkpoint, tiny_entry, tmp_path, capsys
+):
+    import re
+
+    import skimage.data
+
+    from embedpipe.publish.usage import load_line
+
+    out = tmp_path / "published"
+    publish_checkpoint(str(checkpoint), str(out), PublishSettings())
+    picture = tmp_path / "coffee.jpg"
+    Image.fromarray(skimage.data.coffee()).save(picture)
+    ours = load_model(tiny_entry, str(checkpoint))
+    expected = _embed(ours.module, ours.transform, [Image.open(picture)])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+
+    (code,) = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.DOTALL)
+    code = code.replace("local-dir:PATH", f"local-dir:{out}")
+    namespace: dict = {}
+    exec(code.replace('"IMAGE.jpg"', json.dumps(str(picture))), namespace)
+    np.testing.assert_allclose(namespace["embedding"].numpy(), expected, atol=1e-5)
+    assert namespace["text"].shape == (1, 64)
+
+    exec(load_line(str(out), str(picture)), {})
+    assert capsys.readouterr().out.startswith("tensor([[")
+
+
+def test_a_head_published_to_s3_loads_back_and_the_prefix_refuses_another_model(
+    head_checkpoint, small_checkpoint, bucket, tmp_path, monkeypatch
+):
+    from embedpipe.core import storage
+
+    monkeypatch.setattr("embedpipe.models.loading.CACHE_DIR", tmp_path / "cache")
+    out = f"s3://{bucket}/models/head"
+    publish_checkpoint(str(head_checkpoint), out, PublishSettings())
+    names = sorted(e.uri.rsplit("/", 1)[-1] for e in storage.list_files(out))
+    assert names == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "modeling_embedpipe_head.py",
+        "preprocessor_config.json",
+    ]
+    publish_checkpoint(str(head_checkpoint), out, PublishSettings(name="again"))  # its own
+    with pytest.raises(ValueError, match="holds the published model of another checkpoint"):
+        publish_checkpoint(str(small_checkpoint), out, PublishSettings())
+    assert sorted(e.uri.rsplit("/", 1)[-1] for e in storage.list_files(out)) == names
+
+    entry = entry_for_weights(f"local-dir:{out}")
+    model = load_model(entry, f"local-dir:{out}")
+    ours = load_model(entry_for_weights(f"local-dir:{out}"), str(head_checkpoint))
+    images = _images(2)
+    pixels = torch.stack([ours.transform(i) for i in images])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            model.encode_images(pixels).numpy(), ours.encode_images(pixels).numpy(), atol=1e-6
+        )
+    with pytest.raises(ModelError, match="no published model here"):
+        entry_for_weights(f"local-dir:s3://{bucket}/models/absent")

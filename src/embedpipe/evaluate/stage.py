@@ -44,6 +44,7 @@ from embedpipe.evaluate.sources import (
     open_source,
 )
 from embedpipe.evaluate.truth import Truth, read_metadata
+from embedpipe.models.identity import weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +415,7 @@ def _write_outputs(out_uri, truth, config, runs, vectors_of, images_uri, metadat
             {
                 "model": run.name,
                 "source": run.source,
+                "identity": weights_identity(run.source),  # publish picks its entry by it
                 "metrics": _json_metrics(run.metrics),
                 "skipped": run.skipped,
             }

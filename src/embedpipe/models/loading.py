@@ -11,7 +11,8 @@ Weights come from:
 - a local checkpoint file (open_clip ``.pt``/``.bin``/``.safetensors``);
 - an ``s3://`` prefix holding either kind of folder, downloaded once to a cache;
 - ``local-dir:DIR`` (DIR local or s3://) or ``hf-hub:ORG/NAME``: a model published in
-  open_clip's Hugging Face layout; ``entry_for_weights`` builds its entry, no registry needed.
+  open_clip's Hugging Face layout, or a published head (``published_head``);
+  ``entry_for_weights`` builds its entry, no registry needed.
 
 Checkpoints are written as a directory with ``config.json`` (the registry
 entry, plus the architecture config) and ``model.safetensors``; no pickles.
@@ -39,6 +40,7 @@ from embedpipe.models.backends.base import (
 )
 from embedpipe.models.backends.open_clip import register_open_clip_config
 from embedpipe.models.heads import HEAD_KIND
+from embedpipe.models.published_head import head_entry, load_published_head, read_head_config
 from embedpipe.models.registry import ModelEntry, ModelError
 from embedpipe.models.weights_files import damaged_weights_named
 
@@ -144,15 +146,46 @@ def fetch_weights(uri: str) -> str:
 def _published_source(source: str) -> str:
     """``local-dir:s3://...`` downloaded once, as ``local-dir:LOCAL``; other sources as given."""
     if source.startswith(LOCAL_DIR):
-        return LOCAL_DIR + fetch_weights(source[len(LOCAL_DIR) :])
+        location = source[len(LOCAL_DIR) :]
+        if storage.is_s3(location) and not any(
+            storage.exists(storage.join(location, name))
+            for name in (OPEN_CLIP_CONFIG_NAME, CONFIG_NAME)
+        ):  # publish writes the config last: without it the prefix is no (whole) model
+            raise ModelError(f"{source}: no published model here (no {OPEN_CLIP_CONFIG_NAME})")
+        return LOCAL_DIR + fetch_weights(location)
     return source
+
+
+def _hub_head_folder(source: str) -> str | None:
+    """The local snapshot of an ``hf-hub:`` repo holding a published head (from the
+    Hugging Face cache offline), or None when the repo is not one."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id = source[len(HF_HUB) :]
+    try:
+        config = Path(hf_hub_download(repo_id, CONFIG_NAME)).parent
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
+        return None
+    if read_head_config(str(config)) is None:
+        return None
+    try:
+        return snapshot_download(repo_id)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise ModelError(
+            f"{source}: cannot fetch the published head's files ({type(error).__name__}); "
+            "offline, download the repo and pass local-dir:DIR"
+        ) from None
 
 
 def _read_published_config(source: str) -> dict:
     if source.startswith(LOCAL_DIR):
         path = Path(source[len(LOCAL_DIR) :], OPEN_CLIP_CONFIG_NAME)
         if not path.is_file():
-            raise ModelError(f"{source}: no {OPEN_CLIP_CONFIG_NAME} in this folder")
+            raise ModelError(
+                f"{source}: no {OPEN_CLIP_CONFIG_NAME} in this folder (nor the config.json of "
+                "a published head)"
+            )
         text = path.read_text(encoding="utf-8")
     else:
         from huggingface_hub import hf_hub_download
@@ -180,10 +213,16 @@ def entry_for_weights(weights: str) -> ModelEntry | None:
     if not weights.startswith((LOCAL_DIR, HF_HUB)):
         return None
     source = _published_source(weights)
-    config = _read_published_config(source)
-    model_cfg, preprocess = config["model_cfg"], config.get("preprocess_cfg") or {}
     identifier = weights.split(":", 1)[1].rstrip("/")
     name = identifier.rsplit("/", 1)[-1] or identifier
+    folder = source[len(LOCAL_DIR) :] if source.startswith(LOCAL_DIR) else None
+    if source.startswith(HF_HUB):
+        folder = _hub_head_folder(source)
+    head = read_head_config(folder) if folder else None
+    if head is not None:  # a published head: the transformers form of a head checkpoint
+        return head_entry(head, name, weights)
+    config = _read_published_config(source)
+    model_cfg, preprocess = config["model_cfg"], config.get("preprocess_cfg") or {}
     digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:8]
     size = preprocess.get("size") or model_cfg.get("vision_cfg", {}).get("image_size")
     text_cfg = model_cfg.get("text_cfg") or {}
@@ -275,6 +314,15 @@ def _load_model(
         local = _published_source(source)
     else:
         local = fetch_weights(source) if source != RANDOM_WEIGHTS else source
+    folder = local[len(LOCAL_DIR) :] if local.startswith(LOCAL_DIR) else local
+    if source.startswith(HF_HUB):
+        folder = _hub_head_folder(source) or folder
+    if read_head_config(folder) is not None:
+        backbone_entry, module = load_published_head(folder, source, device)
+        transform = backend_for(backbone_entry).eval_transform(backbone_entry, module.backbone)
+        return LoadedModel(
+            entry, module, transform, source, tokenizer_dir, backbone_entry=backbone_entry
+        )
     if os.path.isfile(os.path.join(local, CONFIG_NAME)):
         kind = json.loads(Path(local, CONFIG_NAME).read_text()).get("kind")
         if kind == HEAD_KIND:
@@ -291,12 +339,32 @@ def _load_model(
         raise
     except backend.load_errors as error:
         raise ModelError(
-            f"{entry.name}: cannot load weights '{source}': {error}. Offline, pass weights= a "
-            "local directory or s3:// prefix holding a checkpoint, or 'random'"
+            f"{entry.name}: cannot load weights '{source}': {_load_failure(error)}. Offline, "
+            "pass weights= a local directory or s3:// prefix holding a checkpoint, or 'random'"
         ) from error
     transform = backend.eval_transform(entry, module)
     module = module.to(device).eval()
     return LoadedModel(entry, module, transform, source, tokenizer_dir)
+
+
+def _load_failure(error: Exception) -> str:
+    """One line of why weights did not load: a state-dict mismatch is counted, not listed."""
+    import re
+
+    text = str(error)
+    if "Error(s) in loading state_dict" not in text:
+        return text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+    missing = re.findall(r'"([^"]+)"', text.partition("Missing key(s)")[2].partition("\n")[0])
+    unexpected = re.findall(r'"([^"]+)"', text.partition("Unexpected key(s)")[2].partition("\n")[0])
+    counts = (len(missing), "missing"), (len(unexpected), "unexpected")
+    counts += ((text.count("size mismatch for"), "of another shape"),)
+    parts = ", ".join(f"{count} {what}" for count, what in counts if count)
+    example = (unexpected or missing or [""])[0]
+    said = f"its tensors are not this architecture's ({parts or 'mismatched'} keys"
+    said += f", e.g. {example})" if example else ")"
+    if unexpected and all(key.startswith("layers.") for key in unexpected):
+        said += "; these look like a projection head's weights: pass the head checkpoint's folder"
+    return said
 
 
 def _create_seeded(backend: Backend, entry: ModelEntry, seed: int) -> torch.nn.Module:

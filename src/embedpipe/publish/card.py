@@ -4,6 +4,7 @@ trust the model: where its data came from, how it was trained and evaluated, its
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,20 +28,37 @@ class CardInputs:
     repo_id: str = ""
     head: dict[str, Any] = field(default_factory=dict)
     backbone_weights: str = ""  # a head's: the weights its backbone embedded with
+    normalize_input: bool = True  # a head's: it learnt from L2-normalised backbone features
+    preprocess: dict[str, Any] = field(default_factory=dict)  # open_clip's preprocess_cfg
     metrics: list[tuple[str, str, float]] = field(default_factory=list)  # dataset, metric, value
     lineage: list[dict[str, Any]] = field(default_factory=list)
 
 
-def read_metrics(uri: str) -> list[tuple[str, str, float]]:
+def _metrics_of(uri: str, models: list, identity: str) -> dict:
+    """The metrics of the published checkpoint among an evaluation's models (``embedpipe
+    evaluate`` records each model's identity): picked by identity, never by position."""
+    runs = [run for run in models if isinstance(run, dict)]
+    matching = [run for run in runs if run.get("identity") == identity]
+    if len(runs) == 1 and "identity" not in runs[0]:
+        matching = runs  # one model, evaluated before identities were recorded
+    if not matching:
+        names = ", ".join(str(run.get("model")) for run in runs)
+        raise ValueError(
+            f"--metrics {uri}: none of its models ({names}) is the checkpoint being published; "
+            "evaluate it (--weights CHECKPOINT) and pass that metrics.json"
+        )
+    return matching[-1].get("metrics") or {}
+
+
+def read_metrics(uri: str, identity: str = "") -> list[tuple[str, str, float]]:
     """(dataset, metric, value) for every number in an evaluation's metrics.json: flat
-    ({"acc1": 0.5}) or nested by dataset or task ({"imagenet": {"acc1": 0.5}})."""
+    ({"acc1": 0.5}), nested by dataset or task ({"imagenet": {"acc1": 0.5}}), or one entry
+    per model (``embedpipe evaluate``), of which the one whose identity is ``identity``."""
     data = storage.read_json(uri)  # a StorageError names the file
     if not isinstance(data, dict):
         raise ValueError(f"{uri}: expected a JSON object of metrics")
     if isinstance(data.get("models"), list) and data["models"]:
-        # `embedpipe evaluate` of several models side by side: the card is the last one's
-        # (the trained model, evaluated after its baseline).
-        data = data["models"][-1].get("metrics") or {}
+        data = _metrics_of(uri, data["models"], identity)
     found: list[tuple[str, str, float]] = []
 
     def walk(node: dict, path: list[str], dataset: str) -> None:
@@ -127,7 +145,33 @@ def _header(inputs: CardInputs, config: PublishSettings) -> str:
     return f"---\n{data.to_yaml()}\n---\n"
 
 
+def is_private_path(value: str) -> bool:
+    """A local path or a bucket: meaningless to a reader of the card, maybe private."""
+    value = value.removeprefix("local-dir:")
+    return bool(value) and (
+        storage.is_s3(value) or os.path.isabs(value) or ("/" in value and os.path.exists(value))
+    )
+
+
+def public_name(value: str) -> str:
+    """``value`` as the card may show it: a path or bucket URI by its last name only."""
+    if not is_private_path(value):
+        return value
+    return os.path.basename(os.path.normpath(value.removeprefix("local-dir:"))) or "(a path)"
+
+
+def _public(value: Any) -> Any:
+    if isinstance(value, str):
+        return public_name(value)
+    if isinstance(value, list | tuple):
+        return [_public(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _public(item) for key, item in value.items()}
+    return value
+
+
 def _cell(value: Any) -> str:
+    value = _public(value)
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -153,9 +197,10 @@ def _lineage_section(lineage: list[dict[str, Any]]) -> list[str]:
         return lines
     for info in lineage:
         rows = info.get("rows")
-        lines.append(f"- `{info['uri']}` ({info['kind']}" + (f", {rows} rows)" if rows else ")"))
+        where = public_name(info["uri"])
+        lines.append(f"- `{where}` ({info['kind']}" + (f", {rows} rows)" if rows else ")"))
         for source in info.get("sources", []):
-            lines.append(f"  - source: `{source}`")
+            lines.append(f"  - source: `{public_name(source)}`")
         if info.get("splits"):
             counts = ", ".join(f"{k}: {v}" for k, v in sorted(info["splits"].items()))
             lines.append(f"  - images per split: {counts}")
@@ -177,30 +222,76 @@ def _lineage_section(lineage: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _takes(inputs: CardInputs, out_dim: Any) -> str:
+    """What the model takes and returns, from the preprocessing it was published with."""
+    cfg = inputs.preprocess
+    size = cfg.get("size")
+    side = size[0] if isinstance(size, list | tuple) else size
+    resize = {
+        "squash": f"resizes it to {side}x{side} px",
+        "longest": f"resizes its longest side to {side} px and pads it to {side}x{side}",
+    }.get(cfg.get("resize_mode"), f"resizes its shortest side to {side} px and centre-crops it")
+    return (
+        f"Takes an RGB picture of any size (the preprocessing {resize}, "
+        f"{cfg.get('interpolation', 'bicubic')} interpolation, then normalises with mean "
+        f"{_cell(cfg.get('mean'))} and std {_cell(cfg.get('std'))}, as the backbone was fed); "
+        f"returns one L2-normalised {out_dim}-d embedding per picture."
+    )
+
+
 def _usage(inputs: CardInputs) -> list[str]:
-    where = f"hf-hub:{inputs.repo_id}" if inputs.repo_id else "local-dir:PATH"
+    pushed = bool(inputs.repo_id)
     if inputs.kind == "head":
-        backbone = inputs.entry
+        out_dim = inputs.head.get("out_dim")
+        model_id = inputs.repo_id or "PATH"
+        said = "the Hub repo" if pushed else "replace PATH with this model's folder"
         return [
+            _takes(inputs, out_dim),
+            "",
             "```python",
-            "from transformers import AutoModel",
-            f'head = AutoModel.from_pretrained("{inputs.repo_id or "PATH"}", '
-            "trust_remote_code=True)",
-            "projected = head(backbone_image_embeddings)  # (batch, "
-            f"{inputs.head.get('in_dim')}) -> (batch, {inputs.head.get('out_dim')})",
+            "import torch",
+            "from PIL import Image",
+            "from transformers import AutoImageProcessor, AutoModel",
+            "",
+            f'model_id = "{model_id}"  # {said}',
+            "processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=True)",
+            "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
+            'image = Image.open("IMAGE.jpg")  # replace IMAGE.jpg with your picture',
+            "with torch.no_grad():",
+            f'    embedding = model(**processor(images=image, return_tensors="pt"))  '
+            f"# (1, {out_dim})",
             "```",
             "",
-            f"The head's input is the image embeddings of the backbone `{backbone.get('name')}` "
-            f"({backbone.get('library')} `{backbone.get('architecture')}`, weights "
-            f"`{inputs.backbone_weights or backbone.get('pretrained') or 'unknown'}`), named "
-            "in `config.json` (`backbone`). With embedpipe: "
-            "`embedpipe embed --weights HEAD_CHECKPOINT`.",
+            "`model.get_image_features(pixel_values)` is the same as calling the model; "
+            "`model.embed(images)` takes PIL images (or a pixel tensor) directly.",
+            "",
+            "Requires `torch`, `transformers` and `open_clip_torch` (`pip install transformers "
+            "open_clip_torch`): `trust_remote_code=True` runs `modeling_embedpipe_head.py` of "
+            "this model, which builds the backbone's image tower and preprocesses with "
+            "open_clip. embedpipe is not needed; with it, `embedpipe embed IMAGES --weights "
+            f"{'hf-hub:' + inputs.repo_id if pushed else 'local-dir:PATH'} --out EMBEDDINGS` "
+            "writes the same embeddings.",
         ]
+    where = f"hf-hub:{inputs.repo_id}" if pushed else "local-dir:PATH"
+    said = "" if pushed else "  # replace PATH with this model's folder"
     return [
+        _takes(inputs, inputs.entry.get("embed_dim")).replace(
+            "embedding per picture.", "embedding per picture, and texts in the same space."
+        ),
+        "",
         "```python",
         "import open_clip",
-        f'model, _, preprocess = open_clip.create_model_and_transforms("{where}")',
+        "import torch",
+        "from PIL import Image",
+        "",
+        f'model, _, preprocess = open_clip.create_model_and_transforms("{where}"){said}',
         f'tokenizer = open_clip.get_tokenizer("{where}")',
+        "model.eval()",
+        'image = preprocess(Image.open("IMAGE.jpg")).unsqueeze(0)  # replace IMAGE.jpg with '
+        "your picture",
+        "with torch.no_grad():",
+        "    embedding = model.encode_image(image, normalize=True)",
+        '    text = model.encode_text(tokenizer(["a photo of a bird"]), normalize=True)',
         "```",
         "",
         f"With embedpipe: `embedpipe embed IMAGES --weights {where} --out EMBEDDINGS` "
@@ -208,12 +299,34 @@ def _usage(inputs: CardInputs) -> list[str]:
     ]
 
 
+def _backbone_section(inputs: CardInputs) -> list[str]:
+    if inputs.kind != "head":
+        return []
+    entry, head = inputs.entry, inputs.head
+    weights = inputs.backbone_weights or entry.get("pretrained") or "unknown"
+    return [
+        "## Backbone and head",
+        "",
+        f"- backbone: the image tower of `{entry.get('name')}` ({entry.get('library')} "
+        f"`{entry.get('architecture')}`, {entry.get('embed_dim')}-d features, "
+        f"{entry.get('image_size')} px input), weights `{weights}`; "
+        "its weights are in this model's `model.safetensors` (`visual.*`)",
+        f"- head: {head.get('depth')} linear layer(s), {head.get('in_dim')} -> "
+        f"{head.get('out_dim')} (width {head.get('width')}, {head.get('activation')}), on the "
+        "backbone's features "
+        + ("L2-normalised" if inputs.normalize_input else "as they are")
+        + " (`head.*`)",
+        "",
+    ]
+
+
 def render_card(inputs: CardInputs, config: PublishSettings) -> str:
     entry = inputs.entry
     described = (
-        f"a projection head ({inputs.head.get('depth')} layer(s), "
-        f"{inputs.head.get('in_dim')} -> {inputs.head.get('out_dim')}) on the frozen backbone "
-        f"`{entry.get('name')}`"
+        f"an image-embedding model: the image tower of the frozen backbone "
+        f"`{entry.get('name')}` and a projection head ({inputs.head.get('depth')} layer(s), "
+        f"{inputs.head.get('in_dim')} -> {inputs.head.get('out_dim')}) trained on its "
+        "embeddings, in one transformers model"
         if inputs.kind == "head"
         else f"an open_clip `{entry.get('architecture')}` image-text model "
         f"({entry.get('embed_dim')}-d embeddings, {entry.get('image_size')} px input)"
@@ -228,6 +341,7 @@ def render_card(inputs: CardInputs, config: PublishSettings) -> str:
         "",
         *_usage(inputs),
         "",
+        *_backbone_section(inputs),
         *_lineage_section(inputs.lineage),
         "## Training settings",
         "",
@@ -243,9 +357,14 @@ def render_card(inputs: CardInputs, config: PublishSettings) -> str:
         lines += [f"| {d} | {m} | {v:.4f} |" for d, m, v in inputs.metrics]
     else:
         lines.append(f"Evaluation: {UNKNOWN}; pass an evaluation's metrics.json with --metrics.")
+    uses = (
+        "retrieval, clustering and deduplication"
+        if inputs.kind == "head"
+        else ("retrieval, clustering, deduplication and zero-shot classification")
+    )
     intended = config.intended_use or (
-        "Image embeddings for retrieval, clustering, deduplication and zero-shot "
-        "classification of images like those it was trained on; research and internal tools."
+        f"Image embeddings for {uses} of images like those it was trained on; research and "
+        "internal tools."
     )
     limits = config.limitations or (
         "Trained on the data listed above only: expect worse embeddings on other domains. "

@@ -16,9 +16,16 @@ def hub_token(config: PublishSettings) -> str:
     """The token for ``--push``: HF_TOKEN, else the first line of ``token_file``. Asked
     before anything is done, so a push that cannot happen fails at once."""
     from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     if not REPO_ID.match(config.push):
         raise ValueError(f"--push '{config.push}': expected a Hub repo id ORG/NAME")
+    try:
+        validate_repo_id(config.push)
+    except HFValidationError as error:
+        reason = str(error).splitlines()[0].split(": '")[0]
+        raise ValueError(f"--push '{config.push}': not a valid Hub repo id ({reason})") from None
     if constants.is_offline_mode():
         raise ValueError(f"--push {config.push}: HF_HUB_OFFLINE is set; unset it to upload")
     token = os.environ.get("HF_TOKEN", "").strip()
@@ -59,5 +66,8 @@ def push_folder(folder: str, config: PublishSettings, token: str) -> str:
         )
     except (HfHubHTTPError, httpx2.HTTPError) as error:
         first_line = str(error).splitlines()[0]
-        raise RuntimeError(f"push to {config.push}: {first_line}") from None
+        raise RuntimeError(
+            f"push to {config.push}: {first_line}; nothing was committed: rerun the same "
+            "publish to retry (one commit of the whole folder)"
+        ) from None
     return commit.commit_url

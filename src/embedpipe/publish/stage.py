@@ -4,13 +4,16 @@ projection head) loads as is, with its model card; checked by reloading it.
 An open_clip checkpoint becomes ``open_clip_config.json`` (model and preprocess config),
 ``open_clip_model.safetensors``, the tokenizer files of a hub-tokenizer model and README.md:
 ``open_clip.create_model_and_transforms("local-dir:DIR")`` (or ``"hf-hub:ORG/NAME"`` once
-pushed) loads it. A head checkpoint becomes ``config.json`` with ``auto_map``,
-``modeling_embedpipe_head.py`` and ``model.safetensors``, loaded with
-``AutoModel.from_pretrained(DIR, trust_remote_code=True)``.
+pushed) loads it. A head checkpoint becomes one transformers model that embeds pictures:
+the backbone's image tower and the head (``config.json`` with ``auto_map``,
+``model.safetensors``, ``modeling_embedpipe_head.py``) and the backbone's preprocessing
+(``preprocessor_config.json``), loaded with ``AutoModel`` and ``AutoImageProcessor``
+``.from_pretrained(DIR, trust_remote_code=True)`` (see ``head_form``).
 
 Everything is written to a staging folder and reloaded from there first; only a model
-whose reloaded embeddings match the checkpoint's is copied to ``--out`` (the config file
-last) and pushed.
+whose reloaded embeddings match the checkpoint's goes to ``--out``, the config file last,
+recording the checkpoint's identity: ``--out`` must be empty or hold a previous publish of
+the same checkpoint (see ``destination``). The push commits the whole folder at once.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from embedpipe.config import PublishSettings
 from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.schemas import IMAGES_KIND
 from embedpipe.models.backends.base import CONFIG_NAME, EMBEDPIPE_NAME
-from embedpipe.models.heads import backbone_of, is_head_config, load_head_checkpoint
+from embedpipe.models.heads import backbone_of, is_head_config
+from embedpipe.models.identity import MODEL_KEYS, checkpoint_identity
 from embedpipe.models.loading import RANDOM_WEIGHTS, LoadedModel, fetch_weights, load_model
 from embedpipe.models.registry import ModelEntry, ModelError
-from embedpipe.publish import card, hub
+from embedpipe.publish import card, destination, head_form, hub
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,6 @@ CHECKPOINT_ONLY = ("training_state.pt",)
 # What a tokenizer folder may hold besides tokenizer files.
 NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", "config.json", ".md")
 CHECK_TEXTS = ["a photo of a bird", "a leaf", "an insect on a flower"]
-# Keys of a checkpoint's config.json that describe the model, not its training.
-MODEL_KEYS = ("kind", "entry", "model_cfg", "backbone", "head")
 
 
 @dataclass
@@ -81,6 +83,13 @@ def _read_checkpoint_config(directory: str, uri: str) -> dict[str, Any]:
     ):
         raise ModelError(f"{uri}/{CONFIG_NAME}: names neither a model 'entry' nor a head")
     return config
+
+
+def _identity(directory: str, uri: str) -> str:
+    try:
+        return checkpoint_identity(directory)
+    except OSError as error:
+        raise ModelError(f"{uri}: cannot read the checkpoint: {error.strerror}") from None
 
 
 def _training_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +190,8 @@ def _stage_open_clip(
     if entry.hub_tokenizer and not model.tokenizer_dir:
         model.tokenizer_dir = str(staging)
     difference = _reload_difference(model, staging, images, config.device)
-    return _card_inputs("open_clip", entry, saved, state), difference
+    inputs = _card_inputs("open_clip", entry, saved, state, preprocess=preprocess_cfg)
+    return inputs, difference
 
 
 @torch.no_grad()
@@ -204,37 +214,20 @@ def _reload_difference(model: LoadedModel, staging: Path, images: list, device: 
 
 
 def _stage_head(
-    directory: str, config: PublishSettings, staging: Path
+    directory: str, saved: dict, config: PublishSettings, staging: Path, images: list
 ) -> tuple[card.CardInputs, float]:
-    from transformers import AutoModel
-
-    from embedpipe.publish.modeling_embedpipe_head import EmbedpipeHeadConfig, EmbedpipeHeadModel
-
-    head, backbone, saved = load_head_checkpoint(directory)
-    EmbedpipeHeadConfig.register_for_auto_class()
-    EmbedpipeHeadModel.register_for_auto_class("AutoModel")
-    published = EmbedpipeHeadModel(
-        EmbedpipeHeadConfig(**head.config, backbone=backbone.model_dump(mode="json"))
-    )
-    published.layers.load_state_dict(head.layers.state_dict(), strict=True)
-    published.save_pretrained(str(staging))
-
-    reloaded = AutoModel.from_pretrained(str(staging), trust_remote_code=True).eval()
-    inputs = torch.from_numpy(
-        np.random.default_rng(0).normal(size=(config.check_count, head.config["in_dim"]))
-    ).float()
-    with torch.no_grad():
-        difference = (head(inputs) - reloaded(inputs)).abs().max().item()
-    state = {k: v.detach() for k, v in head.state_dict().items()}
+    staged = head_form.stage_head(directory, config.device, config.tokenizer_dir, staging, images)
     card_inputs = _card_inputs(
         "head",
-        backbone,
+        staged.backbone,
         saved,
-        state,
-        head=head.config,
-        backbone_weights=_backbone_weights(backbone_of(saved), backbone),
+        staged.state,
+        head=staged.head,
+        backbone_weights=_backbone_weights(backbone_of(saved), staged.backbone),
+        normalize_input=staged.normalize_input,
+        preprocess=staged.preprocess,
     )
-    return card_inputs, difference
+    return card_inputs, staged.difference
 
 
 def _backbone_weights(described: dict[str, Any], entry: ModelEntry) -> str:
@@ -263,16 +256,18 @@ def publish_checkpoint(
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{checkpoint_uri}: no checkpoint folder here")
     saved = _read_checkpoint_config(directory, checkpoint_uri)
-    metrics = card.read_metrics(metrics_uri) if metrics_uri else []
+    identity = _identity(directory, checkpoint_uri)
+    metrics = card.read_metrics(metrics_uri, identity) if metrics_uri else []
     lineage = [card.read_lineage(uri) for uri in lineage_uris]
     out_uri = storage.normalize(out_uri)
+    previous = destination.check_destination(out_uri, identity)
+    images = _check_images(config.check_count, check_images_uri)
     with tempfile.TemporaryDirectory(prefix="embedpipe-publish-") as folder:
         staging = Path(folder)
         if is_head_config(saved):
-            inputs, difference = _stage_head(directory, config, staging)
+            inputs, difference = _stage_head(directory, saved, config, staging, images)
             config_name = CONFIG_NAME
         else:
-            images = _check_images(config.check_count, check_images_uri)
             inputs, difference = _stage_open_clip(directory, saved, config, staging, images)
             config_name = OPEN_CLIP_CONFIG
         if not difference <= config.check_tolerance:  # NaN fails too
@@ -288,11 +283,9 @@ def publish_checkpoint(
         (staging / CARD_NAME).write_text(card.render_card(inputs, config), encoding="utf-8")
         for leftover in CHECKPOINT_ONLY:
             (staging / leftover).unlink(missing_ok=True)
-        files = sorted(p.name for p in staging.iterdir() if p.is_file())
-        # The config names the folder a model, so it is written last.
-        for name in sorted(files, key=lambda n: n == config_name):
-            with storage.atomic_output(storage.join(out_uri, name)) as target:
-                shutil.copyfile(staging / name, target)
+        files = destination.record_publish(staging, config_name, identity)
+        destination.move_in(staging, out_uri, config_name, previous)
+        # One commit of the whole folder: a retried push leaves the same files, once.
         pushed = hub.push_folder(str(staging), config, token) if config.push else ""
     result = PublishResult(
         out_uri=out_uri,
