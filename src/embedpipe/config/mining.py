@@ -29,14 +29,14 @@ class MineSettings(Section):
         32,
         gt=0,
         description="IVF lists probed per query beyond those the search depth fills "
-        "(depth: top_k + the largest concept + 1 neighbours)",
+        "(depth: the last rank, top_k by default, + the largest concept + 1 neighbours)",
     )
     hnsw_m: int = Field(32, gt=0, description="HNSW links per node")
     hnsw_ef_search: int = Field(
         128,
         gt=0,
         description="HNSW candidates kept per query beyond the search depth "
-        "(top_k + the largest concept + 1)",
+        "(the last rank + the largest concept + 1)",
     )
     recall_sample: int = Field(
         1000, gt=0, description="queries whose written negatives are checked by exact search"
@@ -62,8 +62,8 @@ class MineSettings(Section):
     )
     margin: float | None = Field(
         None,
-        description="drop candidates scoring above the query's positive score minus this "
-        "(0: nothing more similar than its positives); unset: off",
+        description="drop candidates scoring above the query's positive score (its mean "
+        "similarity to its positives) minus this; 0: nothing more similar; unset: off",
     )
     relative_margin: float | None = Field(
         None,
