@@ -16,16 +16,15 @@ first ``top_k``. Per-category statistics (positive and negative score distributi
 candidates each filter dropped) go into the result, hence the manifest and the metrics.
 
 The index is exact inner product (cosine on normalised vectors) up to ``exact_max``
-candidates; above it, IVF or HNSW, whose search breadth
-(nprobe, efSearch) grows with that depth: the negatives sit past the
-concept-mates. With an approximate index, recall is measured on what is
-written: the share of the exact selection (exact search on a sample of queries, the
-same filters; with random sampling, the candidates drawn from) that the written
-selection holds; below ``min_recall`` the
-category fails. Searching with an ID selector that leaves the concept out
-finds no more (the graph and the lists are walked the same way) and costs a
-search per concept. faiss runs on a GPU when the installed faiss has GPU support
-and a GPU is present (flat and IVF; HNSW has no GPU version).
+candidates; above it, IVF or HNSW, whose search breadth (nprobe, efSearch) grows with
+that depth: the negatives sit past the concept-mates. With an approximate index, recall
+is measured on what is written: the share of the exact selection (exact search on a
+sample of queries, the same filters; with random sampling, the candidates drawn from)
+that the written selection holds; below ``min_recall`` the category fails. Searching
+with an ID selector that leaves the concept out finds no more (the graph and the lists
+are walked the same way) and costs a search per concept. faiss runs on a GPU when the
+installed faiss has GPU support and a GPU is present (flat and IVF; HNSW has no GPU
+version).
 """
 
 import logging
@@ -65,7 +64,7 @@ class MineResult(StageMetrics):
     seconds: float
     skipped: str = ""  # why the category produced no rows
     band_edges: list[float] = field(default_factory=list)
-    search_depth: int = 0  # neighbours searched per query: top_k + largest concept + 1
+    search_depth: int = 0  # neighbours searched per query: last rank + largest concept + 1
     search_breadth: int = 0  # nprobe (IVF) or efSearch (HNSW) searched with; 0 when exact
     # the false-negative filters (mining/filters.py), counted over every query
     negatives: int = 0  # written
