@@ -2,7 +2,9 @@
 against a numpy oracle on embeddings with planted false negatives."""
 
 import math
+import re
 from pathlib import Path
+from xml.etree import ElementTree
 
 import faiss
 import numpy as np
@@ -264,6 +266,9 @@ def test_combine_reports_every_category_and_sums_the_counts(tmp_path):
         assert f"<td>{result.dropped_margin}</td>" in page
     assert "skipped: fewer than two concepts among the candidates" in page
     assert "margin 0.0" in page and "max_score 0.5" in page and "<svg" in page
+    drawings = [ElementTree.fromstring(svg) for svg in re.findall("<svg.*?</svg>", page)]
+    assert len(drawings) == 2  # the skipped category has none
+    assert all(len(d.findall("{http://www.w3.org/2000/svg}polyline")) == 3 for d in drawings)
 
 
 def test_a_rank_window_narrower_than_top_k_is_refused():
