@@ -13,6 +13,12 @@ each), top_k = 10 negatives from other concepts of the same category:
   per category. In 512 dimensions it is so slow that it runs on
   ``--balltree-categories`` categories and is scaled to all ten (printed so).
 
+- embedpipe mine with the false-negative filters (``relative_margin = 0.05``, so
+  the candidates ranked up to 10 x top_k are searched and filtered), and unfiltered
+  at that same depth (``rank_max = 10 x top_k``): the first against the second is
+  what the filters cost, the second against the default what the deeper search
+  costs (``--no-filtered`` skips both).
+
 embedpipe and faiss raw run ``--repeats`` times, interleaved, and the best run
 of each counts (the first embedpipe run also pays its imports). ``--device
 cuda`` runs both on faiss GPU when the installed faiss has it and sees a GPU,
@@ -20,6 +26,7 @@ and says so when it does not; ``--vectors 1000000`` then gives the GPU figures.
 
 Usage: python benchmarks/mine.py [--vectors 100000] [--categories 10] [--top-k 10]
     [--device cpu|cuda] [--repeats 3] [--balltree-categories 1] [--no-brute-force]
+    [--no-filtered]
 """
 
 import argparse
@@ -81,11 +88,11 @@ def faiss_raw(vectors, k, gpu: bool):
     return index.search(vectors, k)
 
 
-def embedpipe_mine(work: Path, gpu: bool) -> list[dict]:
+def embedpipe_mine(work: Path, gpu: bool, flags: tuple[str, ...] = ()) -> list[dict]:
     """`embedpipe mine` on the generated datasets; returns its per-category results."""
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
-    argv = ["--log-level", "WARNING", "mine", str(work / "meta"), str(work / "emb")]
+    argv = ["--log-level", "WARNING", "mine", str(work / "meta"), str(work / "emb"), *flags]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = embedpipe_main([*argv, "--out", str(out), "--gpu" if gpu else "--no-gpu"])
@@ -121,6 +128,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs; best counts")
     parser.add_argument("--balltree-categories", type=int, default=1, help="0: skip BallTree")
     parser.add_argument("--no-brute-force", action="store_true", help="skip numpy brute force")
+    parser.add_argument(
+        "--no-filtered", action="store_true", help="skip the filtered and the deeper runs"
+    )
     parser.add_argument("--workdir", default=".bench/mine")
     args = parser.parse_args()
 
@@ -149,10 +159,27 @@ def main() -> None:
             function(np.ascontiguousarray(vectors[mask]), concepts[mask])
         return time.perf_counter() - started
 
+    last_rank = str(10 * args.top_k)
+    variants = (
+        {}
+        if args.no_filtered
+        else {
+            f"embedpipe mine, unfiltered, ranks to {last_rank}": ("--rank-max", last_rank),
+            "embedpipe mine, relative_margin 0.05 (same depth)": ("--relative-margin", "0.05"),
+        }
+    )
+    variant_runs = {label: [] for label in variants}
+    variant_cpu = {label: [] for label in variants}
+    variant_results = {}
     ours_runs, raw_runs, mining_runs, ours_cpu, raw_cpu = [], [], [], [], []
     for _ in range(args.repeats):
+        for label, flags in variants.items():
+            started, cpu = time.perf_counter(), time.process_time()
+            variant_results[label] = embedpipe_mine(work, gpu, (*flags, "--top-k", str(args.top_k)))
+            variant_runs[label].append(time.perf_counter() - started)
+            variant_cpu[label].append(time.process_time() - cpu)
         started, cpu = time.perf_counter(), time.process_time()
-        results = embedpipe_mine(work, gpu)
+        results = embedpipe_mine(work, gpu, ("--top-k", str(args.top_k)))
         ours_runs.append(time.perf_counter() - started)
         ours_cpu.append(time.process_time() - cpu)
         mining_runs.append(sum(r["seconds"] for r in results))
@@ -166,6 +193,7 @@ def main() -> None:
         (f"embedpipe mine (CLI, Parquet in and out, {index} index)", ours),
         ("faiss raw search on the same arrays (same k): the baseline", raw),
     ]
+    rows += [(label, min(runs)) for label, runs in variant_runs.items()]
     if not args.no_brute_force:
         brute = per_category(lambda v, c: numpy_brute(v, c, args.top_k), names)
         rows.append(("numpy brute force (matrix product + top-k)", brute))
@@ -190,6 +218,19 @@ def main() -> None:
         f"({min(ours_cpu) / min(raw_cpu):.2f}x)"
     )
     print(f"embedpipe mine overhead over raw faiss (wall): {ours / raw:.2f}x")
+    if variants:
+        deeper, filtered = (min(runs) for runs in variant_runs.values())
+        deeper_cpu, filtered_cpu = (min(runs) for runs in variant_cpu.values())
+        counts = variant_results[list(variants)[1]]
+        dropped = sum(r["dropped_relative_margin"] for r in counts)
+        window = sum(r["window"] for r in counts)
+        print(
+            f"filters: relative_margin 0.05 dropped {dropped} of {window} candidates in the "
+            f"rank window; filtered / unfiltered at the same depth (wall): "
+            f"{filtered / deeper:.2f}x (CPU seconds {filtered_cpu:.2f} / {deeper_cpu:.2f} = "
+            f"{filtered_cpu / deeper_cpu:.2f}x); depth {last_rank} ranks / default depth: "
+            f"{deeper / ours:.2f}x (CPU {deeper_cpu / min(ours_cpu):.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-from kfp.dsl import Dataset, Input, Metrics, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 
 
 def partition(
@@ -47,16 +47,23 @@ def combine(
     overrides: dict,
     combined: Output[Dataset],
     metrics: Output[Metrics],
+    report: Output[HTML],
 ):
-    """Per-category negatives (collected from the fan-out) -> one dataset."""
+    """Per-category negatives (collected from the fan-out) -> one dataset, and the mining
+    report: per category, the candidates each filter dropped and the score distributions."""
+    import shutil
+
     from embedpipe.config import stage_settings
+    from embedpipe.core.datasets import side_path
     from embedpipe.core.results import log_metrics
     from embedpipe.core.schemas import NEGATIVES_KIND
     from embedpipe.mining.combine import combine_negatives
+    from embedpipe.mining.report import REPORT_HTML
 
     config = stage_settings("combine", settings, overrides)
     result = combine_negatives([d.path for d in per_category], combined.path, config)
     log_metrics(metrics, result)
+    shutil.copyfile(side_path(combined.path, REPORT_HTML), report.path)
     combined.metadata.update(kind=NEGATIVES_KIND, skipped_categories=result.skipped_categories)
 
 

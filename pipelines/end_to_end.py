@@ -151,7 +151,8 @@ def summary(outputs: dict[str, str]) -> list[str]:
         f"held-out recall@1: untrained {shown(recall.get('untrained'))} -> "
         f"trained {shown(recall.get('trained'))}",
         f"reports: {outputs['evaluate/report']} (evaluation), {outputs['train/report']} "
-        f"(training), {outputs['dedup/report']} (duplicates)",
+        f"(training), {outputs['dedup/report']} (duplicates), {outputs['combine/report']} "
+        "(hard negatives)",
         f"published model: {published}",
         f"load it and embed a picture (Python): {load}",
     ]

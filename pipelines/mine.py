@@ -3,7 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset
+from kfp.dsl import HTML, Dataset
 
 from embedpipe.config import Settings
 from embedpipe.pipelines.local import local_inputs
@@ -37,13 +37,18 @@ def add_mining_steps(graph: Graph, images, metadata, embeddings, after) -> dict:
         "combine", "combine", per_category=dsl.Collected(per_category.outputs["negatives"])
     )
     exported = graph.step("to_hf", "to_hf", negatives=combined.outputs["combined"], images=images)
-    return {"negatives": combined.outputs["combined"], "hf_dataset": exported.outputs["hf_dataset"]}
+    return {
+        "negatives": combined.outputs["combined"],
+        "hf_dataset": exported.outputs["hf_dataset"],
+        "mining_report": combined.outputs["report"],
+    }
 
 
 def build_pipeline(settings: Settings):
     class Outputs(NamedTuple):
         negatives: Dataset
         hf_dataset: Dataset
+        mining_report: HTML
 
     @dsl.pipeline(
         name=PIPELINE_NAME,

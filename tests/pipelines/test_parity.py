@@ -24,6 +24,7 @@ CHOSEN = {
     ("embed", "model"): "clip_vitb16",
     ("mine", "band_names"): ("low", "high"),
     ("mine", "band_quantiles"): (0.4,),
+    ("mine", "rank_max"): 40,  # holds top_k candidates past rank_min
     ("ingest", "split_dirnames"): ("fit", "holdout"),
     ("taxonomy", "table"): "/data/Taxon.tsv",
     ("taxonomy", "val_fraction"): 0.25,

@@ -177,6 +177,8 @@ def test_mine_pipeline_runs_after_preprocess(demo_dir, tmp_path):
     assert all(len(n) == 2 for n in negatives.column("negative_ids").to_pylist())
     reloaded = hf.load_from_disk(outputs["to-hf/hf_dataset"])
     assert len(reloaded) == negatives.num_rows
+    report = Path(outputs["combine/report"]).read_text()
+    assert f"Hard negatives: 4 categories, {2 * negatives.num_rows} negatives" in report
 
 
 @pytest.mark.slow

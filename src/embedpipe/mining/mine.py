@@ -9,22 +9,28 @@ category's negative scores at quantiles: the highest similarities are the
 hardest.
 
 A query's own concept-mates are usually its nearest neighbours, so the search
-goes ``top_k + largest concept + 1`` deep and keeps the first ``top_k`` hits of
-other concepts. The index is exact inner product (cosine on normalised vectors)
-up to ``exact_max`` candidates; above it, IVF or HNSW, whose search breadth
-(nprobe, efSearch) grows with that depth: the negatives sit past the
-concept-mates. With an approximate index, recall is measured on what is
-written: the share of the exact other-concept negatives (exact search on a
-sample of queries) that the written negatives hold; below ``min_recall`` the
-category fails. Searching with an ID selector that leaves the concept out
-finds no more (the graph and the lists are walked the same way) and costs a
-search per concept. faiss runs on a GPU when the installed faiss has GPU support
-and a GPU is present (flat and IVF; HNSW has no GPU version).
+goes ``last rank + largest concept + 1`` deep (the last rank is ``top_k`` unless a
+rank window, a score filter or random sampling asks for more; see config/mining.py) and
+selects from the hits of other concepts as mining/filters.py describes: by default the
+first ``top_k``. Per-category statistics (positive and negative score distributions,
+candidates each filter dropped) go into the result, hence the manifest and the metrics.
+
+The index is exact inner product (cosine on normalised vectors) up to ``exact_max``
+candidates; above it, IVF or HNSW, whose search breadth (nprobe, efSearch) grows with
+that depth: the negatives sit past the concept-mates. With an approximate index, recall
+is measured on what is written: the share of the exact selection (exact search on a
+sample of queries, the same filters; with random sampling, the candidates drawn from)
+that the written selection holds; below ``min_recall`` the category fails. Searching
+with an ID selector that leaves the concept out finds no more (the graph and the lists
+are walked the same way) and costs a search per concept. faiss runs on a GPU when the
+installed faiss has GPU support and a GPU is present (flat and IVF; HNSW has no GPU
+version).
 """
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import faiss
@@ -36,7 +42,9 @@ from embedpipe.config import MineSettings
 from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import NEGATIVES_KIND, NEGATIVES_SCHEMA
+from embedpipe.mining.filters import choose, filter_candidates, positive_scores
 from embedpipe.mining.partition import Partition, read_partition
+from embedpipe.mining.stats import score_statistics
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +64,19 @@ class MineResult(StageMetrics):
     seconds: float
     skipped: str = ""  # why the category produced no rows
     band_edges: list[float] = field(default_factory=list)
-    search_depth: int = 0  # neighbours searched per query: top_k + largest concept + 1
+    search_depth: int = 0  # neighbours searched per query: last rank + largest concept + 1
     search_breadth: int = 0  # nprobe (IVF) or efSearch (HNSW) searched with; 0 when exact
+    # the false-negative filters (mining/filters.py), counted over every query
+    negatives: int = 0  # written
+    short_queries: int = 0  # queries written fewer than top_k negatives
+    queries_without_positives: int = 0  # not margin-filtered
+    skipped_rank_min: int = 0  # other-concept candidates ranked before rank_min
+    window: int = 0  # other-concept candidates ranked rank_min to the last rank
+    dropped_margin: int = 0
+    dropped_relative_margin: int = 0
+    dropped_max_score: int = 0
+    filters: dict = field(default_factory=dict)  # the settings, the last rank resolved
+    scores: dict = field(default_factory=dict)  # positive/negative/dropped distributions
 
 
 @dataclass(frozen=True)
@@ -102,29 +121,26 @@ def _gpu_available(config: MineSettings) -> bool:
 def measure_recall(
     candidates: np.ndarray,
     queries: np.ndarray,
-    negatives: np.ndarray,
-    offsets: np.ndarray,
-    is_other_concept,
+    written: Callable[[int], np.ndarray],
+    select: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
     depth: int,
     config: MineSettings,
 ) -> float:
-    """Share of the exact negatives among those written, on up to ``recall_sample`` queries.
+    """Share of the exact selection that the written one holds, on up to ``recall_sample``
+    queries.
 
-    Query q's negatives are candidate numbers ``negatives[offsets[q]:offsets[q + 1]]``;
-    ``is_other_concept(sample, found)`` masks the hits of other concepts than each query's.
+    ``written(q)``: the candidate numbers selected for query q from the index searched;
+    ``select(sample, scores, found)``: the mask of what the same selection takes from an
+    exact search's results for the queries ``sample``.
     """
     rng = np.random.default_rng(config.seed)
     sample = np.sort(rng.permutation(len(queries))[: config.recall_sample])
     exact = faiss.IndexFlatIP(candidates.shape[1])
     exact.add(candidates)
-    _, found = exact.search(queries[sample], depth)
-    keep = (found >= 0) & is_other_concept(sample, found.clip(min=0))
-    keep &= np.cumsum(keep, axis=1) <= config.top_k
+    scores, found = exact.search(queries[sample], depth)
+    keep = select(sample, scores, found)
     truth = [set(row[mask].tolist()) for row, mask in zip(found, keep, strict=True)]
-    hits = sum(
-        len(t.intersection(negatives[offsets[q] : offsets[q + 1]].tolist()))
-        for t, q in zip(truth, sample, strict=True)
-    )
+    hits = sum(len(t.intersection(written(q).tolist())) for t, q in zip(truth, sample, strict=True))
     expected = sum(len(t) for t in truth)
     return hits / expected if expected else 1.0
 
@@ -168,7 +184,9 @@ def mine_category(partition: str | Partition, out_uri: str, config: MineSettings
     if skipped:
         log.info("mine %s: skipped: %s", category, skipped)
         elapsed = round(time.perf_counter() - started, 3)
-        result = MineResult(out_uri, category, 0, 0, "-", 1.0, elapsed, skipped)
+        result = MineResult(
+            out_uri, category, 0, 0, "-", 1.0, elapsed, skipped, filters=filter_settings(config)
+        )
         return _finish(out_uri, NEGATIVES_SCHEMA.empty_table(), result)
 
     vectors = partition.vectors()
@@ -177,25 +195,32 @@ def mine_category(partition: str | Partition, out_uri: str, config: MineSettings
     candidates = _rows_of(vectors, candidate_rows)
     queries = _rows_of(vectors, query_rows)
     largest_concept = np.bincount(concept_codes[candidate_rows]).max()
-    depth = min(len(candidate_rows), config.top_k + int(largest_concept) + 1)
+    depth = min(len(candidate_rows), config.last_rank + int(largest_concept) + 1)
     search = build_index(candidates, depth, config)
     scores, neighbours = search.index.search(queries, depth)
     candidate_codes, query_codes = concept_codes[candidate_rows], concept_codes[query_rows]
-    negatives, negative_scores, counts = _first_other_concepts(
-        neighbours, scores, query_codes, candidate_codes, config.top_k
+    positive = positive_scores(
+        queries, query_codes, is_candidate[query_rows], candidates, candidate_codes
     )
+    filtered = filter_candidates(neighbours, scores, query_codes, candidate_codes, positive, config)
+    keep = choose(filtered.pool, config, category)
+    negatives, negative_scores, counts = neighbours[keep], scores[keep], keep.sum(axis=1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     recall = 1.0
     if not search.kind.startswith("flat"):
-        recall = measure_recall(
-            candidates,
-            queries,
-            negatives,
-            offsets,
-            lambda sample, found: candidate_codes[found] != query_codes[sample][:, None],
-            depth,
-            config,
-        )
+
+        def select(sample, found_scores, found):
+            exact = filter_candidates(
+                found, found_scores, query_codes[sample], candidate_codes, positive[sample], config
+            )
+            # a random draw is compared by what it draws from: the candidates left
+            return choose(exact.pool, config, category) if config.sampling == "top" else exact.pool
+
+        if config.sampling == "top":
+            written = lambda q: negatives[offsets[q] : offsets[q + 1]]  # noqa: E731
+        else:
+            written = lambda q: neighbours[q][filtered.pool[q]]  # noqa: E731
+        recall = measure_recall(candidates, queries, written, select, depth, config)
         if recall < config.min_recall:
             raise ValueError(
                 f"mine {category}: the {search.kind} index (breadth {search.breadth}) found "
@@ -243,15 +268,28 @@ def mine_category(partition: str | Partition, out_uri: str, config: MineSettings
         edges,
         depth,
         search.breadth,
+        negatives=len(negatives),
+        short_queries=int((counts < config.top_k).sum()),
+        queries_without_positives=int(np.isnan(positive).sum()),
+        skipped_rank_min=filtered.skipped_rank_min,
+        window=filtered.window,
+        **{f"dropped_{name}": count for name, count in filtered.dropped.items()},
+        filters=filter_settings(config),
+        scores=score_statistics(positive, negative_scores, filtered.dropped_scores),
     )
     log.info(
-        "mine %s: %d queries, %d candidates, %s index, depth %d, recall %.3f",
+        "mine %s: %d queries, %d candidates, %s index, depth %d, recall %.3f; %d negatives, "
+        "dropped: margin %d, relative_margin %d, max_score %d",
         category,
         result.queries,
         result.candidates,
         search.kind,
         depth,
         recall,
+        result.negatives,
+        result.dropped_margin,
+        result.dropped_relative_margin,
+        result.dropped_max_score,
     )
     return _finish(out_uri, table, result)
 
@@ -259,18 +297,6 @@ def mine_category(partition: str | Partition, out_uri: str, config: MineSettings
 def _rows_of(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``vectors[rows]``, without a copy when ``rows`` is every row in order."""
     return vectors if len(rows) == len(vectors) else vectors[rows]
-
-
-def _first_other_concepts(neighbours, scores, query_codes, candidate_codes, top_k):
-    """Per query, its first ``top_k`` hits of another concept (candidate numbers).
-
-    Rows of a partition are distinct images, so another concept is also another image.
-    Returns the hits and scores, flattened query by query, and the count per query.
-    """
-    found = neighbours >= 0
-    keep = found & (candidate_codes[neighbours.clip(min=0)] != query_codes[:, None])
-    keep &= np.cumsum(keep, axis=1) <= top_k
-    return neighbours[keep], scores[keep], keep.sum(axis=1)
 
 
 def _positives(query_rows: np.ndarray, candidate_rows: np.ndarray, concept_codes: np.ndarray):
@@ -292,6 +318,19 @@ def _positives(query_rows: np.ndarray, candidate_rows: np.ndarray, concept_codes
     counts = lengths - np.bincount(owner[is_self], minlength=len(query_rows))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     return offsets, rows
+
+
+def filter_settings(config: MineSettings) -> dict:
+    """The selection's settings as the report states them (rank_max resolved)."""
+    return {
+        "top_k": config.top_k,
+        "rank_min": config.rank_min,
+        "rank_max": config.last_rank,
+        "margin": config.margin,
+        "relative_margin": config.relative_margin,
+        "max_score": config.max_score,
+        "sampling": config.sampling,
+    }
 
 
 def _finish(out_uri: str, table: pa.Table, result: MineResult) -> MineResult:
