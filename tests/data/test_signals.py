@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import flat_tree, png_bytes, write_tree
+from conftest import flat_tree, png_bytes, upload_tree, write_tree
 from PIL import Image
 
 from embedpipe.cli import main
@@ -350,3 +350,30 @@ def test_images_without_signals_keep_the_plain_contract(tmp_path):
     root = write_tree(tmp_path / "src", {"c/k/a.png": png_bytes()})
     ingest_images([str(root)], str(tmp_path / "out"), settings())
     assert datasets.read_table(str(tmp_path / "out"), "images").schema.equals(IMAGES_SCHEMA)
+
+
+def test_s3_sources_and_tables_join_by_source_and_hub_shards_stream(tree, tmp_path, bucket):
+    paths = relative_paths(tree)
+    pq.write_table(signal_table(paths), tree / "signals.parquet")
+    rows = hf_rows(3)
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"image": rows["image"]}), hub / "data" / "test-00000.parquet")
+    source = upload_tree(tree, bucket, "src")
+    hub_uri = upload_tree(hub, bucket, "hub")
+    side = pa.table({"source": [f"test/{i}" for i in range(3)], "redshift": [1.0, 2.0, 3.0]})
+    pq.write_table(side, tmp_path / "hub-side.parquet")
+    hub_signals = upload_tree(tmp_path, bucket, "tables") + "/hub-side.parquet"
+    config = settings(signals=f"{source}/signals.parquet", signal_key="source")
+    result = ingest_images([source], f"s3://{bucket}/out", config)
+    assert (result.images, result.rejected) == (12, 0)
+    got = {row["source"]: row for row in datasets.read_table(f"s3://{bucket}/out").to_pylist()}
+    assert got[f"{source}/{paths[7]}"]["redshift"] == pytest.approx(0.7)
+    config = settings(signals=hub_signals, signal_key="source")
+    ingest_images([hub_uri], f"s3://{bucket}/hub-out", config)
+    out = datasets.read_table(f"s3://{bucket}/hub-out").to_pylist()
+    assert [(row["split"], row["redshift"]) for row in out] == [
+        ("test", 1.0),
+        ("test", 2.0),
+        ("test", 3.0),
+    ]
