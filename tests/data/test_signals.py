@@ -377,3 +377,27 @@ def test_s3_sources_and_tables_join_by_source_and_hub_shards_stream(tree, tmp_pa
         ("test", 2.0),
         ("test", 3.0),
     ]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pa.list_(pa.float32()),
+        pa.list_(pa.float64()),
+        pa.large_list(pa.int32()),
+        pa.list_(pa.float32(), 3),
+    ],
+)
+def test_column_values_of_sliced_arrays_match_pyarrows_own_rows(kind):
+    from embedpipe.data.signals import ColumnValues
+
+    rows = [[1, 2, 3], None, [4, 5, 6], [7, None, 9], [10, 11, 12]]
+    array = pa.array(rows, kind).slice(1, 4)
+    values = ColumnValues(pa.chunked_array([array]), scalar=False)
+    for index, expected in enumerate(array.to_pylist()):
+        got = values.value(index)
+        if expected is None:
+            assert got is None
+            continue
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.array(expected, dtype=np.float64).astype(np.float32))

@@ -205,7 +205,10 @@ def hf_members(dataset: HfDataset) -> Iterator[Member]:
         for batch in _batches(dataset, part):
             names = batch.schema.names
             data, paths = _image_cells(batch.column(dataset.image_column))
-            places = {n: batch.column(n).to_pylist() for n in PLACE_COLUMNS if n in names}
+            nothing = [None] * batch.num_rows
+            places = {
+                n: batch.column(n).to_pylist() if n in names else nothing for n in PLACE_COLUMNS
+            }
             values = {
                 c.name: ColumnValues(batch.column(c.name), c.scalar)
                 for c in dataset.signal_columns
@@ -214,8 +217,7 @@ def hf_members(dataset: HfDataset) -> Iterator[Member]:
             for row in range(batch.num_rows):
                 relative = f"{part.name}/{index}"
                 source = f"{dataset.root}::{relative}"
-                category = places.get("category", [None] * batch.num_rows)[row]
-                concept = places.get("concept", [None] * batch.num_rows)[row]
+                category, concept = places["category"][row], places["concept"][row]
                 placement = Placement(
                     part.split,
                     str(category) if category is not None else category_default,

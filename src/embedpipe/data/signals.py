@@ -132,9 +132,13 @@ class ColumnValues:
             self.offsets = start + np.arange(len(array) + 1, dtype=np.int64) * size
         else:
             self.offsets = array.offsets.to_numpy().astype(np.int64)
-        child = array.values.cast(pa.float64())  # a null inside a list reads as NaN
+        child = array.values
+        if child.type == pa.float32() and child.null_count == 0:
+            self.numbers = child.to_numpy()  # no copy
+            return
+        child = pc.fill_null(child.cast(pa.float64()), np.nan)  # a null inside a list: NaN
         with np.errstate(over="ignore"):  # past float32's range: inf, then rejected
-            self.numbers = pc.fill_null(child, np.nan).to_numpy().astype(np.float32)
+            self.numbers = child.to_numpy().astype(np.float32)
 
     def value(self, row: int) -> np.ndarray | float | None:
         if self.null[row]:
@@ -298,8 +302,9 @@ class SignalTable:
             row = self.row_of.get(image_id)
             shown = image_id
         else:
-            shown = posixpath.normpath(relative_path) if relative_path else source
-            row = self.row_of.get(shown, self.row_of.get(source))
+            shown = relative_path or source
+            candidates = (relative_path, posixpath.normpath(relative_path), source)
+            row = next((self.row_of[c] for c in candidates if c and c in self.row_of), None)
         if row is None:
             return f"no row in signals table {self.uri} with {self.key} = {shown!r}"
         self.matched.add(row)
