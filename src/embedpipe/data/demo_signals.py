@@ -7,11 +7,13 @@ are rendered from these same hidden parameters:
 - the image: a Sersic-like blob (de Vaucouleurs for ellipticals, exponential
   with two arms for spirals, compact for starbursts) whose angular size
   shrinks with ``z`` and grows with mass, whose ellipticity depends on the
-  type, and whose colour is the type's rest-frame colour reddened with ``z``;
+  type, and whose colour is the type's rest-frame colour reddened with ``z``
+  and with the object's dust;
 - the spectrum: ``bins`` float32 fluxes over 3600-10000 Angstrom: the type's
   continuum (slope, 4000 Angstrom break) and its emission lines ([OII],
   H-beta, [OIII], H-alpha) and absorption lines (Ca H+K, Mg b, Na D), all at
-  their rest wavelengths times ``1 + z``.
+  their rest wavelengths times ``1 + z``, the continuum tilted red by the same
+  dust.
 
 Every object is seen ``views`` times: each view is another exposure (image
 rotated, shifted and with its own noise; spectrum with its own noise and
@@ -109,6 +111,7 @@ class Galaxy:
     ellipticity: float
     angle: float  # position angle, radians
     radius: float  # effective radius in pixels at size 64
+    dust: float  # reddening of image colour and spectral slope, independent of z
 
     @classmethod
     def draw(cls, name: str, kind: str, rng: np.random.Generator) -> Galaxy:
@@ -119,7 +122,8 @@ class Galaxy:
         physical = 2.0 + 1.6 * (mass - 9.5) + rng.normal(0, 0.3)
         radius = float(np.clip(physical * 0.9 / (redshift + 0.2), 3.0, 16.0))
         angle = float(rng.uniform(0, math.pi))
-        return cls(name, kind, redshift, mass, ellipticity, angle, radius)
+        dust = float(rng.uniform(0, 0.4))
+        return cls(name, kind, redshift, mass, ellipticity, angle, radius, dust)
 
 
 def wavelengths(bins: int) -> np.ndarray:
@@ -143,7 +147,8 @@ def rest_spectrum(kind: str, rest: np.ndarray) -> np.ndarray:
 def render_spectrum(galaxy: Galaxy, bins: int, rng: np.random.Generator) -> np.ndarray:
     """One exposure: the rest-frame spectrum seen at ``(1 + z)``, a gain and noise."""
     observed = wavelengths(bins)
-    flux = rest_spectrum(galaxy.kind, observed / (1 + galaxy.redshift))
+    rest = observed / (1 + galaxy.redshift)
+    flux = rest_spectrum(galaxy.kind, rest) * (rest / 5500.0) ** galaxy.dust
     brightness = 10 ** (0.4 * (galaxy.stellar_mass - 10.0)) / (1 + 4 * galaxy.redshift)
     gain = rng.uniform(0.9, 1.1)
     flux = flux * brightness * gain
@@ -170,7 +175,7 @@ def render_galaxy(galaxy: Galaxy, size: int, rng: np.random.Generator) -> Image.
     if family.arms:
         theta = np.arctan2(v, u)
         profile *= 1 + 0.45 * np.cos(2 * (theta - 2.2 * np.log(r / galaxy.radius + 0.3)))
-    reddening = 1 + 1.8 * galaxy.redshift
+    reddening = 1 + 1.8 * galaxy.redshift + galaxy.dust
     colour = np.array(family.colour) * np.array([reddening, 1.0, 1 / reddening])
     colour /= colour.max()
     peak = float(np.clip(0.7 + 0.2 * (galaxy.stellar_mass - 10.0) - 0.4 * galaxy.redshift, 0.3, 1))
