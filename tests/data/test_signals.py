@@ -401,3 +401,23 @@ def test_column_values_of_sliced_arrays_match_pyarrows_own_rows(kind):
             continue
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, np.array(expected, dtype=np.float64).astype(np.float32))
+
+
+def test_columns_named_like_image_columns_are_left_out_unless_selected(tree, tmp_path):
+    paths = relative_paths(tree)
+    ids = [hashlib.sha256((tree / p).read_bytes()).hexdigest() for p in paths]
+    table = pa.table({"image_id": ids, "source": paths, "width": [1] * 12, "redshift": [0.5] * 12})
+    pq.write_table(table, tmp_path / "s.parquet")
+    config = settings(signals=str(tmp_path / "s.parquet"))
+    ingest_images([str(tree)], str(tmp_path / "out"), config)
+    out = datasets.read_table(str(tmp_path / "out"), "images")
+    assert out.schema.names == [*IMAGES_SCHEMA.names, "redshift"]
+    assert out.column("width").to_pylist() != [1] * 12
+    with pytest.raises(SignalError, match=r"s\.parquet: column 'width' has the name of an images"):
+        ingest_images([str(tree)], str(tmp_path / "o2"), settings(signals=config.signals,
+                      signal_columns=("width", "redshift")))  # fmt: skip
+    with pytest.raises(
+        SignalError, match=r"signal_columns: 'mass' is not a column of .*s\.parquet"
+    ):
+        ingest_images([str(tree)], str(tmp_path / "o3"), settings(signals=config.signals,
+                      signal_columns=("mass",)))  # fmt: skip

@@ -63,8 +63,9 @@ class IngestSettings(Section):
     signal_columns: tuple[str, ...] = Field(
         (),
         description="columns taken as signals and scalar targets from the signals table and "
-        "Hugging Face dataset sources; empty = every column but the key (and the image, "
-        "category and concept columns)",
+        "Hugging Face dataset sources; empty = every column but the key, the image, "
+        "category and concept columns and those named like images dataset columns "
+        "(source, label, ...)",
     )
     signal_length: int = Field(
         0,

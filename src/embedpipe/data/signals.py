@@ -79,7 +79,7 @@ def column_of(name: str, kind: pa.DataType, where: str, signal_length: int) -> S
     if name in RESERVED_COLUMNS:
         raise SignalError(
             f"{where}: column {name!r} has the name of an images dataset column; "
-            "rename it or leave it out of signal_columns"
+            "rename it to take it as a signal"
         )
     if _is_number(kind):
         return SignalColumn(name, scalar=True)
@@ -106,8 +106,9 @@ def columns_of(
     signal_length: int,
 ) -> list[SignalColumn]:
     """The signal and scalar columns of ``schema``: those in ``selected`` it has, or, when
-    ``selected`` is None, every column but ``skip``."""
-    skipped = set(skip)
+    ``selected`` is None, every column but ``skip`` and the images dataset's own names
+    (``source``, ``label``, ...: metadata the images dataset already has)."""
+    skipped = set(skip) | RESERVED_COLUMNS
     names = [
         n for n in schema.names if (n in selected if selected is not None else n not in skipped)
     ]
