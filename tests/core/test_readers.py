@@ -9,6 +9,7 @@ import os
 from urllib.parse import urlparse
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -30,6 +31,7 @@ from embedpipe.config import (
 from embedpipe.core import datasets, storage
 from embedpipe.data.catalog import build_catalog
 from embedpipe.data.dedup import find_duplicates
+from embedpipe.data.demo_signals import SIGNALS_NAME, SignalDemoSpec, generate_signal_demo
 from embedpipe.data.ingest import REJECTED_NAME, ingest_images
 from embedpipe.data.split import create_concept_splits
 from embedpipe.embed.images import embed_images
@@ -86,6 +88,13 @@ def run(tmp_path_factory, tiny_entry) -> dict[str, dict[str, str]]:
     build_taxonomy(str(root / "bimages"), table, bundles["taxonomy"], TaxonomySettings())
     for part in ("species", "tree", "rank_keys", *(f"index/{s}" for s in SPLITS)):
         out[f"taxonomy/{part}"] = storage.join(bundles["taxonomy"], part)
+
+    generate_signal_demo(str(root / "galaxies"), SignalDemoSpec(objects=2, views=2))
+    out["signal_images"] = str(root / "signal_images")
+    signals = IngestSettings(
+        workers=1, signals=str(root / "galaxies" / SIGNALS_NAME), signal_key="source"
+    )
+    ingest_images([str(root / "galaxies")], out["signal_images"], signals)
     return {"datasets": out, "bundles": bundles}
 
 
@@ -150,6 +159,28 @@ def test_duckdb_reads_each_folder_as_its_rows(artifacts):
     for name, folder in artifacts.items():
         query = f"select count(*) from read_parquet('{folder}/*.parquet')"
         assert duckdb.sql(query).fetchall() == [(manifest_rows(folder),)], name
+
+
+def test_signal_columns_read_as_float_lists_and_numbers_everywhere(artifacts, tmp_path):
+    import datasets as hf
+
+    folder = artifacts["signal_images"]
+    assert manifest_rows(folder) == 11  # 12 views, one planted NaN spectrum rejected
+    frame = pd.read_parquet(folder)
+    assert frame["spectrum"].iloc[0].dtype == np.float32 and len(frame["spectrum"].iloc[0]) == 256
+    assert frame["redshift"].dtype == np.float64
+    schema = pads.dataset(folder, format="parquet").schema
+    assert schema.field("spectrum").type == pa.list_(pa.float32())
+    loaded = hf.load_dataset(
+        "parquet", data_dir=folder, split="train", cache_dir=str(tmp_path / "hf-cache")
+    )
+    assert loaded.features["spectrum"].feature == hf.Value("float32")
+    assert loaded.features["redshift"] == hf.Value("float64")
+    assert len(loaded[0]["spectrum"]) == 256
+    query = (
+        f"select typeof(spectrum), typeof(redshift) from read_parquet('{folder}/*.parquet') limit 1"
+    )
+    assert duckdb.sql(query).fetchall() == [("FLOAT[]", "DOUBLE")]
 
 
 def test_s3_datasets_read_through_pyarrows_s3_filesystem(bucket, s3_endpoint, tmp_path):

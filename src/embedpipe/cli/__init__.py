@@ -43,10 +43,32 @@ def cmd_models(args: argparse.Namespace) -> None:
         print("  ".join(cells).rstrip())
 
 
+# The same flags for `demo-data --kind signals`: fields of demo_signals.SignalDemoSpec.
+SIGNAL_DEMO_FIELDS = {
+    "categories": "types",
+    "concepts": "objects",
+    "images": "views",
+    "size": "size",
+    "seed": "seed",
+}
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
+    given = {key: getattr(args, key) for key in DEMO_FLAGS if getattr(args, key) is not None}
+    if args.kind == "signals":
+        from embedpipe.data.demo_signals import SignalDemoSpec, generate_signal_demo
+
+        spec = SignalDemoSpec(**{SIGNAL_DEMO_FIELDS[key]: value for key, value in given.items()})
+        manifest = generate_signal_demo(args.out, spec)
+        print(
+            f"wrote {manifest['images']} images of {len(manifest['objects'])} objects and "
+            f"{args.out}/{manifest['signals']} (one spectrum with a planted NaN); ingest with: "
+            f"embedpipe ingest {args.out} --out IMAGES --signals {args.out}/{manifest['signals']} "
+            "--signal-key source"
+        )
+        return
     from embedpipe.data.demo_data import DemoSpec, generate_demo_dataset
 
-    given = {key: getattr(args, key) for key in DEMO_FLAGS if getattr(args, key) is not None}
     spec = DemoSpec(**given)  # a flag left out keeps DemoSpec's default
     manifest = generate_demo_dataset(args.out, spec)
     print(
@@ -76,9 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo-data",
-        help="generate a small deterministic dataset with planted duplicates and corrupt files",
+        help="generate a small deterministic dataset with planted duplicates and corrupt files "
+        "(or, with --kind signals, images paired with spectra)",
     )
     demo.add_argument("out", metavar="OUT", help="output folder (or s3:// prefix)")
+    demo.add_argument(
+        "--kind",
+        choices=["images", "signals"],
+        default="images",
+        help="images: shapes with planted duplicates and corrupt files; signals: galaxy-like "
+        "images with spectra and redshift/stellar_mass sharing hidden parameters, where "
+        "--categories, --concepts, --images, --size mean galaxy types, objects per type, "
+        "views per object, pixels (defaults 3, 40, 4, 64) (default: images)",
+    )
     for key, help_text in DEMO_FLAGS.items():
         demo.add_argument(f"--{key}", type=int, help=help_text)
     demo.set_defaults(handler=cmd_demo_data)

@@ -47,6 +47,34 @@ class IngestSettings(Section):
         "ILSVRC2012_val_*.JPEG) with concept = wnid and a label column",
     )
 
+    signals: str = Field(
+        "",
+        description="Parquet or CSV table (path or s3:// URI) of signals (float arrays) and "
+        "scalar targets joined per image on signal_key; its columns are added to the images "
+        "dataset (list<float32> and float64); in CSV a signal cell is a JSON array of numbers; "
+        "empty = no table",
+    )
+    signal_key: Literal["image_id", "source"] = Field(
+        "image_id",
+        description="key column of the signals table: image_id (the sha256 of the image "
+        "bytes), or source (the image's path relative to the source folder or archive, "
+        "or its full path or URI)",
+    )
+    signal_columns: tuple[str, ...] = Field(
+        (),
+        description="columns taken as signals and scalar targets from the signals table and "
+        "Hugging Face dataset sources; empty = every column but the key, the image, "
+        "category and concept columns and those named like images dataset columns "
+        "(source, label, ...)",
+    )
+    signal_length: int = Field(
+        0,
+        ge=0,
+        description="values every signal must have (images with another length are "
+        "rejected); 0 = fixed only where the table declares it (Parquet/Arrow "
+        "fixed_size_list, datasets Sequence(length=N))",
+    )
+
     @field_validator("split_dirnames")
     @classmethod
     def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:

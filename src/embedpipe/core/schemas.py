@@ -1,5 +1,7 @@
 """Arrow schemas of the data contracts in DESIGN.md (one place, imported by every stage)."""
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 
 IMAGES_KIND = "images"
@@ -42,14 +44,18 @@ IMAGES_OPTIONAL_FIELDS = (
 )
 
 
-def images_schema(optional_columns: set[str] | frozenset[str] = frozenset()) -> pa.Schema:
-    """IMAGES_SCHEMA followed by the named optional columns, in a fixed order."""
+def images_schema(
+    optional_columns: set[str] | frozenset[str] = frozenset(),
+    signal_fields: Sequence[pa.Field] = (),
+) -> pa.Schema:
+    """IMAGES_SCHEMA followed by the named optional columns, in a fixed order, then the
+    signal (``list<float32>``) and scalar target (``float64``) columns, in table order."""
     known = {field.name for field in IMAGES_OPTIONAL_FIELDS}
     unknown = set(optional_columns) - known
     if unknown:
         raise ValueError(f"unknown optional image column(s): {', '.join(sorted(unknown))}")
     extra = [field for field in IMAGES_OPTIONAL_FIELDS if field.name in optional_columns]
-    return pa.schema([*IMAGES_SCHEMA, *extra])
+    return pa.schema([*IMAGES_SCHEMA, *extra, *signal_fields])
 
 
 REJECTED_SCHEMA = pa.schema(

@@ -21,8 +21,9 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 from tqdm import tqdm
@@ -33,7 +34,9 @@ from embedpipe.core.images import ImageLimits
 from embedpipe.core.rejected import REJECTED_NAME, write_rejected
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import IMAGES_KIND, IMAGES_SCHEMA, images_schema
-from embedpipe.data import known_sources
+from embedpipe.data import known_sources, signals
+from embedpipe.data.hf_sources import hf_members
+from embedpipe.data.signals import SignalColumn, SignalJoin
 from embedpipe.data.sources import LayoutError, Member, SourceReader, resolve_source
 
 log = logging.getLogger(__name__)
@@ -67,15 +70,27 @@ def inspect_chunk(limits: ImageLimits, chunk: list[bytes]) -> list[tuple[str, in
 
 
 class _RowBuffer:
-    def __init__(self, schema: pa.Schema) -> None:
+    def __init__(self, schema: pa.Schema, signal_columns: Sequence[SignalColumn] = ()) -> None:
         self.schema = schema
-        self.optional_names = schema.names[len(IMAGES_SCHEMA) :]
-        self.columns: dict[str, list] = {name: [] for name in schema.names}
+        self.signal_columns = list(signal_columns)
+        self.base = pa.schema(list(schema)[: len(schema) - len(self.signal_columns)])
+        self.optional_names = self.base.names[len(IMAGES_SCHEMA) :]
+        self.columns: dict[str, list] = {name: [] for name in self.base.names}
+        self.signals: list[Mapping[str, Any]] = []
 
     def __len__(self) -> int:
         return len(self.columns["image_id"])
 
-    def add(self, member: Member, data: bytes, image_id: str, width: int, height: int) -> None:
+    def add(
+        self,
+        member: Member,
+        data: bytes,
+        image_id: str,
+        width: int,
+        height: int,
+        signals: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.signals.append(signals or {})
         placement = member.placement
         values = (image_id, data, member.source, placement.category, placement.concept)
         for name, value in zip(
@@ -86,8 +101,12 @@ class _RowBuffer:
             self.columns[name].append(placement.columns.get(name))
 
     def drain(self) -> pa.RecordBatch:
-        batch = pa.RecordBatch.from_pydict(self.columns, schema=self.schema)
-        self.columns = {name: [] for name in self.schema.names}
+        batch = pa.RecordBatch.from_pydict(self.columns, schema=self.base)
+        if self.signal_columns:
+            extra = signals.arrays_of(self.signals, self.signal_columns)
+            batch = pa.RecordBatch.from_arrays([*batch.columns, *extra], schema=self.schema)
+        self.columns = {name: [] for name in self.base.names}
+        self.signals = []
         return batch
 
 
@@ -106,15 +125,20 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
     started = time.perf_counter()
     roots = [resolve_source(source) for source in sources]
     planned = known_sources.plan_sources(roots, config)
-    schema = images_schema(frozenset().union(*(source.columns for source in planned)))
+    join = _plan_signals(planned, config)
+    optional = frozenset().union(*(source.columns for source in planned))
+    schema = images_schema(optional, join.fields if join else ())
     out_uri = storage.normalize(out_uri)
     reader = SourceReader(config.max_image_bytes)
     members = itertools.chain.from_iterable(
-        reader.members(source.read_from, source.layout) for source in planned
+        hf_members(source.hf_dataset)
+        if source.hf_dataset
+        else reader.members(source.read_from, source.layout)
+        for source in planned
     )
     rejected: list[tuple[str, str]] = []
     distinct: set[str] = set()
-    rows = _RowBuffer(schema)
+    rows = _RowBuffer(schema, join.columns if join else ())
     uncaptioned = 0
     progress = tqdm(desc="ingest", unit="img", disable=None)
     with (
@@ -135,7 +159,15 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
                 if isinstance(outcome, str):
                     rejected.append((member.source, outcome))
                     continue
-                rows.add(member, data, *outcome)
+                values = None
+                if join is not None:
+                    values = join.values_for(
+                        member.signals, outcome[0], member.source, member.relative_path
+                    )
+                    if isinstance(values, str):
+                        rejected.append((member.source, values))
+                        continue
+                rows.add(member, data, *outcome, values)
                 uncaptioned += member.placement.columns.get("captions") == []
                 distinct.add(outcome[0])
                 if len(rows) >= config.row_group_rows:
@@ -143,6 +175,8 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
             progress.update(len(chunk))
         if len(rows):
             writer.write(rows.drain())
+        if join is not None:
+            join.check_matched()
         if writer.rows == 0:
             examples = "; ".join(f"{source}: {reason}" for source, reason in rejected[:3])
             raise LayoutError(f"{', '.join(roots)}: no readable images ({examples})")
@@ -163,7 +197,12 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
         write_rejected(out_uri, rejected)
         storage.write_json(
             datasets.side_path(out_uri, REPORT_NAME),
-            {**result.metrics(), **coco_report, "rejected_examples": rejected[:20]},
+            {
+                **result.metrics(),
+                **coco_report,
+                **({"signals": join.report()} if join else {}),
+                "rejected_examples": rejected[:20],
+            },
         )
         for source in planned:
             if isinstance(source.layout, known_sources.ImageNetLayout):
@@ -175,6 +214,7 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
                 "sources": roots,
                 "source_kinds": [source.kind for source in planned],
                 "split_dirnames": list(config.split_dirnames),
+                **({"signals": join.report()} if join else {}),
             }
         )
     log.info(
@@ -192,8 +232,20 @@ def ingest_images(sources: Sequence[str], out_uri: str, config: IngestSettings) 
         )
     if rejected:
         log.warning(
-            "%d unreadable file(s) listed in %s",
+            "%d rejected file(s) (unreadable, or signals not whole) listed in %s",
             len(rejected),
             datasets.side_path(out_uri, REJECTED_NAME),
         )
     return result
+
+
+def _plan_signals(
+    planned: Sequence[known_sources.PlannedSource], config: IngestSettings
+) -> SignalJoin | None:
+    """The signals every image gets (side table, Hugging Face columns), or None."""
+    in_sources = [
+        (source.root, source.hf_dataset.signal_columns) for source in planned if source.hf_dataset
+    ]
+    return SignalJoin.plan(
+        config.signals, config.signal_key, config.signal_columns, config.signal_length, in_sources
+    )

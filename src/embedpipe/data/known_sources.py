@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 
 from embedpipe.config import IngestSettings
 from embedpipe.core import datasets, storage
+from embedpipe.data.hf_sources import HF_KIND, HfDataset, plan_hf_dataset
 from embedpipe.data.sources import Layout, LayoutError, MemberRejected, PervaLayout, Placement
 
 log = logging.getLogger(__name__)
@@ -131,18 +132,28 @@ class PlannedSource:
     root: str
     kind: str
     read_from: str  # the root itself, or COCO's val2017 folder or zip inside it
-    layout: Layout
+    layout: Layout | None  # None for a Hugging Face dataset (its rows are placed by hf_sources)
     columns: frozenset[str] = field(default_factory=frozenset)  # optional image columns
+    hf_dataset: HfDataset | None = None  # a Hugging Face dataset folder's rows and columns
 
 
 def plan_sources(roots: Sequence[str], config: IngestSettings) -> list[PlannedSource]:
-    """Recognise each (resolved) source: COCO by its folder structure, ImageNet by the
-    ``imagenet_meta`` setting, otherwise the PerVA layout."""
+    """Recognise each (resolved) source: a Hugging Face dataset folder or COCO by its
+    structure, ImageNet by the ``imagenet_meta`` setting, otherwise the PerVA layout."""
     meta = load_imagenet_meta(config.imagenet_meta) if config.imagenet_meta else None
     planned = []
     for root in roots:
-        coco = coco_parts(root)
-        if coco is not None:
+        hf = plan_hf_dataset(
+            root,
+            config.split_dirnames,
+            config.signal_columns,
+            config.signal_length,
+            config.max_image_bytes,
+        )
+        coco = coco_parts(root) if hf is None else None
+        if hf is not None:
+            planned.append(PlannedSource(root, HF_KIND, root, None, hf_dataset=hf))
+        elif coco is not None:
             images, captions_uri = coco
             layout = CocoLayout(load_coco_captions(captions_uri))
             planned.append(PlannedSource(root, COCO_KIND, images, layout, frozenset({"captions"})))

@@ -76,6 +76,8 @@ class Member:
     placement: Placement | None
     read: Callable[[], bytes] | None
     rejected_reason: str | None = None
+    # Signal and scalar values the source holds beside the image (a Hugging Face dataset's).
+    signals: Mapping[str, Any] = field(default_factory=dict)
 
 
 def is_tar(uri: str) -> bool:
