@@ -75,17 +75,18 @@ class SignalEncoder(nn.Module):
 
     arch: SignalTransformerArch | SignalCnnArch
 
-    def check_length(self, length: int, where: str) -> None:
-        """Refuse a signal this encoder cannot take, in one line naming ``where``."""
+    def check_length(self, length: int, where: str, name: str = "the encoder") -> None:
+        """Refuse a signal this encoder (``name``) cannot take, in one line naming
+        ``where`` (the file and column)."""
         fixed = self.arch.signal_length
         if fixed and length != fixed:
             raise ModelError(
-                f"{where}: signals of length {length}, but the encoder takes signals of "
+                f"{where}: signals of length {length}, but {name} takes signals of "
                 f"length {fixed} only"
             )
         if length < self.arch.min_signal_length:
             raise ModelError(
-                f"{where}: a signal of length {length} is shorter than the encoder's minimum "
+                f"{where}: a signal of length {length} is shorter than {name}'s minimum "
                 f"{self.arch.min_signal_length}"
             )
 
