@@ -30,7 +30,9 @@ class ModelEntry(BaseModel):
     max_batch_b200: int | None = Field(None, gt=0)
     text: bool = False
     hub_tokenizer: bool = False
-    arch: dict[str, Any] = Field(default_factory=dict, description="offline architecture config")
+    arch: dict[str, Any] = Field(
+        default_factory=dict, description="offline architecture config", validate_default=True
+    )
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     resize: Literal["shortest", "squash"] = "shortest"
