@@ -29,15 +29,18 @@ from embedpipe.config import (
     TaxonomySettings,
 )
 from embedpipe.core import datasets, storage
+from embedpipe.core.schemas import IMAGES_KIND
 from embedpipe.data.catalog import build_catalog
 from embedpipe.data.dedup import find_duplicates
 from embedpipe.data.demo_signals import SIGNALS_NAME, SignalDemoSpec, generate_signal_demo
 from embedpipe.data.ingest import REJECTED_NAME, ingest_images
 from embedpipe.data.split import create_concept_splits
 from embedpipe.embed.images import embed_images
+from embedpipe.embed.signals import embed_signals
 from embedpipe.mining.combine import combine_negatives
 from embedpipe.mining.mine import mine_category
 from embedpipe.mining.partition import partition_by_category
+from embedpipe.models.registry import get_entry
 from embedpipe.taxonomy.split import SPLITS
 from embedpipe.taxonomy.stage import build_taxonomy
 
@@ -72,6 +75,7 @@ def run(tmp_path_factory, tiny_entry) -> dict[str, dict[str, str]]:
         EmbedSettings(weights="random", batch_size=16, num_workers=0),
         tiny_entry,
     )
+    out["signal_images"], out["signal_embeddings"] = embed_a_signal_column(out["images"], root)
     partitions = partition_by_category(out["dedup/kept"], out["embeddings"], bundles["partitions"])
     negatives = []
     for category, partition in sorted(partitions.items()):
@@ -96,6 +100,22 @@ def run(tmp_path_factory, tiny_entry) -> dict[str, dict[str, str]]:
     )
     ingest_images([str(root / "galaxies")], out["signal_images"], signals)
     return {"datasets": out, "bundles": bundles}
+
+
+def embed_a_signal_column(images: str, root) -> tuple[str, str]:
+    """The images with a list<float32> signal column (a missing one among them), and
+    embed-signal's output for it."""
+    table = datasets.read_table(images)
+    rng = np.random.default_rng(0)
+    signals = [rng.normal(size=20 + row % 7).astype(np.float32) for row in range(table.num_rows)]
+    signals[0] = None
+    table = table.append_column("signal", pa.array(signals, pa.list_(pa.float32())))
+    with_signals = str(root / "signal_images")
+    datasets.write_table(with_signals, table, IMAGES_KIND, rows_per_shard=16)
+    out = str(root / "signal_embeddings")
+    config = EmbedSettings(model="signal_cnn_small", weights="random", device="cpu")
+    embed_signals(with_signals, out, config, "signal", get_entry("signal_cnn_small"))
+    return with_signals, out
 
 
 @pytest.fixture(scope="module")

@@ -208,5 +208,6 @@ def test_an_unknown_library_names_the_entry_and_the_known_libraries():
             {"mine": {"library": "timm", "architecture": "x", "embed_dim": 8, "image_size": 8}}
         )
     unchecked = REGISTRY["clip_vitb32"].model_copy(update={"name": "mine", "library": "timm"})
-    with pytest.raises(ModelError, match="mine: unknown library 'timm'; known: open_clip, trans"):
+    known = "known: open_clip, signal, trans"
+    with pytest.raises(ModelError, match=f"mine: unknown library 'timm'; {known}"):
         backend_for(unchecked)

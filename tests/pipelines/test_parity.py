@@ -166,6 +166,7 @@ INPUTS = {  # positional inputs and --out of each command
     "dedup": ["images"],
     "embed": ["images"],
     "embed-text": ["texts.txt"],
+    "embed-signal": ["images", "--column", "signal"],
     "mine": ["metadata", "embeddings"],
     "combine": ["negatives"],
     "to-hf": ["negatives", "images"],
@@ -187,6 +188,8 @@ def test_every_flag_and_every_config_key_reaches_the_stage(
 ):
     if command.name == "embed-text":
         monkeypatch.setattr("embedpipe.embed.texts.embed_texts", captured_stub(captured))
+    if command.name == "embed-signal":
+        monkeypatch.setattr("embedpipe.embed.signals.embed_signals", captured_stub(captured))
     if command.name == "tune":  # with backend katib the launcher is what receives [tune]
 
         def launch(name, tune, *args, **kwargs):
@@ -210,7 +213,7 @@ def test_every_flag_and_every_config_key_reaches_the_stage(
 
 
 def captured_stub(seen):
-    def stub(texts_uri, out_uri, config, entry, column):
+    def stub(uri, out_uri, config, *args):
         seen["embed"] = config
         raise Reached("embed")
 

@@ -146,6 +146,24 @@ def inputs_embed_text(parser: argparse.ArgumentParser) -> None:
     _out(parser)
 
 
+def run_embed_signal(args: argparse.Namespace, settings: Settings) -> None:
+    from embedpipe.embed.openmp import passive_wait
+
+    passive_wait()  # before torch loads
+    from embedpipe.embed.signals import embed_signals
+
+    entry = _embed_entry(settings)
+    _print_result(embed_signals(args.images, args.out, settings.embed, args.column, entry))
+
+
+def inputs_embed_signal(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "images", metavar="IMAGES", help="images dataset with a signal column (list<float32>)"
+    )
+    parser.add_argument("--column", required=True, help="the signal column to embed")
+    _out(parser)
+
+
 def run_mine(args: argparse.Namespace, settings: Settings) -> None:
     from embedpipe.core import storage
     from embedpipe.mining.mine import mine_category
@@ -491,6 +509,19 @@ STAGE_COMMANDS = (
         inputs_embed_text,
         run_embed_text,
         "texts (captions, class prompts) -> Parquet embeddings with an image-text model",
+    ),
+    StageCommand(
+        "embed-signal",
+        "embed",
+        inputs_embed_signal,
+        run_embed_signal,
+        "a signal column (spectra, time series) -> Parquet signal embeddings",
+        "Embed one list<float32> column of an images dataset with a signal encoder "
+        "(--model signal_transformer, signal_cnn, ... or --weights a signal checkpoint), "
+        "one row per image_id, in batches; [embed]'s model, weights, seed, batch size, "
+        "device, precision, normalize and dim apply (its image decoding options do not). "
+        "Missing or non-finite signals are skipped and listed; a rerun with the same "
+        "settings resumes after the last finished shard.",
     ),
     StageCommand(
         "mine",

@@ -10,6 +10,7 @@ SPLITS_KIND = "splits"
 TAXONOMY_KIND = "taxonomy"
 EMBEDDINGS_KIND = "embeddings"
 TEXT_EMBEDDINGS_KIND = "text-embeddings"
+SIGNAL_EMBEDDINGS_KIND = "signal-embeddings"  # embeddings of an images dataset's signal column
 DEDUP_KIND = "dedup"
 SELECTION_KIND = "selection"
 NEGATIVES_KIND = "hard-negatives"

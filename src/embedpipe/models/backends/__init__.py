@@ -2,12 +2,14 @@
 
 from embedpipe.models.backends.base import Backend
 from embedpipe.models.backends.open_clip import OpenClipBackend
+from embedpipe.models.backends.signal import SignalBackend
 from embedpipe.models.backends.transformers import TransformersBackend
 from embedpipe.models.registry import ModelEntry, ModelError
 
 BACKENDS: dict[str, Backend] = {
     "open_clip": OpenClipBackend(),
     "transformers": TransformersBackend(),
+    "signal": SignalBackend(),
 }
 
 
