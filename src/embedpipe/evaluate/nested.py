@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from embedpipe.core import datasets, storage
 from embedpipe.core.datasets import MANIFEST_NAME
 from embedpipe.core.schemas import EMBEDDINGS_KIND
+from embedpipe.models import heads
+from embedpipe.models.loading import published_head_config
+from embedpipe.models.registry import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +40,23 @@ def _checkpoint_config(uri: str) -> dict[str, Any]:
 
 
 def trained_nested_dims(source: str) -> tuple[int, ...]:
-    """The prefixes the model behind ``source`` (a checkpoint, or embeddings it made) was
-    trained to embed with; empty for any other model."""
+    """The prefixes the model behind ``source`` (a checkpoint, a published head, or
+    embeddings either made) was trained to embed with; empty for any other model."""
     config = _checkpoint_config(source)
     if not config and source and storage.exists(datasets.side_path(source, MANIFEST_NAME)):
-        manifest = datasets.read_manifest(source, EMBEDDINGS_KIND)
-        config = _checkpoint_config(str(manifest.get("weights", "")))
-    train = config.get("train")
-    dims = train.get("nested_dims") if isinstance(train, dict) else None
-    return tuple(int(dim) for dim in dims or ())
+        source = str(datasets.read_manifest(source, EMBEDDINGS_KIND).get("weights", ""))
+        config = _checkpoint_config(source)
+    published = _published_head_config(source)
+    if published is not None:
+        return tuple(int(dim) for dim in published.get("nested_dims") or ())
+    return heads.trained_nested_dims(config)
+
+
+def _published_head_config(source: str) -> dict[str, Any] | None:
+    try:
+        return published_head_config(source)
+    except ModelError:  # no longer reachable: no prefixes to report
+        return None
 
 
 class _PrefixEncoder:
