@@ -37,10 +37,12 @@ from embedpipe.train.task import TrainingTask
 log = logging.getLogger(__name__)
 
 # Settings that may differ between a run and its resumption: they change neither the
-# data order nor the arithmetic.
+# data order nor the gradients (micro_batch: gradient caching gives those of the whole
+# batch, so a run resumes on another memory budget).
 RUNTIME_ONLY = frozenset(
     {
         "num_workers",
+        "micro_batch",
         "device",
         "checkpoint_every",
         "val_every",
