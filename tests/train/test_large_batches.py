@@ -99,6 +99,27 @@ def test_a_run_resumes_with_another_micro_batch_to_the_weights_of_the_whole_run(
         torch.testing.assert_close(cut[key], whole[key], rtol=1e-4, atol=1e-5)
 
 
+def test_a_micro_batch_holding_the_whole_batch_runs_each_batch_through_the_model_once(
+    demo_images, demo_splits, demo_embeddings, backbone_entry, tmp_path, monkeypatch
+):
+    """Gradient caching pays a second forward pass; where one micro-batch holds the whole
+    batch there is nothing to cache, and the step is the plain one."""
+    from embedpipe.train.head import HeadTask
+
+    passes = []
+    features_of = HeadTask.features_of
+
+    def counted(self, forward, batch):
+        passes.append(len(batch["rows"]))
+        return features_of(self, forward, batch)
+
+    monkeypatch.setattr(HeadTask, "features_of", counted)
+    inputs = dict(splits_uri=demo_splits, embeddings_uri=demo_embeddings)
+    config = head_train(steps=3, batch_size=16, micro_batch=16, val_every=0)
+    train_model(demo_images, str(tmp_path / "out"), config, backbone_entry, **inputs)
+    assert passes == [16, 16, 16]
+
+
 def test_a_cached_finetune_run_trains_the_weights_of_a_plain_run(
     demo_images, demo_splits, tiny_entry, tmp_path
 ):

@@ -325,7 +325,8 @@ class Loop:
                     if size > 1 and not last_micro and hasattr(self.forward, "no_sync")
                     else contextlib.nullcontext()
                 )
-                if config.micro_batch:
+                # a micro-batch that holds the whole batch leaves nothing to cache
+                if 0 < config.micro_batch < len(micro["rows"]):
                     loss = cached_backward(
                         self.task,
                         self.forward,
