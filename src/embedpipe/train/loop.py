@@ -153,9 +153,8 @@ class Loop:
         micro = batches_per_epoch(len(self.train_rows), self.global_batch)
         self.steps_per_epoch = max(1, micro // config.accumulation)
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
-        precision = precision_for(config.precision, device, TRAINING)
-        precision.cast(task.module)
-        self.autocast_dtype = precision.autocast
+        self.precision = precision_for(config.precision, device, TRAINING)
+        self.precision.cast(task.module)
         self.forward: nn.Module = task.module
         if world.size > 1:
             self.forward = nn.parallel.DistributedDataParallel(
@@ -177,8 +176,7 @@ class Loop:
         self.state = LoopState()
 
     def autocast(self):
-        dtype = self.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return self.precision.autocasting(self.device)
 
     # --- checkpoints -------------------------------------------------------------------
     def _config(self, extra: dict | None = None) -> dict[str, Any]:
