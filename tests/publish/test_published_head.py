@@ -314,7 +314,7 @@ def test_the_demos_printed_line_and_the_readmes_snippet_embed_a_picture(
 
 
 def test_a_nested_head_publishes_its_prefixes_and_evaluate_reports_them(
-    tiny_entry, photos, tmp_path, capsys
+    tiny_entry, photos, tmp_path, capsys, monkeypatch
 ):
     """A head trained with nested_dims, published: evaluate reports recall@K per prefix for
     the published form (and embeddings it wrote) as for the checkpoint."""
@@ -329,6 +329,11 @@ def test_a_nested_head_publishes_its_prefixes_and_evaluate_reports_them(
     publish_checkpoint(checkpoint, str(out), PublishSettings())
     weights = f"local-dir:{out}"
     assert trained_nested_dims(weights) == (4, 8) == trained_nested_dims(checkpoint)
+    _hub_cache(tmp_path / "hub", "org/nested-head", out)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert trained_nested_dims("hf-hub:org/nested-head") == (4, 8)
+    assert trained_nested_dims("hf-hub:org/not-cached") == ()
     _embed_cli(photos, weights, tmp_path / "emb")
     assert trained_nested_dims(str(tmp_path / "emb")) == (4, 8)
 

@@ -10,6 +10,7 @@ e.g. ``image_image_recall@1_dim32``.
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,8 +22,9 @@ from embedpipe.core import datasets, storage
 from embedpipe.core.datasets import MANIFEST_NAME
 from embedpipe.core.schemas import EMBEDDINGS_KIND
 from embedpipe.models import heads
-from embedpipe.models.loading import published_head_config
-from embedpipe.models.registry import ModelError
+from embedpipe.models.backends.base import CONFIG_NAME
+from embedpipe.models.loading import HF_HUB, LOCAL_DIR
+from embedpipe.models.published_head import HEAD_MODEL_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ RECALL_TASKS = ("retrieval", "image_retrieval")
 def _checkpoint_config(uri: str) -> dict[str, Any]:
     """The config.json of a checkpoint; empty for a registry name, "random", a published
     model or anything else."""
-    path = storage.join(uri, "config.json") if uri else ""
+    path = storage.join(uri, CONFIG_NAME) if uri else ""
     if not path or not storage.exists(path):
         return {}
     found = storage.read_json(path)
@@ -42,21 +44,26 @@ def _checkpoint_config(uri: str) -> dict[str, Any]:
 def trained_nested_dims(source: str) -> tuple[int, ...]:
     """The prefixes the model behind ``source`` (a checkpoint, a published head, or
     embeddings either made) was trained to embed with; empty for any other model."""
-    config = _checkpoint_config(source)
+    config = _checkpoint_config(source) or _published_config(source)
     if not config and source and storage.exists(datasets.side_path(source, MANIFEST_NAME)):
         source = str(datasets.read_manifest(source, EMBEDDINGS_KIND).get("weights", ""))
-        config = _checkpoint_config(source)
-    published = _published_head_config(source)
-    if published is not None:
-        return tuple(int(dim) for dim in published.get("nested_dims") or ())
+        config = _checkpoint_config(source) or _published_config(source)
+    if config.get("model_type") == HEAD_MODEL_TYPE:
+        return tuple(int(dim) for dim in config.get("nested_dims") or ())
     return heads.trained_nested_dims(config)
 
 
-def _published_head_config(source: str) -> dict[str, Any] | None:
-    try:
-        return published_head_config(source)
-    except ModelError:  # no longer reachable: no prefixes to report
-        return None
+def _published_config(source: str) -> dict[str, Any]:
+    """The config.json of a published model (a published head records its nested_dims
+    there), read where it lies: a hub repo only from the local cache, nothing downloaded."""
+    if source.startswith(LOCAL_DIR):
+        return _checkpoint_config(source[len(LOCAL_DIR) :])
+    if source.startswith(HF_HUB):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source[len(HF_HUB) :], CONFIG_NAME)
+        return _checkpoint_config(os.path.dirname(cached)) if isinstance(cached, str) else {}
+    return {}
 
 
 class _PrefixEncoder:

@@ -207,21 +207,6 @@ def _read_published_config(source: str) -> dict:
     return config
 
 
-def _head_config_of(source: str) -> dict | None:
-    folder = source[len(LOCAL_DIR) :] if source.startswith(LOCAL_DIR) else None
-    if source.startswith(HF_HUB):
-        folder = _hub_head_folder(source)
-    return read_head_config(folder) if folder else None
-
-
-def published_head_config(weights: str) -> dict | None:
-    """The config.json of the published head ``weights`` names (``local-dir:`` or
-    ``hf-hub:``); None for every other kind of weights."""
-    if not weights.startswith((LOCAL_DIR, HF_HUB)):
-        return None
-    return _head_config_of(_published_source(weights))
-
-
 def entry_for_weights(weights: str) -> ModelEntry | None:
     """The entry of a published model (``local-dir:DIR`` or ``hf-hub:ORG/NAME``), read from
     its ``open_clip_config.json``; None for every other kind of weights."""
@@ -230,7 +215,10 @@ def entry_for_weights(weights: str) -> ModelEntry | None:
     source = _published_source(weights)
     identifier = weights.split(":", 1)[1].rstrip("/")
     name = identifier.rsplit("/", 1)[-1] or identifier
-    head = _head_config_of(source)
+    folder = source[len(LOCAL_DIR) :] if source.startswith(LOCAL_DIR) else None
+    if source.startswith(HF_HUB):
+        folder = _hub_head_folder(source)
+    head = read_head_config(folder) if folder else None
     if head is not None:  # a published head: the transformers form of a head checkpoint
         return head_entry(head, name, weights)
     config = _read_published_config(source)
