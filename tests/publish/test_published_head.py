@@ -334,6 +334,7 @@ def test_a_nested_head_publishes_its_prefixes_and_evaluate_reports_them(
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert trained_nested_dims("hf-hub:org/nested-head") == (4, 8)
     assert trained_nested_dims("hf-hub:org/not-cached") == ()
+    assert trained_nested_dims("hf-hub:org/na..me") == ()
     _embed_cli(photos, weights, tmp_path / "emb")
     assert trained_nested_dims(str(tmp_path / "emb")) == (4, 8)
 

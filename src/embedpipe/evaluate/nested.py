@@ -63,7 +63,10 @@ def _published_config(source: str) -> dict[str, Any]:
         elif source.startswith(HF_HUB):
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(source[len(HF_HUB) :], name)
+            try:
+                cached = try_to_load_from_cache(source[len(HF_HUB) :], name)
+            except ValueError:  # not a repo id: no model, no prefixes
+                cached = None
             found = (
                 _checkpoint_config(os.path.dirname(cached), name) if isinstance(cached, str) else {}
             )
