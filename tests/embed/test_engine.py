@@ -94,3 +94,26 @@ print(os.environ.get("OMP_WAIT_POLICY"))
 """
     assert _python(command).splitlines()[-1] == "PASSIVE"
     assert _python(command, OMP_WAIT_POLICY="ACTIVE").splitlines()[-1] == "ACTIVE"
+
+
+def test_vectors_for_names_each_undecodable_image_with_its_own_source(
+    few_images, tiny_entry, tmp_path
+):
+    """Two workers read a shard's row groups in turns, so its batches arrive out of row
+    order; each undecodable image is still named with its own source."""
+    table = datasets.read_table(few_images, IMAGES_KIND)
+    rows = table.to_pylist()
+    for row in (2, 7):  # row group 0's second batch, row group 1's first
+        rows[row].update(image=b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, source=f"bad{row}.png")
+    images_uri = str(tmp_path / "broken")
+    with datasets.DatasetWriter(images_uri, table.schema, IMAGES_KIND, 100, 6) as out:
+        out.write(pa.Table.from_pylist(rows, schema=table.schema))
+        out.finish()
+    model = load_model(tiny_entry, "random", "cpu")
+    settings = SETTINGS.model_copy(update={"batch_size": 2})
+    inference = prepare_inference(model, settings, CPU)
+    ids = [row["image_id"] for row in rows]
+    with pytest.raises(UndecodableImages) as raised:
+        vectors_for(images_uri, ids, inference, LoaderOptions(workers=2))
+    named = {image_id: source for image_id, source, _ in raised.value.failed}
+    assert named == {ids[2]: "bad2.png", ids[7]: "bad7.png"}

@@ -692,3 +692,22 @@ def test_a_head_published_to_s3_loads_back_and_the_prefix_refuses_another_model(
         )
     with pytest.raises(ModelError, match="no published model here"):
         entry_for_weights(f"local-dir:s3://{bucket}/models/absent")
+
+
+def test_a_nested_fine_tune_publishes_its_prefixes_in_open_clips_config(tiny_entry, tmp_path):
+    """A fine-tune trained with nested_dims keeps open_clip's layout (which open_clip still
+    loads) and its prefixes, so evaluate reports recall@K per prefix for local-dir:."""
+    from embedpipe.evaluate.nested import trained_nested_dims
+
+    torch.manual_seed(0)
+    path = tmp_path / "ckpt"
+    save_model(load_model(tiny_entry, "random"), str(path))
+    config = json.loads((path / "config.json").read_text())
+    config["train"] = {"epochs": 1, "nested_dims": [16, 32]}
+    (path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "published"
+    publish_checkpoint(str(path), str(out), PublishSettings())
+    assert trained_nested_dims(str(path)) == (16, 32)
+    assert trained_nested_dims(f"local-dir:{out}") == (16, 32)
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert model.visual.output_dim == tiny_entry.embed_dim

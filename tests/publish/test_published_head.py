@@ -311,3 +311,37 @@ def test_the_demos_printed_line_and_the_readmes_snippet_embed_a_picture(
     namespace = {}
     exec(code.replace('"photo.jpg"', json.dumps(picture["source"])), namespace)
     np.testing.assert_allclose(namespace["embedding"].numpy()[0], expected, atol=1e-4)
+
+
+def test_a_nested_head_publishes_its_prefixes_and_evaluate_reports_them(
+    tiny_entry, photos, tmp_path, capsys, monkeypatch
+):
+    """A head trained with nested_dims, published: evaluate reports recall@K per prefix for
+    the published form (and embeddings it wrote) as for the checkpoint."""
+    from embedpipe.evaluate.nested import trained_nested_dims
+
+    torch.manual_seed(5)
+    head = ProjectionHead(in_dim=64, out_dim=16, width=32, depth=2, activation="relu")
+    checkpoint = str(tmp_path / "ckpt")
+    settings = {"train": {"epochs": 1, "nested_dims": [4, 8]}}
+    save_head_checkpoint(head, tiny_entry, checkpoint, settings, weights="random", seed=7)
+    out = tmp_path / "pub"
+    publish_checkpoint(checkpoint, str(out), PublishSettings())
+    weights = f"local-dir:{out}"
+    assert trained_nested_dims(weights) == (4, 8) == trained_nested_dims(checkpoint)
+    _hub_cache(tmp_path / "hub", "org/nested-head", out)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert trained_nested_dims("hf-hub:org/nested-head") == (4, 8)
+    assert trained_nested_dims("hf-hub:org/not-cached") == ()
+    assert trained_nested_dims("hf-hub:org/na..me") == ()
+    _embed_cli(photos, weights, tmp_path / "emb")
+    assert trained_nested_dims(str(tmp_path / "emb")) == (4, 8)
+
+    argv = ["evaluate", photos, "--weights", weights, "--weights", checkpoint]
+    argv += ["--tasks", "image_retrieval", "--query-split", "test", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "eval")]) == 0
+    capsys.readouterr()
+    runs = json.loads((tmp_path / "eval" / ".embedpipe" / "metrics.json").read_text())["models"]
+    assert "image_image_recall@1_dim4" in runs[1]["metrics"]
+    assert runs[0]["metrics"] == pytest.approx(runs[1]["metrics"], abs=1e-6)

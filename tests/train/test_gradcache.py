@@ -147,3 +147,49 @@ def test_two_processes_cached_step_equals_plain_step(two_ranks, loss, dropout):
         )
         < 1e-12
     )
+
+
+class _Synced(torch.nn.Module):
+    """A stand-in for DistributedDataParallel's ``no_sync``: records, for each forward that
+    builds a graph, whether gradients would be synchronised after it."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module, self.quiet, self.synced = module, False, []
+
+    def forward(self, *args):
+        if torch.is_grad_enabled():
+            self.synced.append(not self.quiet)
+        return self.module(*args)
+
+    def no_sync(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def quiet():
+            self.quiet = True
+            try:
+                yield
+            finally:
+                self.quiet = False
+
+        return quiet()
+
+
+def test_accumulated_cached_steps_sync_once_and_average_the_batches():
+    """accumulation 2 of cached steps: one synchronisation, on the last re-run of the last
+    step, and the gradients of the two batches' mean loss."""
+    task, model = Task("infonce"), make_model("infonce", dropout=0.0)
+    batches = [make_batch("infonce", MICRO * PIECES, seed) for seed in (1, 2)]
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        (task.loss_from(task.features_of(model, batch), batch) / 2).backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    wrapped = _Synced(model)
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        gradcache.cached_backward(task, wrapped, batch, MICRO, _nothing, synchronise=last, divide=2)
+    assert wrapped.synced == [False] * (2 * PIECES - 1) + [True]
+    cached = {name: p.grad for name, p in model.named_parameters()}
+    assert max_difference(plain, cached) < TOLERANCE

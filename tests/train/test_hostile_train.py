@@ -26,11 +26,14 @@ def _files(folder) -> dict:
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.parametrize("micro_batch", [0, 4])  # plain, and gradient caching
 def test_a_diverging_run_stops_naming_the_step_and_publishes_no_broken_weights(
-    tune_inputs, inputs, frozen_entry, tmp_path
+    tune_inputs, inputs, frozen_entry, tmp_path, micro_batch
 ):
     out = tmp_path / "model"
-    config = head_train(lr=1e3, steps=12, warmup_steps=1, checkpoint_every=1, val_every=0)
+    config = head_train(
+        lr=1e3, steps=12, warmup_steps=1, checkpoint_every=1, val_every=0, micro_batch=micro_batch
+    )
     with pytest.raises(Diverged, match=r"^step \d+: the (loss|gradient norm) is (nan|inf)") as e:
         train_model(tune_inputs["images"], str(out), config, frozen_entry, **inputs)
     assert "\n" not in str(e.value)

@@ -71,6 +71,55 @@ def test_a_cached_run_resumes_mid_epoch_to_the_same_weights(
         assert torch.equal(whole[key], cut[key]), key
 
 
+def test_a_run_resumes_with_another_micro_batch_to_the_weights_of_the_whole_run(
+    demo_images, demo_splits, demo_embeddings, backbone_entry, tmp_path, monkeypatch
+):
+    """micro_batch trades memory for time only (gradient caching gives the gradients of
+    the whole batch): a run cut at step 3 resumes on a smaller or larger memory budget."""
+    inputs = dict(splits_uri=demo_splits, embeddings_uri=demo_embeddings)
+    whole_config = head_train(steps=6, checkpoint_every=3, micro_batch=0, val_every=0)
+    train_model(demo_images, str(tmp_path / "whole"), whole_config, backbone_entry, **inputs)
+    saved = Loop.save_last
+
+    def save_then_die(self):
+        saved(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Loop, "save_last", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(demo_images, str(tmp_path / "cut"), whole_config, backbone_entry, **inputs)
+    monkeypatch.setattr(Loop, "save_last", saved)
+    cached_config = head_train(steps=6, checkpoint_every=3, micro_batch=4, val_every=0)
+    resumed = train_model(
+        demo_images, str(tmp_path / "cut"), cached_config, backbone_entry, **inputs
+    )
+    assert resumed.resumed_from_step == 3
+    whole, cut = weights_of(tmp_path / "whole"), weights_of(tmp_path / "cut")
+    for key in whole:
+        torch.testing.assert_close(cut[key], whole[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_micro_batch_holding_the_whole_batch_runs_each_batch_through_the_model_once(
+    demo_images, demo_splits, demo_embeddings, backbone_entry, tmp_path, monkeypatch
+):
+    """Gradient caching pays a second forward pass; where one micro-batch holds the whole
+    batch there is nothing to cache, and the step is the plain one."""
+    from embedpipe.train.head import HeadTask
+
+    passes = []
+    features_of = HeadTask.features_of
+
+    def counted(self, forward, batch):
+        passes.append(len(batch["rows"]))
+        return features_of(self, forward, batch)
+
+    monkeypatch.setattr(HeadTask, "features_of", counted)
+    inputs = dict(splits_uri=demo_splits, embeddings_uri=demo_embeddings)
+    config = head_train(steps=3, batch_size=16, micro_batch=16, val_every=0)
+    train_model(demo_images, str(tmp_path / "out"), config, backbone_entry, **inputs)
+    assert passes == [16, 16, 16]
+
+
 def test_a_cached_finetune_run_trains_the_weights_of_a_plain_run(
     demo_images, demo_splits, tiny_entry, tmp_path
 ):

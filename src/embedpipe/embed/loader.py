@@ -251,7 +251,7 @@ def device_batches(
 class _Pending:
     rows: list[torch.Tensor] = field(default_factory=list)
     features: list[torch.Tensor] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)  # row, source, reason
     received: int = 0
 
 
@@ -287,7 +287,7 @@ def embedded_shards(
                     state.features.append(features[mine.to(features.device)])
                 for position, source, reason in batch.failed:
                     if int(batch.shards[position]) == index:
-                        state.rejected.append((source, reason))
+                        state.rejected.append((int(batch.rows[position]), source, reason))
                 state.received += int((batch.shards == index).sum())
                 if state.received == len(by_index[index].rows):
                     del pending[index]
@@ -306,4 +306,6 @@ def _finish(item: ShardWork, state: _Pending, dim: int):
         vectors = np.zeros((0, dim), np.float32)
     order = np.argsort(rows, kind="stable")
     ids = item.ids.take(pa.array(np.searchsorted(item.rows, rows[order])))
-    return item, ids, vectors[order], state.rejected
+    # workers' batches arrive out of row order: the rejections come in row order, as ids do
+    rejected = [(source, reason) for _, source, reason in sorted(state.rejected)]
+    return item, ids, vectors[order], rejected

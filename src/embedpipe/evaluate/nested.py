@@ -10,6 +10,7 @@ e.g. ``image_image_recall@1_dim32``.
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,16 +21,19 @@ import torch.nn.functional as F
 from embedpipe.core import datasets, storage
 from embedpipe.core.datasets import MANIFEST_NAME
 from embedpipe.core.schemas import EMBEDDINGS_KIND
+from embedpipe.models import heads
+from embedpipe.models.backends.base import CONFIG_NAME
+from embedpipe.models.loading import HF_HUB, LOCAL_DIR, OPEN_CLIP_CONFIG_NAME
 
 log = logging.getLogger(__name__)
 
 RECALL_TASKS = ("retrieval", "image_retrieval")
 
 
-def _checkpoint_config(uri: str) -> dict[str, Any]:
-    """The config.json of a checkpoint; empty for a registry name, "random", a published
-    model or anything else."""
-    path = storage.join(uri, "config.json") if uri else ""
+def _checkpoint_config(uri: str, name: str = CONFIG_NAME) -> dict[str, Any]:
+    """The config.json (or ``name``) of a checkpoint folder; empty for a registry name,
+    "random", a ``local-dir:``/``hf-hub:`` source or anything else."""
+    path = storage.join(uri, name) if uri else ""
     if not path or not storage.exists(path):
         return {}
     found = storage.read_json(path)
@@ -37,15 +41,40 @@ def _checkpoint_config(uri: str) -> dict[str, Any]:
 
 
 def trained_nested_dims(source: str) -> tuple[int, ...]:
-    """The prefixes the model behind ``source`` (a checkpoint, or embeddings it made) was
-    trained to embed with; empty for any other model."""
-    config = _checkpoint_config(source)
-    if not config and source and storage.exists(datasets.side_path(source, MANIFEST_NAME)):
-        manifest = datasets.read_manifest(source, EMBEDDINGS_KIND)
-        config = _checkpoint_config(str(manifest.get("weights", "")))
-    train = config.get("train")
-    dims = train.get("nested_dims") if isinstance(train, dict) else None
-    return tuple(int(dim) for dim in dims or ())
+    """The prefixes the model behind ``source`` (a checkpoint, a published model, or
+    embeddings either made) was trained to embed with; empty for any other model."""
+    checkpoint, published = _checkpoint_config(source), _published_config(source)
+    made = source and storage.exists(datasets.side_path(source, MANIFEST_NAME))
+    if not (checkpoint or published) and made:
+        source = str(datasets.read_manifest(source, EMBEDDINGS_KIND).get("weights", ""))
+        checkpoint, published = _checkpoint_config(source), _published_config(source)
+    if checkpoint:
+        return heads.trained_nested_dims(checkpoint)
+    return tuple(int(dim) for dim in published.get("nested_dims") or ())
+
+
+def _published_config(source: str) -> dict[str, Any]:
+    """The config of a published model, where publish records its nested_dims: a head's
+    config.json, a fine-tune's open_clip_config.json; read where it lies (a hub repo only
+    from the local cache), nothing downloaded."""
+    for name in (CONFIG_NAME, OPEN_CLIP_CONFIG_NAME):
+        if source.startswith(LOCAL_DIR):
+            found = _checkpoint_config(source[len(LOCAL_DIR) :], name)
+        elif source.startswith(HF_HUB):
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                cached = try_to_load_from_cache(source[len(HF_HUB) :], name)
+            except ValueError:  # not a repo id: no model, no prefixes
+                cached = None
+            found = (
+                _checkpoint_config(os.path.dirname(cached), name) if isinstance(cached, str) else {}
+            )
+        else:
+            return {}
+        if found:
+            return found
+    return {}
 
 
 class _PrefixEncoder:

@@ -148,6 +148,13 @@ def save_head_checkpoint(
     return out_uri
 
 
+def trained_nested_dims(config: dict[str, Any]) -> tuple[int, ...]:
+    """The ``[train].nested_dims`` a checkpoint's ``config.json`` records; empty if none."""
+    train = config.get("train")
+    dims = train.get("nested_dims") if isinstance(train, dict) else None
+    return tuple(int(dim) for dim in dims or ())
+
+
 def load_head_checkpoint(directory: str) -> tuple[ProjectionHead, ModelEntry, dict[str, Any]]:
     """The head, its backbone's entry and the whole config.json of a local checkpoint dir."""
     config_path, weights_path = Path(directory, CONFIG_NAME), Path(directory, WEIGHTS_NAME)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from embedpipe.core import storage
-from embedpipe.models.heads import backbone_of, load_head_checkpoint
+from embedpipe.models.heads import backbone_of, load_head_checkpoint, trained_nested_dims
 from embedpipe.models.loading import checkpoint_entry, load_model
 from embedpipe.models.registry import ModelEntry, ModelError
 
@@ -109,6 +109,7 @@ def stage_head(
         normalize_input=backbone_of(saved)["normalized"],
         preprocess_cfg=preprocess_cfg,
         backbone=public_entry(backbone),
+        nested_dims=trained_nested_dims(saved),
     )
     EmbedpipeHeadConfig.register_for_auto_class()
     EmbedpipeHeadModel.register_for_auto_class("AutoModel")

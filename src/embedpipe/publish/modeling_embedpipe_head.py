@@ -30,8 +30,10 @@ class EmbedpipeHeadConfig(PretrainedConfig):
     model config, builds the image tower) or ``transformers`` (``transformers_config`` builds
     the ``transformers_architecture`` class; ``transformers_features`` says how it gives
     image features); ``preprocess_cfg``: open_clip's terms for the backbone's preprocessing;
-    ``normalize_input``: the head learnt from L2-normalised backbone embeddings; the rest
-    shapes the head (``depth`` linear layers in_dim -> width ... -> out_dim)."""
+    ``normalize_input``: the head learnt from L2-normalised backbone embeddings;
+    ``nested_dims``: the prefixes it was trained to embed with (Matryoshka: the first N
+    dimensions, renormalised, are an embedding too), empty if none; the rest shapes the
+    head (``depth`` linear layers in_dim -> width ... -> out_dim)."""
 
     model_type = "embedpipe_head"
 
@@ -51,6 +53,7 @@ class EmbedpipeHeadConfig(PretrainedConfig):
         transformers_architecture="",
         transformers_config=None,
         transformers_features="pooler_output",
+        nested_dims=(),
         **kwargs,
     ):
         self.backbone_library = backbone_library
@@ -67,6 +70,7 @@ class EmbedpipeHeadConfig(PretrainedConfig):
         self.open_clip_model_cfg = open_clip_model_cfg or {}
         self.preprocess_cfg = preprocess_cfg or {}
         self.backbone = backbone or {}
+        self.nested_dims = [int(dim) for dim in nested_dims or ()]
         super().__init__(**kwargs)
 
 

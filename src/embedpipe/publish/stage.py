@@ -35,7 +35,7 @@ from embedpipe.config import PublishSettings
 from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.schemas import IMAGES_KIND
 from embedpipe.models.backends.base import CONFIG_NAME, EMBEDPIPE_NAME
-from embedpipe.models.heads import backbone_of, is_head_config
+from embedpipe.models.heads import backbone_of, is_head_config, trained_nested_dims
 from embedpipe.models.identity import MODEL_KEYS, checkpoint_identity
 from embedpipe.models.loading import RANDOM_WEIGHTS, LoadedModel, fetch_weights, load_model
 from embedpipe.models.registry import ModelEntry, ModelError
@@ -181,9 +181,11 @@ def _stage_open_clip(
     if not model_cfg:
         raise ModelError(f"{directory}: no model_cfg, and {entry.architecture} is not built in")
     preprocess_cfg = dict(model.module.visual.preprocess_cfg)
-    (staging / OPEN_CLIP_CONFIG).write_text(
-        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
-    )
+    published = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    nested = trained_nested_dims(saved)
+    if nested:  # evaluate reports recall@K per prefix (open_clip reads only the two above)
+        published["nested_dims"] = list(nested)
+    (staging / OPEN_CLIP_CONFIG).write_text(json.dumps(published, indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
     save_file(state, str(staging / OPEN_CLIP_WEIGHTS))
     _tokenizer_files(model_cfg, config, staging)

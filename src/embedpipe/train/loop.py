@@ -37,10 +37,12 @@ from embedpipe.train.task import TrainingTask
 log = logging.getLogger(__name__)
 
 # Settings that may differ between a run and its resumption: they change neither the
-# data order nor the arithmetic.
+# data order nor the gradients (micro_batch: gradient caching gives those of the whole
+# batch, so a run resumes on another memory budget).
 RUNTIME_ONLY = frozenset(
     {
         "num_workers",
+        "micro_batch",
         "device",
         "checkpoint_every",
         "val_every",
@@ -151,9 +153,8 @@ class Loop:
         micro = batches_per_epoch(len(self.train_rows), self.global_batch)
         self.steps_per_epoch = max(1, micro // config.accumulation)
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
-        precision = precision_for(config.precision, device, TRAINING)
-        precision.cast(task.module)
-        self.autocast_dtype = precision.autocast
+        self.precision = precision_for(config.precision, device, TRAINING)
+        self.precision.cast(task.module)
         self.forward: nn.Module = task.module
         if world.size > 1:
             self.forward = nn.parallel.DistributedDataParallel(
@@ -175,8 +176,7 @@ class Loop:
         self.state = LoopState()
 
     def autocast(self):
-        dtype = self.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return self.precision.autocasting(self.device)
 
     # --- checkpoints -------------------------------------------------------------------
     def _config(self, extra: dict | None = None) -> dict[str, Any]:
@@ -323,7 +323,8 @@ class Loop:
                     if size > 1 and not last_micro and hasattr(self.forward, "no_sync")
                     else contextlib.nullcontext()
                 )
-                if config.micro_batch:
+                # a micro-batch that holds the whole batch leaves nothing to cache
+                if 0 < config.micro_batch < len(micro["rows"]):
                     loss = cached_backward(
                         self.task,
                         self.forward,

@@ -225,9 +225,7 @@ class _Objective:
             raise
 
 
-@outputs.writes_output(
-    inputs=("images_uri", "splits_uri", "negatives_uri", "embeddings_uri", "captions_uri")
-)
+@outputs.writes_output(inputs=TrainInputs.parameters())
 def tune_model(
     images_uri: str,
     out_uri: str,
