@@ -113,10 +113,8 @@ def test_loss_is_open_clips_on_the_two_towers(paired, backbone, name, theirs):
     batch = next(task.batches(0, [task.train_rows[:20].tolist()]))
     image, signal, _, scale, bias = task.features_of(task.module, batch)
     ours = task.loss_from((image, signal, None, scale, bias), batch)
-    if bias is None:
-        expected = theirs(image, signal, scale)
-    else:
-        expected = theirs(image, signal, scale, bias)
+    extra = () if bias is None else (bias,)
+    expected = theirs(image, signal, scale, *extra)
     assert torch.isclose(ours, expected, rtol=1e-5, atol=1e-6)
     ours.backward()
     grads = [p.grad for p in task.module.encoder.parameters()]
@@ -160,10 +158,9 @@ def test_training_raises_held_out_cross_modal_recall(paired, backbone):
 def test_resume_continues_from_the_checkpoint(paired, backbone):
     out = paired["root"] / "resumed"
     common = dict(splits_uri=paired["splits"], embeddings_uri=paired["embeddings"])
-    train_model(paired["images"], str(out), settings(steps=20, checkpoint_every=10), backbone, **common)
-    again = train_model(
-        paired["images"], str(out), settings(steps=20, checkpoint_every=10), backbone, **common
-    )
+    config = settings(steps=20, checkpoint_every=10)
+    train_model(paired["images"], str(out), config, backbone, **common)
+    again = train_model(paired["images"], str(out), config, backbone, **common)
     assert again.resumed_from_step == 20
 
 
