@@ -13,8 +13,9 @@ from open_clip import loss as open_clip_loss
 from pydantic import ValidationError
 
 from embedpipe.config import ConfigError, TrainSettings
-from embedpipe.core import datasets
+from embedpipe.core import datasets, storage
 from embedpipe.core.schemas import IMAGES_SCHEMA
+from embedpipe.evaluate.image_signal import evaluate_image_signal
 from embedpipe.models.registry import get_entry
 from embedpipe.train.data import load_examples
 from embedpipe.train.pairs_signal import ImageSignalTask, cross_modal_recall
@@ -51,12 +52,25 @@ def paired(tmp_path_factory):
         "width": [64] * count,
         "height": [64] * count,
     }
-    schema = IMAGES_SCHEMA.append(pa.field("spectrum", pa.list_(pa.float32())))
+    schema = IMAGES_SCHEMA.append(pa.field("spectrum", pa.list_(pa.float32()))).append(
+        pa.field("redshift", pa.float64())
+    )
+    redshift = [float(hidden[int(c[-3:]), 0]) for c in concepts]
     table = pa.table(
-        {**base, "spectrum": [s.astype(np.float32).tolist() for s in signals]}, schema=schema
+        {
+            **base,
+            "spectrum": [s.astype(np.float32).tolist() for s in signals],
+            "redshift": redshift,
+        },
+        schema=schema,
     )
     images = str(root / "images")
     datasets.write_table(images, table, "images")
+    manifest = datasets.read_manifest(images)
+    manifest["signals"] = {
+        "columns": {"spectrum": {"kind": "signal", "length": None}, "redshift": {"kind": "scalar"}}
+    }
+    storage.write_json(datasets.side_path(images, datasets.MANIFEST_NAME), manifest)
     matrix = np.asarray(vectors, np.float32)
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
     embeddings = write_embeddings(str(root / "emb"), ids, matrix, "tiny_backbone")
@@ -136,7 +150,8 @@ def test_validation_matches_numpy_brute_force():
             assert ours[f"val_{name}_at_{k}"] == pytest.approx(np.mean(hits))
 
 
-def test_training_raises_held_out_cross_modal_recall(paired, backbone):
+@pytest.fixture(scope="module")
+def trained(paired, backbone):
     out = paired["root"] / "model"
     result = train_model(
         paired["images"],
@@ -146,6 +161,11 @@ def test_training_raises_held_out_cross_modal_recall(paired, backbone):
         splits_uri=paired["splits"],
         embeddings_uri=paired["embeddings"],
     )
+    return out, result
+
+
+def test_training_raises_held_out_cross_modal_recall(trained):
+    out, result = trained
     assert result.best_metric == "val_recall_at_1"
     assert result.best_value >= result.untrained_value + 0.2, result
     config = json.loads((out / "config.json").read_text())
@@ -153,6 +173,19 @@ def test_training_raises_held_out_cross_modal_recall(paired, backbone):
     assert config["signal"]["entry"]["name"] == "signal_cnn_small"
     assert config["image"]["backbone"]["entry"]["name"] == "tiny_backbone"
     assert get_entry("signal_cnn_small").embed_dim == config["image"]["head"]["out_dim"]
+
+
+def test_evaluation_untrained_and_trained_side_by_side(paired, trained):
+    """The checkpoint's folded head and encoder reproduce the training's own validation
+    direction: recall and the R² of the signal embedding rise with training."""
+    out, _ = trained
+    results = evaluate_image_signal(paired["images"], str(out), paired["splits"], ks=(1, 5))
+    before, after = results["untrained"], results["trained"]
+    assert after["image_to_signal_recall@5"] > before["image_to_signal_recall@5"] + 0.1
+    assert set(after["regression"]) == {"image", "signal", "both"}
+    assert set(after["regression"]["signal"]) == {"knn", "ridge"}
+    signal_r2 = after["regression"]["signal"]["ridge"]["redshift_r2"]
+    assert signal_r2 > before["regression"]["signal"]["ridge"]["redshift_r2"]
 
 
 def test_resume_continues_from_the_checkpoint(paired, backbone):
