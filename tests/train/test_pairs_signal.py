@@ -215,3 +215,21 @@ def test_unknown_signal_column_and_non_signal_model(paired, backbone):
         task_for(paired, backbone, settings(signal_column="flux"))
     with pytest.raises(ConfigError, match="signal_model: clip_vitb32 is not a signal encoder"):
         task_for(paired, backbone, settings(signal_model="clip_vitb32"))
+
+
+def test_evaluate_stage_writes_both_models_metrics(paired, trained):
+    from embedpipe.config import EvaluateSettings
+    from embedpipe.evaluate.sources import ModelSource
+    from embedpipe.evaluate.stage import METRICS_NAME, evaluate_models
+
+    out = paired["root"] / "evaluation"
+    config = EvaluateSettings(recall_k=(1, 5))
+    result = evaluate_models(
+        [ModelSource(str(trained[0]))], paired["splits"], str(out), config, paired["images"]
+    )
+    assert result.models == ["untrained", "trained"]
+    written = storage.read_json(datasets.side_path(str(out), METRICS_NAME))
+    trained_metrics = written["models"][1]["metrics"]
+    assert trained_metrics == pytest.approx(result.model_metrics["trained"])
+    for name in ("image_to_signal_recall@5", "signal_to_image_recall@1", "both_ridge_redshift_r2"):
+        assert name in trained_metrics

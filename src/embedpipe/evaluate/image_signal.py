@@ -129,5 +129,54 @@ def evaluate_image_signal(
         metrics["regression"] = regression_r2(
             with_both(image, signal), targets, ~held_out, held_out, neighbours, alpha
         )
+        metrics["held_out_images"] = int(held_out.sum())
         results[name] = metrics
     return results
+
+
+def image_signal_checkpoints(sources: list) -> list[str]:
+    """The ``--weights`` sources that are image_signal checkpoints (local folders)."""
+    found = []
+    for source in sources:
+        weights = getattr(source, "weights", "")
+        config = Path(weights, "config.json") if weights else None
+        if (
+            config
+            and config.is_file()
+            and json.loads(config.read_text()).get("kind") == IMAGE_SIGNAL_KIND
+        ):
+            found.append(weights)
+    return found
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """Retrieval recalls as they are, R² as ``<source>_<probe>_<target>_r2``."""
+    flat = {key: value for key, value in metrics.items() if key != "regression"}
+    for source, probes in metrics["regression"].items():
+        for probe, scores in probes.items():
+            for name, value in scores.items():
+                flat[f"{source}_{probe}_{name}"] = value
+    return flat
+
+
+def write_evaluation(
+    checkpoint: str, metadata_uri: str, out_uri: str, images_uri: str, config
+) -> dict[str, dict[str, float]]:
+    """Evaluate one image_signal checkpoint (``metadata_uri``: the splits it trained with)
+    and write ``metrics.json`` with the untrained and trained towers side by side."""
+    from embedpipe.core import storage
+    from embedpipe.evaluate.stage import METRICS_NAME
+
+    results = evaluate_image_signal(images_uri, checkpoint, metadata_uri, config.recall_k)
+    models = {name: flat_metrics(metrics) for name, metrics in results.items()}
+    payload = {
+        "models": [
+            {"model": name, "source": checkpoint, "metrics": values, "skipped": {}}
+            for name, values in models.items()
+        ],
+        "metadata": metadata_uri,
+        "kind": IMAGE_SIGNAL_KIND,
+    }
+    storage.write_json(datasets.side_path(out_uri, METRICS_NAME), payload)
+    datasets.save_config(out_uri, "evaluate", config)
+    return models
