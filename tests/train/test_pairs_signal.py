@@ -215,6 +215,8 @@ def test_unknown_signal_column_and_non_signal_model(paired, backbone):
         task_for(paired, backbone, settings(signal_column="flux"))
     with pytest.raises(ConfigError, match="signal_model: clip_vitb32 is not a signal encoder"):
         task_for(paired, backbone, settings(signal_model="clip_vitb32"))
+    with pytest.raises(ConfigError, match="signal_model: unknown model 'nosuch'"):
+        task_for(paired, backbone, settings(signal_model="nosuch"))
 
 
 def test_evaluate_stage_writes_both_models_metrics(paired, trained):

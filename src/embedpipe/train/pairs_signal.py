@@ -117,7 +117,10 @@ def usable_signals(rows: SignalRows, encoder: SignalEncoder) -> np.ndarray:
 
 
 def build_encoder(config: TrainSettings, models: dict | None) -> tuple[ModelEntry, SignalEncoder]:
-    entry = get_entry(config.signal_model, models)
+    try:
+        entry = get_entry(config.signal_model, models)
+    except ModelError as error:
+        raise ConfigError(f"signal_model: {error}") from None
     if not entry.signal:
         raise ConfigError(
             f"signal_model: {entry.name} is not a signal encoder (library {entry.library})"
