@@ -26,9 +26,24 @@ class TrainSettings(Section):
         "finetune",
         description="finetune: an open_clip model; head: an MLP on frozen embeddings",
     )
-    pairs: Literal["image_text", "image_image"] = Field(
+    pairs: Literal["image_text", "image_image", "image_signal"] = Field(
         "image_text",
-        description="finetune: image-caption pairs or two images of one concept",
+        description="finetune: image-caption pairs or two images of one concept; "
+        "image_signal (with mode head): each image with its own signal (signal_column)",
+    )
+    signal_column: str = Field(
+        "",
+        description="image_signal: the images dataset's signal column to train on (one per "
+        "training)",
+    )
+    signal_model: str = Field(
+        "signal_transformer_small",
+        description="image_signal: registry name of the signal encoder, trained jointly",
+    )
+    signal_weights: str = Field(
+        "random",
+        description='image_signal: signal encoder start weights: "random" (seeded) or a '
+        "signal encoder checkpoint directory",
     )
     # The names of embedpipe.train.losses' registry (a test holds the two together).
     loss: Literal[
@@ -164,6 +179,19 @@ class TrainSettings(Section):
             )
         if self.mode == "head" and self.pairs == "image_text" and "pairs" in self.model_fields_set:
             raise ValueError("pairs: a head is trained on images only (image_image)")
+        if self.pairs == "image_signal":
+            if self.mode != "head":
+                raise ValueError(
+                    "pairs: image_signal trains on frozen image embeddings; use mode head"
+                )
+            if self.loss == "triplet":
+                raise ValueError(
+                    "loss: triplet needs negatives of the anchor's own modality; image_signal "
+                    "takes infonce, pairwise_sigmoid, pairwise_sigmoid_upwtdpos or "
+                    "multipos_sigmoid"
+                )
+            if not self.signal_column:
+                raise ValueError("signal_column: image_signal needs the signal column to train on")
         if self.lock_image_unlocked_groups and not self.lock_image:
             raise ValueError("lock_image_unlocked_groups: needs lock_image")
         if self.lock_text_unlocked_layers and not self.lock_text:

@@ -318,6 +318,17 @@ def evaluate_models(
     if not sources:
         raise MissingGroundTruth("nothing to evaluate: give --weights or --embeddings")
     out_uri = storage.normalize(out_uri)
+    from embedpipe.evaluate import image_signal
+
+    if two_towers := image_signal.image_signal_checkpoints(sources):  # pairs image_signal
+        if len(sources) > 1:
+            raise MissingGroundTruth("evaluate: give an image_signal checkpoint on its own")
+        models = image_signal.write_evaluation(
+            two_towers[0], metadata_uri, out_uri, images_uri or metadata_uri, config
+        )
+        seconds = round(time.perf_counter() - started, 3)
+        rows = sum(int(values["held_out_images"]) for values in models.values())
+        return EvaluateResult(out_uri, list(models), models, {}, rows, seconds)
     table, kind = read_metadata(metadata_uri)
     if select_uri:
         selected = datasets.read_table(select_uri, columns=["image_id"]).column("image_id")

@@ -117,7 +117,13 @@ def train_model(
     try:
         torch.manual_seed(config.seed)
         options = loss_options(config, world)
-        if config.mode == "head":
+        if config.pairs == "image_signal":
+            from embedpipe.train.pairs_signal import ImageSignalTask
+
+            task = ImageSignalTask(
+                entry, config, examples, images_uri, embeddings_uri, device, options
+            )
+        elif config.mode == "head":
             from embedpipe.train.head import HeadTask
 
             task = HeadTask(entry, config, examples, embeddings_uri, device, options, mined)

@@ -130,7 +130,10 @@ def skip_meaningless_validation(task: Any, config: TrainSettings) -> dict[str, s
     """Turn validation off where its figures would mean nothing, saying why (returned as
     ``{"validation": reason}`` for the result and the report); a ``val_k`` the user set
     past a gallery is an error instead, as ``recall_k`` is in evaluate."""
-    problem = validation_problem(task.examples, task.queries, task.candidates, config.val_k)
+    if hasattr(task, "validation_problem"):  # a task with its own validation rules
+        problem = task.validation_problem()
+    else:
+        problem = validation_problem(task.examples, task.queries, task.candidates, config.val_k)
     if not problem:
         return {}
     if problem.startswith("val_k") and config.val_k != TrainSettings.model_fields["val_k"].default:

@@ -1,0 +1,84 @@
+"""Image <-> signal evaluation: cross-modal retrieval and regression probes.
+
+Retrieval is computed as clip_benchmark computes image-text retrieval: a score matrix of
+every query against every candidate, each query's positives (here: row i of the images
+and row i of the signals come from one image, so each image has exactly its own signal),
+and recall@K as the share of queries with a positive among their K best candidates
+(``image_to_signal_recall@K``, ``signal_to_image_recall@K``; DECISIONS 6).
+
+Regression probes predict each scalar target (redshift, ...) from an embedding source
+(``image``, ``signal``, or ``both`` concatenated) with a k-nearest-neighbour regressor
+(cosine, uniform weights) and a Ridge probe, fit on the training rows and scored by R²
+on the held-out rows (``<target>_r2``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+PROBES = ("knn", "ridge")
+
+
+def retrieval_recall(
+    image: torch.Tensor, signal: torch.Tensor, ks: tuple[int, ...]
+) -> dict[str, float]:
+    """Normalised ``image`` and ``signal`` rows, paired by position."""
+    scores = image.float() @ signal.float().T
+    positives = torch.eye(len(image), dtype=torch.bool)
+    metrics = {}
+    for name, matrix, pairs in (
+        ("image_to_signal", scores, positives),
+        ("signal_to_image", scores.T, positives.T),
+    ):
+        for k in ks:
+            top = matrix.topk(min(k, matrix.shape[1]), dim=1).indices
+            hit = pairs.gather(1, top).any(dim=1)
+            metrics[f"{name}_recall@{k}"] = float(hit.float().mean())
+    return metrics
+
+
+def probe_predictions(
+    probe: str, train: np.ndarray, values: np.ndarray, test: np.ndarray, k: int, alpha: float
+) -> np.ndarray:
+    from sklearn.linear_model import Ridge
+    from sklearn.neighbors import KNeighborsRegressor
+
+    if probe == "knn":
+        model = KNeighborsRegressor(n_neighbors=min(k, len(train)), metric="cosine")
+    else:
+        model = Ridge(alpha=alpha)
+    return model.fit(train, values).predict(test)
+
+
+def regression_r2(
+    sources: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    train: np.ndarray,
+    test: np.ndarray,
+    k: int = 10,
+    alpha: float = 1.0,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{source: {probe: {"<target>_r2": R²}}}``; ``train`` and ``test`` are boolean
+    row masks; rows whose target is unknown (NaN) are left out of that target."""
+    from sklearn.metrics import r2_score
+
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for source, matrix in sources.items():
+        for probe in PROBES:
+            scores = result.setdefault(source, {}).setdefault(probe, {})
+            for target, values in targets.items():
+                known = ~np.isnan(values)
+                fit, score = train & known, test & known
+                if fit.sum() < 2 or score.sum() < 2:
+                    continue
+                predicted = probe_predictions(
+                    probe, matrix[fit], values[fit], matrix[score], k, alpha
+                )
+                scores[f"{target}_r2"] = float(r2_score(values[score], predicted))
+    return result
+
+
+def with_both(image: np.ndarray, signal: np.ndarray) -> dict[str, np.ndarray]:
+    """The three embedding sources of a probe."""
+    return {"image": image, "signal": signal, "both": np.concatenate([image, signal], axis=1)}
