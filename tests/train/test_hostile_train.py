@@ -270,3 +270,26 @@ def test_a_truncated_head_checkpoint_is_one_line_naming_the_file(
             [ModelSource(str(out))], tune_inputs["images"], str(tmp_path / "ev"),
             EvaluateSettings(device="cpu"),
         )  # fmt: skip
+
+
+def test_captions_without_image_ids_are_one_line_naming_the_flag(
+    tune_inputs, inputs, frozen_entry, tmp_path
+):
+    import pyarrow as pa
+
+    from embedpipe.config import ConfigError
+    from embedpipe.core import datasets
+
+    negatives = str(tmp_path / "negatives")
+    table = pa.table({"query_id": ["a"], "negative_ids": [["b"]]})
+    datasets.write_table(negatives, table, "hard-negatives")
+    with pytest.raises(ConfigError, match=r"^--captions \S+negatives: has no image_id column"):
+        train_model(
+            tune_inputs["images"],
+            str(tmp_path / "model"),
+            head_train(steps=2),
+            frozen_entry,
+            **inputs,
+            captions_uri=negatives,
+        )
+    assert not (tmp_path / "model").exists()

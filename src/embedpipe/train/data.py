@@ -84,6 +84,11 @@ def load_examples(
     taxonomy: dict[str, dict] = {}
     if captions_uri:
         index = datasets.read_table(captions_uri)
+        if "image_id" not in index.column_names:
+            raise ConfigError(
+                f"--captions {captions_uri}: has no image_id column (a {index.num_rows}-row "
+                "table of " + ", ".join(index.column_names[:4]) + "); give the taxonomy index"
+            )
         for record in index.to_pylist():
             taxonomy.setdefault(record["image_id"], record)
         captions = [taxonomy.get(image_id, {}).get("caption") for image_id in ids]
