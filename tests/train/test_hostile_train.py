@@ -117,7 +117,10 @@ def test_an_out_folder_that_is_not_a_training_output_is_refused_untouched(
     with pytest.raises(ConfigError, match=r"config.json is not a training's"):
         train_model(tune_inputs["images"], str(users), config, frozen_entry, **inputs)
     assert _files(users) == before
-    (users / "config.json").unlink()
+    (users / "config.json").unlink()  # the user's weights alone are not overwritten either
+    with pytest.raises(ConfigError, match=r"does not write \(e.g. model.safetensors\)"):
+        train_model(tune_inputs["images"], str(users), config, frozen_entry, **inputs)
+    assert _files(users) == {users / "model.safetensors": b"my weights"}
     (users / "notes.txt").write_text("mine")
     before = _files(users)
     with pytest.raises(ConfigError, match=r"holds files a training does not write \(e.g."):
