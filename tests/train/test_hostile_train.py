@@ -296,3 +296,31 @@ def test_captions_without_image_ids_are_one_line_naming_the_flag(
             captions_uri=negatives,
         )
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_corrupt_image_in_finetuning_is_one_line_naming_its_id(
+    demo_images, tiny_entry, tmp_path, num_workers
+):
+    """Fine-tuning decodes the images itself (in loader workers when asked): a file that
+    does not decode is named by the images dataset and its id, in one line."""
+    import pyarrow as pa
+
+    from embedpipe.config import TrainSettings
+    from embedpipe.core import datasets
+
+    images = datasets.read_table(demo_images)
+    chosen = images.slice(0, 8)
+    bad = chosen.column("image_id")[3].as_py()
+    column = chosen.schema.get_field_index("image")
+    data = chosen.column("image").to_pylist()
+    data[3] = data[3][:100]
+    damaged = chosen.set_column(column, chosen.schema.field(column), pa.array(data, pa.binary()))
+    images_uri = str(tmp_path / "images")
+    datasets.write_table(images_uri, damaged, "images")
+    config = TrainSettings(weights="random", pairs="image_image", steps=1, batch_size=8,
+                           num_workers=num_workers, val_every=0)  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        train_model(images_uri, str(tmp_path / "ft"), config, tiny_entry)
+    assert str(error.value).startswith(f"{images_uri}: image {bad} cannot be decoded (")
+    assert "\n" not in str(error.value)
