@@ -324,3 +324,17 @@ def test_a_corrupt_image_in_finetuning_is_one_line_naming_its_id(
         train_model(images_uri, str(tmp_path / "ft"), config, tiny_entry)
     assert str(error.value).startswith(f"{images_uri}: image {bad} cannot be decoded (")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "pure_bf16"])
+def test_a_head_trains_validates_and_saves_with_bf16_weights(
+    tune_inputs, inputs, frozen_entry, tmp_path, precision
+):
+    """Low-precision weights take the fp32 embeddings in validation as in training, and the
+    saved head folds its (bf16) standardisation in: no dtype error from torch."""
+    out = tmp_path / "model"
+    config = head_train(steps=4, val_every=2, precision=precision)
+    result = train_model(tune_inputs["images"], str(out), config, frozen_entry, **inputs)
+    assert result.best_value is not None and 0.0 <= result.best_value <= 1.0
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
