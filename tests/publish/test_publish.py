@@ -692,3 +692,22 @@ def test_a_head_published_to_s3_loads_back_and_the_prefix_refuses_another_model(
         )
     with pytest.raises(ModelError, match="no published model here"):
         entry_for_weights(f"local-dir:s3://{bucket}/models/absent")
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_weight(
+    head_checkpoint, tmp_path, capsys
+):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "diverged"
+    shutil.copytree(head_checkpoint, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = sorted(weights)[-1]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, broken / "model.safetensors")
+    assert main(["publish", str(broken), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"model.safetensors: weight {name} holds NaN or infinity" in err.splitlines()[-1]
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
