@@ -711,3 +711,22 @@ def test_a_nested_fine_tune_publishes_its_prefixes_in_open_clips_config(tiny_ent
     assert trained_nested_dims(f"local-dir:{out}") == (16, 32)
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
     assert model.visual.output_dim == tiny_entry.embed_dim
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_weight(
+    head_checkpoint, tmp_path, capsys
+):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "diverged"
+    shutil.copytree(head_checkpoint, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = sorted(weights)[-1]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, broken / "model.safetensors")
+    assert main(["publish", str(broken), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"model.safetensors: weight {name} holds NaN or infinity" in err.splitlines()[-1]
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -120,7 +120,10 @@ def test_an_out_folder_that_is_not_a_training_output_is_refused_untouched(
     with pytest.raises(ConfigError, match=r"config.json is not a training's"):
         train_model(tune_inputs["images"], str(users), config, frozen_entry, **inputs)
     assert _files(users) == before
-    (users / "config.json").unlink()
+    (users / "config.json").unlink()  # the user's weights alone are not overwritten either
+    with pytest.raises(ConfigError, match=r"does not write \(e.g. model.safetensors\)"):
+        train_model(tune_inputs["images"], str(users), config, frozen_entry, **inputs)
+    assert _files(users) == {users / "model.safetensors": b"my weights"}
     (users / "notes.txt").write_text("mine")
     before = _files(users)
     with pytest.raises(ConfigError, match=r"holds files a training does not write \(e.g."):
@@ -273,3 +276,68 @@ def test_a_truncated_head_checkpoint_is_one_line_naming_the_file(
             [ModelSource(str(out))], tune_inputs["images"], str(tmp_path / "ev"),
             EvaluateSettings(device="cpu"),
         )  # fmt: skip
+
+
+def test_captions_without_image_ids_are_one_line_naming_the_flag(
+    tune_inputs, inputs, frozen_entry, tmp_path
+):
+    import pyarrow as pa
+
+    from embedpipe.config import ConfigError
+    from embedpipe.core import datasets
+
+    negatives = str(tmp_path / "negatives")
+    table = pa.table({"query_id": ["a"], "negative_ids": [["b"]]})
+    datasets.write_table(negatives, table, "hard-negatives")
+    with pytest.raises(ConfigError, match=r"^--captions \S+negatives: has no image_id column"):
+        train_model(
+            tune_inputs["images"],
+            str(tmp_path / "model"),
+            head_train(steps=2),
+            frozen_entry,
+            **inputs,
+            captions_uri=negatives,
+        )
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_corrupt_image_in_finetuning_is_one_line_naming_its_id(
+    demo_images, tiny_entry, tmp_path, num_workers
+):
+    """Fine-tuning decodes the images itself (in loader workers when asked): a file that
+    does not decode is named by the images dataset and its id, in one line."""
+    import pyarrow as pa
+
+    from embedpipe.config import TrainSettings
+    from embedpipe.core import datasets
+
+    images = datasets.read_table(demo_images)
+    chosen = images.slice(0, 8)
+    bad = chosen.column("image_id")[3].as_py()
+    column = chosen.schema.get_field_index("image")
+    data = chosen.column("image").to_pylist()
+    data[3] = data[3][:100]
+    damaged = chosen.set_column(column, chosen.schema.field(column), pa.array(data, pa.binary()))
+    images_uri = str(tmp_path / "images")
+    datasets.write_table(images_uri, damaged, "images")
+    config = TrainSettings(weights="random", pairs="image_image", steps=1, batch_size=8,
+                           num_workers=num_workers, val_every=0)  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        train_model(images_uri, str(tmp_path / "ft"), config, tiny_entry)
+    assert str(error.value).startswith(f"{images_uri}: image {bad} cannot be decoded (")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "pure_bf16"])
+def test_a_head_trains_validates_and_saves_with_bf16_weights(
+    tune_inputs, inputs, frozen_entry, tmp_path, precision
+):
+    """Low-precision weights take the fp32 embeddings in validation as in training, and the
+    saved head folds its (bf16) standardisation in: no dtype error from torch."""
+    out = tmp_path / "model"
+    config = head_train(steps=4, val_every=2, precision=precision)
+    result = train_model(tune_inputs["images"], str(out), config, frozen_entry, **inputs)
+    assert result.best_value is not None and 0.0 <= result.best_value <= 1.0
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())

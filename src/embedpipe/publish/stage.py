@@ -243,6 +243,22 @@ def _backbone_weights(described: dict[str, Any], entry: ModelEntry) -> str:
     return weights
 
 
+def _refuse_non_finite_weights(directory: str, checkpoint_uri: str) -> None:
+    """A checkpoint with NaN or infinite weights (a diverged training) is named as such,
+    not as a mismatch between the published model and the checkpoint."""
+    from safetensors.torch import load_file
+
+    from embedpipe.core.finite import NonFiniteError, first_nonfinite_tensor
+    from embedpipe.models.backends.base import WEIGHTS_NAME
+
+    broken = first_nonfinite_tensor(load_file(os.path.join(directory, WEIGHTS_NAME)))
+    if broken is not None:
+        raise NonFiniteError(
+            f"{checkpoint_uri}/{WEIGHTS_NAME}: weight {broken} holds NaN or infinity (a "
+            "diverged training?); nothing was written"
+        )
+
+
 @outputs.writes_output(inputs=("checkpoint_uri", "check_images_uri"))
 def publish_checkpoint(
     checkpoint_uri: str,
@@ -273,6 +289,7 @@ def publish_checkpoint(
             inputs, difference = _stage_open_clip(directory, saved, config, staging, images)
             config_name = OPEN_CLIP_CONFIG
         if not difference <= config.check_tolerance:  # NaN fails too
+            _refuse_non_finite_weights(directory, checkpoint_uri)
             raise RuntimeError(
                 f"{checkpoint_uri}: the published model's outputs differ from the checkpoint's "
                 f"by {difference:.3g} (check_tolerance {config.check_tolerance:g}); "

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from embedpipe.config import ConfigError, TrainSettings
 from embedpipe.core import datasets, storage
-from embedpipe.core.images import DEFAULT_LIMITS, decode_rgb
+from embedpipe.core.images import DEFAULT_LIMITS, ImageRejected, decode_rgb
 from embedpipe.core.schemas import IMAGES_KIND
 from embedpipe.core.seeding import derived_seed
 
@@ -84,6 +84,11 @@ def load_examples(
     taxonomy: dict[str, dict] = {}
     if captions_uri:
         index = datasets.read_table(captions_uri)
+        if "image_id" not in index.column_names:
+            raise ConfigError(
+                f"--captions {captions_uri}: has no image_id column (a {index.num_rows}-row "
+                "table of " + ", ".join(index.column_names[:4]) + "); give the taxonomy index"
+            )
         for record in index.to_pylist():
             taxonomy.setdefault(record["image_id"], record)
         captions = [taxonomy.get(image_id, {}).get("caption") for image_id in ids]
@@ -141,6 +146,7 @@ class ImageStore:
     CACHED_GROUPS = 8
 
     def __init__(self, images_uri: str, wanted: set[str]):
+        self.uri = images_uri
         manifest = datasets.read_manifest(images_uri, IMAGES_KIND)
         self.shards = datasets.shard_uris(images_uri, manifest)
         self.where: dict[str, tuple[int, int, int]] = {}
@@ -172,6 +178,17 @@ class ImageStore:
         return self._cache[key][row].as_py()
 
 
+class UndecodableImage(ValueError):
+    """A training image that does not decode, named by its id."""
+
+    @classmethod
+    def from_loader(cls, error: UndecodableImage) -> UndecodableImage:
+        """The one line again: a DataLoader worker's error arrives wrapped in its traceback,
+        whose last line is ``module.UndecodableImage: MESSAGE``."""
+        last = str(error).strip().splitlines()[-1]
+        return cls(last.split("UndecodableImage: ", 1)[-1])
+
+
 class PixelDataset(Dataset):
     """Item ``row`` -> (row, pixels): decoded and transformed in the loader's worker."""
 
@@ -184,7 +201,15 @@ class PixelDataset(Dataset):
         return len(self.image_ids)
 
     def _pixels(self, row: int) -> torch.Tensor:
-        return self.transform(decode_rgb(self.store.read(self.image_ids[row]), DEFAULT_LIMITS))
+        image_id = self.image_ids[row]
+        try:
+            image = decode_rgb(self.store.read(image_id), DEFAULT_LIMITS)
+        except ImageRejected as error:
+            raise UndecodableImage(
+                f"{self.store.uri}: image {image_id} cannot be decoded ({error}); train on a "
+                "selection without it (--splits), or ingest it again"
+            ) from None
+        return self.transform(image)
 
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor]:
         return row, self._pixels(row)

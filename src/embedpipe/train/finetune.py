@@ -22,6 +22,7 @@ from embedpipe.train.data import (
     Examples,
     ImageStore,
     PixelDataset,
+    UndecodableImage,
     caption_for,
     positive_for,
     rows_by_concept,
@@ -186,6 +187,13 @@ class FinetuneTask(TaskDefaults):
             collate_fn=_collate_pairs,
             pin_memory=self.device.type == "cuda",
         )
+        try:
+            yield from self._device_batches(loader)
+        except UndecodableImage as error:
+            raise UndecodableImage.from_loader(error) from None
+
+    def _device_batches(self, loader: DataLoader) -> Iterator:
+        config, examples = self.config, self.examples
         for rows, pixels, others in loader:
             if config.image_text:
                 texts = [

@@ -76,7 +76,7 @@ class HeadModule(nn.Module):
         first = next(name for name in state if name.endswith(".weight"))
         bias = first.removesuffix("weight") + "bias"
         weight = state[first].float() / self.spread
-        state[bias] = (state[bias].float() - weight @ self.shift).to(state[bias].dtype)
+        state[bias] = (state[bias].float() - weight @ self.shift.float()).to(state[bias].dtype)
         state[first] = weight.to(state[first].dtype)
         return state
 
@@ -279,7 +279,9 @@ class HeadTask(TaskDefaults):
         if not len(self.queries):
             return {}
         vectors = self.matrix[self.candidates].to(self.device)
-        projected = F.normalize(self.module.project(vectors).float(), dim=-1).cpu()
+        with autocast():  # low-precision weights take the fp32 embeddings as training does
+            projected = self.module.project(vectors)
+        projected = F.normalize(projected.float(), dim=-1).cpu()
         recall = partial(
             image_recall, self.examples, self.queries, self.candidates, ks=self.config.val_k
         )

@@ -98,7 +98,7 @@ def check_training_output(
     if not storage.exists(root):
         return
     foreign = []
-    has_config = False
+    has_config = has_weights = has_checkpoint = False
     for entry in storage.list_files(root):
         relative = entry.uri[len(root) :].lstrip("/")
         top = relative.split("/")[0]
@@ -106,8 +106,14 @@ def check_training_output(
             foreign.append(relative)  # a dataset's folder
         elif relative in _TRAINING_FILES:
             has_config = has_config or relative == CONFIG_NAME
+            has_weights = has_weights or relative == WEIGHTS_NAME
         elif top not in _TRAINING_FOLDERS or "/" not in relative:
             foreign.append(relative)
+        elif top == "checkpoints" and relative.endswith(f"/{CONFIG_NAME}"):
+            has_checkpoint = True
+    if has_weights and not has_config and not has_checkpoint:
+        # a training publishes its model only after a checkpoint: these weights are a user's
+        foreign.append(WEIGHTS_NAME)
     if foreign:
         raise ConfigError(
             f"--out {out_uri}: holds files a training does not write (e.g. {foreign[0]}); "
