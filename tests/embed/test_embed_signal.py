@@ -18,6 +18,7 @@ from embedpipe.core import datasets, storage
 from embedpipe.core.rejected import REJECTED_NAME
 from embedpipe.core.schemas import SIGNAL_EMBEDDINGS_KIND
 from embedpipe.data.ingest import ingest_images
+from embedpipe.embed import images as images_stage
 from embedpipe.embed import signals as stage
 from embedpipe.embed.signals import embed_signals
 from embedpipe.models.loading import load_model, save_model
@@ -112,7 +113,9 @@ def test_missing_and_non_finite_signals_are_skipped_and_listed(images, tmp_path)
 
 
 def die_on_second_shard(monkeypatch):
-    real, calls = stage._publish, []
+    """Kill the run as it publishes its second shard (embed-signal publishes through the
+    image stage's shard writer)."""
+    real, calls = images_stage._publish, []
 
     def publish(*args, **kwargs):
         calls.append(1)
@@ -120,8 +123,8 @@ def die_on_second_shard(monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage, "_publish", publish)
-    return lambda: monkeypatch.setattr(stage, "_publish", real)
+    monkeypatch.setattr(images_stage, "_publish", publish)
+    return lambda: monkeypatch.setattr(images_stage, "_publish", real)
 
 
 def test_a_killed_run_resumes_to_the_same_output(images, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,7 +30,7 @@ from embedpipe.core.finite import check_embeddings
 from embedpipe.core.rejected import REJECTED_NAME, write_rejected
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import EMBEDDINGS_KIND, IMAGES_KIND
-from embedpipe.embed.loader import embedded_shards, plan_work
+from embedpipe.embed.loader import ShardWork, embedded_shards, plan_work
 from embedpipe.embed.prefix import prefix_model
 from embedpipe.embed.runtime import (
     loader_options,
@@ -122,7 +123,7 @@ def embed_images(
     schema = embedding_schema(model, config.normalize)
     names = [s["path"] for s in manifest["shards"]]
     fingerprint = _fingerprint(entry, config, device, [*names, list(shard_group)], select_uri or "")
-    finished = _finished_shards(out_uri, fingerprint)
+    finished = finished_shards(out_uri, fingerprint)
     work, shards, rejected = plan_work(images_uri, wanted, finished, out_uri, shard_group)
     resumed = len(shards)
     embedded = 0
@@ -131,28 +132,10 @@ def embed_images(
     with progress:
         for item, ids, vectors, failed in embedded_shards(work, inference, options, progress):
             check_embeddings(vectors, entry.name, item.name)
-            table = pa.table(
-                {
-                    "image_id": ids,
-                    "embedding": pa.FixedSizeListArray.from_arrays(
-                        pa.array(vectors.reshape(-1), pa.float32()), entry.embed_dim
-                    ),
-                },
-                schema=schema,
-            )
-            shard = _publish(out_uri, item.index, table)
-            storage.write_json(
-                datasets.side_path(out_uri, PROGRESS_DIR, f"{item.name}.json"),
-                {
-                    "input": item.name,
-                    "shard": shard,
-                    "fingerprint": fingerprint,
-                    "rejected": failed,
-                },
-            )
+            shard = write_embedded_shard(out_uri, item, ids, vectors, schema, fingerprint, failed)
             shards[item.index] = shard
             rejected.extend(failed)
-            embedded += table.num_rows
+            embedded += shard["rows"]
     datasets.save_config(out_uri, "embed", config)
     write_rejected(out_uri, rejected)
     datasets.write_manifest(
@@ -188,7 +171,7 @@ def embed_images(
     return result
 
 
-def _finished_shards(out_uri: str, fingerprint: str) -> dict[str, dict]:
+def finished_shards(out_uri: str, fingerprint: str) -> dict[str, dict]:
     markers = storage.list_files(datasets.side_path(out_uri, PROGRESS_DIR))
     finished = {}
     for marker in markers:
@@ -197,6 +180,35 @@ def _finished_shards(out_uri: str, fingerprint: str) -> dict[str, dict]:
         if record.get("fingerprint") == fingerprint and storage.exists(shard_uri):
             finished[record["input"]] = record
     return finished
+
+
+def write_embedded_shard(
+    out_uri: str,
+    item: ShardWork,
+    ids: pa.Array | list[str],
+    vectors: np.ndarray,
+    schema: pa.Schema,
+    fingerprint: str,
+    failed: list[tuple[str, str]],
+) -> dict:
+    """Publish the vectors of input shard ``item`` as an output shard, then its progress
+    record (which a resumed run with the same fingerprint takes as done); the shard."""
+    dim = schema.field("embedding").type.list_size
+    table = pa.table(
+        {
+            "image_id": ids,
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), pa.float32()), dim
+            ),
+        },
+        schema=schema,
+    )
+    shard = _publish(out_uri, item.index, table)
+    storage.write_json(
+        datasets.side_path(out_uri, PROGRESS_DIR, f"{item.name}.json"),
+        {"input": item.name, "shard": shard, "fingerprint": fingerprint, "rejected": failed},
+    )
+    return shard
 
 
 def _publish(out_uri: str, index: int, table: pa.Table) -> dict:

@@ -34,7 +34,12 @@ from embedpipe.core.finite import check_embeddings
 from embedpipe.core.rejected import REJECTED_NAME, write_rejected
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import IMAGES_KIND, SIGNAL_EMBEDDINGS_KIND
-from embedpipe.embed.images import PROGRESS_DIR, _finished_shards, _publish, embedding_schema
+from embedpipe.embed.images import (
+    PROGRESS_DIR,
+    embedding_schema,
+    finished_shards,
+    write_embedded_shard,
+)
 from embedpipe.embed.loader import ShardWork, plan_work
 from embedpipe.embed.runtime import resolve_batch_size, resolve_device
 from embedpipe.models.loading import RANDOM_WEIGHTS, LoadedModel, load_model
@@ -253,7 +258,7 @@ def embed_signals(
     dim = config.dim or entry.embed_dim
     names = [shard["path"] for shard in manifest["shards"]]
     fingerprint = _fingerprint(entry, config, device, names, column)
-    finished = _finished_shards(out_uri, fingerprint)
+    finished = finished_shards(out_uri, fingerprint)
     work, shards, rejected = plan_work(images_uri, None, finished, out_uri)
     resumed = len(shards)
     embedded = 0
@@ -272,28 +277,12 @@ def embed_signals(
                 progress.update(len(batch_ids))
             vectors = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
             check_embeddings(vectors, entry.name, item.name)
-            table = pa.table(
-                {
-                    "image_id": pa.array(ids, pa.string()),
-                    "embedding": pa.FixedSizeListArray.from_arrays(
-                        pa.array(vectors.reshape(-1), pa.float32()), dim
-                    ),
-                },
-                schema=schema,
-            )
-            shard = _publish(out_uri, item.index, table)
-            storage.write_json(
-                datasets.side_path(out_uri, PROGRESS_DIR, f"{item.name}.json"),
-                {
-                    "input": item.name,
-                    "shard": shard,
-                    "fingerprint": fingerprint,
-                    "rejected": failed,
-                },
+            shard = write_embedded_shard(
+                out_uri, item, pa.array(ids, pa.string()), vectors, schema, fingerprint, failed
             )
             shards[item.index] = shard
             rejected.extend(failed)
-            embedded += table.num_rows
+            embedded += shard["rows"]
     datasets.save_config(out_uri, "embed", config)
     write_rejected(out_uri, rejected)
     datasets.write_manifest(
