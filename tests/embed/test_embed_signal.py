@@ -19,7 +19,6 @@ from embedpipe.core.rejected import REJECTED_NAME
 from embedpipe.core.schemas import SIGNAL_EMBEDDINGS_KIND
 from embedpipe.data.ingest import ingest_images
 from embedpipe.embed import images as images_stage
-from embedpipe.embed import signals as stage
 from embedpipe.embed.signals import embed_signals
 from embedpipe.models.loading import load_model, save_model
 from embedpipe.models.registry import ModelEntry, ModelError, get_entry
@@ -139,7 +138,7 @@ def test_a_killed_run_resumes_to_the_same_output(images, tmp_path, monkeypatch):
     resumed = embed_signals(images, out, config(), "spectrum", ENTRY)
     assert resumed.resumed_shards == 1 and resumed.rejected == clean.rejected == 4
     assert_same_embeddings(datasets.read_table(out), datasets.read_table(clean.out_uri))
-    assert not storage.list_files(datasets.side_path(out, stage.PROGRESS_DIR))
+    assert not storage.list_files(datasets.side_path(out, images_stage.PROGRESS_DIR))
     revive = die_on_second_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         embed_signals(images, str(tmp_path / "reseeded"), config(), "spectrum", ENTRY)

@@ -136,22 +136,16 @@ def embed_images(
             shards[item.index] = shard
             rejected.extend(failed)
             embedded += shard["rows"]
-    datasets.save_config(out_uri, "embed", config)
-    write_rejected(out_uri, rejected)
-    datasets.write_manifest(
+    finish_embeddings(
         out_uri,
         EMBEDDINGS_KIND,
-        [shards[index] for index in sorted(shards)],
-        {
-            "model": entry.name,
-            "dim": entry.embed_dim,
-            "weights": model.weights_source,
-            **({"seed": config.seed} if model.weights_source == RANDOM_WEIGHTS else {}),
-            "normalized": config.normalize,
-            "shard_group": list(shard_group),
-        },
+        shards,
+        rejected,
+        config,
+        model,
+        entry.embed_dim,
+        shard_group=list(shard_group),
     )
-    storage.delete_tree(datasets.side_path(out_uri, PROGRESS_DIR))
     result = EmbedResult(
         out_uri,
         embedded,
@@ -180,6 +174,37 @@ def finished_shards(out_uri: str, fingerprint: str) -> dict[str, dict]:
         if record.get("fingerprint") == fingerprint and storage.exists(shard_uri):
             finished[record["input"]] = record
     return finished
+
+
+def finish_embeddings(
+    out_uri: str,
+    kind: str,
+    shards: dict[int, dict],
+    rejected: list[tuple[str, str]],
+    config: EmbedSettings,
+    model: LoadedModel,
+    dim: int,
+    **extra,
+) -> None:
+    """The side files, then the manifest (last) of an embeddings dataset whose ``shards``
+    are all written; the progress records go once the manifest stands."""
+    datasets.save_config(out_uri, "embed", config)
+    write_rejected(out_uri, rejected)
+    random = model.weights_source == RANDOM_WEIGHTS
+    datasets.write_manifest(
+        out_uri,
+        kind,
+        [shards[index] for index in sorted(shards)],
+        {
+            "model": model.entry.name,
+            "dim": dim,
+            "weights": model.weights_source,
+            **({"seed": config.seed} if random else {}),
+            "normalized": config.normalize,
+            **extra,
+        },
+    )
+    storage.delete_tree(datasets.side_path(out_uri, PROGRESS_DIR))
 
 
 def write_embedded_shard(

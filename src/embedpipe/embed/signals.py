@@ -31,18 +31,18 @@ from tqdm import tqdm
 from embedpipe.config import EmbedSettings
 from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.finite import check_embeddings
-from embedpipe.core.rejected import REJECTED_NAME, write_rejected
+from embedpipe.core.rejected import REJECTED_NAME
 from embedpipe.core.results import StageMetrics
 from embedpipe.core.schemas import IMAGES_KIND, SIGNAL_EMBEDDINGS_KIND
 from embedpipe.embed.images import (
-    PROGRESS_DIR,
     embedding_schema,
+    finish_embeddings,
     finished_shards,
     write_embedded_shard,
 )
 from embedpipe.embed.loader import ShardWork, plan_work
 from embedpipe.embed.runtime import resolve_batch_size, resolve_device
-from embedpipe.models.loading import RANDOM_WEIGHTS, LoadedModel, load_model
+from embedpipe.models.loading import LoadedModel, load_model
 from embedpipe.models.precision import INFERENCE, precision_for, resolve_name
 from embedpipe.models.registry import ModelEntry, ModelError, get_entry
 from embedpipe.models.signal_encoders import SignalEncoder
@@ -283,23 +283,17 @@ def embed_signals(
             shards[item.index] = shard
             rejected.extend(failed)
             embedded += shard["rows"]
-    datasets.save_config(out_uri, "embed", config)
-    write_rejected(out_uri, rejected)
-    datasets.write_manifest(
+    finish_embeddings(
         out_uri,
         SIGNAL_EMBEDDINGS_KIND,
-        [shards[index] for index in sorted(shards)],
-        {
-            "model": entry.name,
-            "dim": dim,
-            "weights": model.weights_source,
-            **({"seed": config.seed} if model.weights_source == RANDOM_WEIGHTS else {}),
-            "normalized": config.normalize,
-            "modality": "signal",
-            "column": column,
-        },
+        shards,
+        rejected,
+        config,
+        model,
+        dim,
+        modality="signal",
+        column=column,
     )
-    storage.delete_tree(datasets.side_path(out_uri, PROGRESS_DIR))
     seconds = round(time.perf_counter() - started, 3)
     result = EmbedSignalResult(out_uri, column, embedded, resumed, dim, seconds, len(rejected))
     log.info("embedded %d signals with %s (%d shard(s) resumed)", embedded, entry.name, resumed)

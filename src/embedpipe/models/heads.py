@@ -114,6 +114,18 @@ def backbone_of(config: dict[str, Any]) -> dict[str, Any]:
     return {"weights": "", "seed": 0, "normalized": True, **backbone}
 
 
+def backbone_record(
+    entry: ModelEntry, weights: str = "", seed: int = 0, normalized: bool = True
+) -> dict[str, Any]:
+    """What a head's config.json says of the backbone whose embeddings it projects."""
+    return {
+        "entry": entry.model_dump(mode="json"),
+        "weights": weights,
+        "seed": seed,
+        "normalized": normalized,
+    }
+
+
 def save_head_checkpoint(
     head: ProjectionHead,
     backbone: ModelEntry,
@@ -130,12 +142,7 @@ def save_head_checkpoint(
     config = {
         **(extra or {}),
         "kind": HEAD_KIND,
-        "backbone": {
-            "entry": backbone.model_dump(mode="json"),
-            "weights": weights,
-            "seed": seed,
-            "normalized": normalized,
-        },
+        "backbone": backbone_record(backbone, weights, seed, normalized),
         "head": head.config,
     }
     with tempfile.TemporaryDirectory(prefix="embedpipe-head-") as staging:

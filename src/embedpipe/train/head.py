@@ -20,7 +20,7 @@ from embedpipe.core import datasets
 from embedpipe.core.finite import check_embeddings
 from embedpipe.core.schemas import EMBEDDINGS_KIND
 from embedpipe.core.seeding import derived_seed
-from embedpipe.models.heads import HEAD_KIND, ProjectionHead
+from embedpipe.models.heads import HEAD_KIND, ProjectionHead, backbone_record
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train import losses
 from embedpipe.train.data import Examples, positive_for, rows_by_concept
@@ -124,6 +124,16 @@ def check_identity(config: TrainSettings, in_dim: int) -> None:
             f"head_init: identity with depth {config.depth} needs width >= {2 * in_dim} "
             f"(twice the embedding size; width is {config.width})"
         )
+
+
+def embeddings_backbone(entry: ModelEntry, manifest: dict) -> dict:
+    """The backbone record of a head trained on the embeddings whose manifest this is."""
+    return backbone_record(
+        entry,
+        manifest.get("weights", ""),
+        int(manifest.get("seed", 0)),
+        bool(manifest.get("normalized", True)),
+    )
 
 
 def load_embeddings(embeddings_uri: str, examples: Examples) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -310,12 +320,7 @@ class HeadTask(TaskDefaults):
     def checkpoint_config(self) -> dict:
         return {
             "kind": HEAD_KIND,
-            "backbone": {
-                "entry": self.entry.model_dump(mode="json"),
-                "weights": self.manifest.get("weights", ""),
-                "seed": int(self.manifest.get("seed", 0)),
-                "normalized": bool(self.manifest.get("normalized", True)),
-            },
+            "backbone": embeddings_backbone(self.entry, self.manifest),
             "head": self.head.config,
             "embeddings": self.embeddings_uri,
         }

@@ -32,7 +32,7 @@ from embedpipe.models.signal_encoders import SignalEncoder, build_signal_encoder
 from embedpipe.train import losses
 from embedpipe.train.data import Examples
 from embedpipe.train.finetune import init_scale
-from embedpipe.train.head import load_embeddings, standardization
+from embedpipe.train.head import embeddings_backbone, load_embeddings, standardization
 from embedpipe.train.optim import param_groups
 from embedpipe.train.task import TaskDefaults
 
@@ -288,12 +288,7 @@ class ImageSignalTask(TaskDefaults):
         return {
             "kind": IMAGE_SIGNAL_KIND,
             "image": {
-                "backbone": {
-                    "entry": self.entry.model_dump(mode="json"),
-                    "weights": self.manifest.get("weights", ""),
-                    "seed": int(self.manifest.get("seed", 0)),
-                    "normalized": bool(self.manifest.get("normalized", True)),
-                },
+                "backbone": embeddings_backbone(self.entry, self.manifest),
                 "head": self.head.config,
                 "embeddings": self.embeddings_uri,
             },
