@@ -34,7 +34,7 @@ HOST_CA ?= /etc/ssl/certs/ca-certificates.crt
 CA_MOUNT = $(if $(and $(wildcard $(HOST_CA)),$(filter podman,$(notdir $(CONTAINER)))),\
 	-v $(HOST_CA):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt)
 
-.PHONY: help install demo test lint lint-cluster format bench compile docs constraints images \
+.PHONY: help install demo demo-signals test lint lint-cluster format bench compile docs constraints images \
 	image-data image-gpu push image-test deploy submit clean
 
 help: ## list the targets
@@ -56,6 +56,10 @@ install: $(STAMP) ## create .venv and install embedpipe with pinned dependencies
 demo: $(STAMP) ## generate the demo dataset and run the end-to-end pipeline through kfp.local
 	$(BIN)/embedpipe demo-data $(DEMO_DIR)/data
 	$(BIN)/embedpipe run end_to_end --config $(CONFIG)
+
+demo-signals: $(STAMP) ## images paired with spectra: generate them and run the same pipeline on them
+	$(BIN)/embedpipe demo-data --kind signals $(DEMO_DIR)/signals
+	$(BIN)/embedpipe run end_to_end --config configs/signals.toml
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest

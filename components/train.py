@@ -1,10 +1,11 @@
+from typing import Optional
+
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 
 def train(
     images: Input[Dataset],
     splits: Input[Dataset],
-    negatives: Input[Dataset],
     embeddings: Input[Dataset],
     settings: dict,
     overrides: dict,
@@ -12,9 +13,11 @@ def train(
     model: Output[Model],
     metrics: Output[Metrics],
     report: Output[HTML],
+    negatives: Optional[Input[Dataset]] = None,  # noqa: UP045 (KFP reads Optional only)
 ):
     """Fine-tune a model or train a projection head: mined hard negatives in the batch,
-    validation recall@K on held-out concepts, curves in the report.
+    validation recall@K on held-out concepts, curves in the report. ``negatives`` is
+    absent where no mining ran (images paired with signals).
 
     ``model_entry`` is the registry entry of ``[train].model`` (the head's backbone in head
     mode) as JSON, resolved when the pipeline is compiled. Every GPU the pod has is used
@@ -28,7 +31,8 @@ def train(
 
     config = stage_settings("train", settings, overrides)
     entry = ModelEntry.model_validate_json(model_entry)
-    inputs = TrainInputs(images.path, splits.path, negatives.path, embeddings.path)
+    mined = negatives.path if negatives is not None else ""
+    inputs = TrainInputs(images.path, splits.path, mined, embeddings.path)
     launch_training(inputs.for_mode(config.mode), model.path, config, entry)
     record_training_outputs(model, metrics, report.path, config, entry.name)
 
@@ -36,7 +40,6 @@ def train(
 def train_job(
     images: Input[Dataset],
     splits: Input[Dataset],
-    negatives: Input[Dataset],
     embeddings: Input[Dataset],
     settings: dict,
     overrides: dict,
@@ -47,6 +50,7 @@ def train_job(
     model: Output[Model],
     metrics: Output[Metrics],
     report: Output[HTML],
+    negatives: Optional[Input[Dataset]] = None,  # noqa: UP045 (KFP reads Optional only)
 ):
     """Train past one node (data image): a Kubeflow Trainer TrainJob of ``[train].num_nodes``
     pods with ``accelerator_limit`` GPUs each runs ``embedpipe train`` under torchrun,
@@ -63,7 +67,8 @@ def train_job(
 
     config = stage_settings("train", settings, overrides)
     placement = ClusterSettings.model_validate(cluster)
-    inputs = TrainInputs(images.uri, splits.uri, negatives.uri, embeddings.uri)
+    mined = negatives.uri if negatives is not None else ""
+    inputs = TrainInputs(images.uri, splits.uri, mined, embeddings.uri)
     job = build_train_job(
         object_name("embedpipe-train", run_id, task_name),
         trainer_image,

@@ -24,21 +24,29 @@ PIPELINE_NAME = "embedpipe-end-to-end"
 
 
 def stages(settings: Settings) -> tuple[str, ...]:
-    """Tuning runs when [tune.space] names settings to search (fixed when compiling)."""
+    """Tuning runs when [tune.space] names settings to search, mining when training takes
+    image pairs (images paired with signals take no mined image negatives); both fixed
+    when compiling."""
     tuning = ("tune",) if settings.tune.space else ()
-    return (*preprocess.stages(settings), *MINE_STAGES, *tuning, "train", "evaluate", "publish")
+    mining = () if settings.train.pairs == "image_signal" else MINE_STAGES
+    return (*preprocess.stages(settings), *mining, *tuning, "train", "evaluate", "publish")
 
 
 def build_pipeline(settings: Settings):
     own_stages = stages(settings)
 
-    class Outputs(NamedTuple):
-        embeddings: Dataset
-        negatives: Dataset
-        model: Model
-        evaluation: Dataset
-        evaluation_report: HTML
-        published: Model
+    mined_outputs = [("negatives", Dataset)] if "mine" in own_stages else []
+    Outputs = NamedTuple(
+        "Outputs",
+        [
+            ("embeddings", Dataset),
+            *mined_outputs,
+            ("model", Model),
+            ("evaluation", Dataset),
+            ("evaluation_report", HTML),
+            ("published", Model),
+        ],
+    )
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -82,15 +90,13 @@ def build_pipeline(settings: Settings):
         )
         graph = Graph.of(settings, own_stages, overrides)
         data = preprocess.add_preprocess_steps(graph, sources, graph.check())
-        mined = add_mining_steps(
-            graph, data["images"], data["kept"], data["embeddings"], after=None
-        )
-        inputs = dict(
-            images=data["images"],
-            splits=data["splits"],
-            negatives=mined["negatives"],
-            embeddings=data["embeddings"],
-        )
+        inputs = dict(images=data["images"], splits=data["splits"], embeddings=data["embeddings"])
+        negatives = None
+        if "mine" in graph.sections:  # not for images paired with signals
+            mined = add_mining_steps(
+                graph, data["images"], data["kept"], data["embeddings"], after=None
+            )
+            inputs["negatives"] = negatives = mined["negatives"]
         best = None
         if "tune" in graph.sections:
             best = add_tune_step(graph, **inputs).outputs["best_overrides"]
@@ -114,7 +120,7 @@ def build_pipeline(settings: Settings):
         )
         return Outputs(
             embeddings=data["embeddings"],
-            negatives=mined["negatives"],
+            **({"negatives": negatives} if negatives is not None else {}),
             model=model,
             evaluation=evaluated.outputs["evaluation"],
             evaluation_report=evaluated.outputs["report"],
@@ -129,30 +135,66 @@ def run_arguments(settings: Settings) -> dict:
 
 
 def summary(outputs: dict[str, str]) -> list[str]:
-    """What a finished local run shows last: held-out recall@1 before and after training
-    (DECISIONS 13's metric), where the reports are, and how to load the published model."""
+    """What a finished local run shows last: the held-out metrics before and after
+    training, where the reports are, and how to load the published model."""
     from embedpipe.core import storage
     from embedpipe.core.datasets import side_path
     from embedpipe.evaluate.stage import METRICS_NAME
     from embedpipe.publish import usage
 
     evaluated = storage.read_json(side_path(outputs["evaluate/evaluation"], METRICS_NAME))
-    recall = {
-        run["model"]: run["metrics"].get("image_image_recall@1") for run in evaluated["models"]
-    }
+    runs = {run["model"]: run for run in evaluated["models"]}
     published = outputs["publish/published"]
     image = usage.example_image(outputs["ingest/images"]) if "ingest/images" in outputs else ""
     load = usage.load_line(published, image or usage.PLACEHOLDER_IMAGE)
-
-    def shown(value) -> str:
-        return "n/a" if value is None else f"{value:.2f}"
-
+    if evaluated.get("kind") == "image_signal":
+        learned = signal_summary(runs)
+        mined = ""
+    else:
+        learned = [_before_after("held-out recall@1", runs, "image_image_recall@1")]
+        mined = f", {outputs['combine/report']} (hard negatives)"
     return [
-        f"held-out recall@1: untrained {shown(recall.get('untrained'))} -> "
-        f"trained {shown(recall.get('trained'))}",
+        *learned,
         f"reports: {outputs['evaluate/report']} (evaluation), {outputs['train/report']} "
-        f"(training), {outputs['dedup/report']} (duplicates), {outputs['combine/report']} "
-        "(hard negatives)",
+        f"(training), {outputs['dedup/report']} (duplicates){mined}",
         f"published model: {published}",
         f"load it and embed a picture (Python): {load}",
     ]
+
+
+def signal_summary(runs: dict[str, dict]) -> list[str]:
+    """Images paired with signals: cross-modal recall@1 and each scalar target's R²
+    (Ridge probe) from each modality's embeddings, untrained -> trained."""
+    lines = [
+        _before_after("held-out image->signal recall@1", runs, "image_to_signal_recall@1"),
+        _before_after("held-out signal->image recall@1", runs, "signal_to_image_recall@1"),
+    ]
+    regression = runs.get("trained", {}).get("regression", {})
+    targets = dict.fromkeys(
+        name for probes in regression.values() for name in probes.get("ridge", {})
+    )
+    for target in targets:
+        parts = []
+        for source in regression:
+            before, after = (
+                runs.get(model, {})
+                .get("regression", {})
+                .get(source, {})
+                .get("ridge", {})
+                .get(target)
+                for model in ("untrained", "trained")
+            )
+            parts.append(f"{source} {_shown(before)} -> {_shown(after)}")
+        lines.append(f"held-out {target.removesuffix('_r2')} R² (Ridge) from " + ", ".join(parts))
+    return lines
+
+
+def _before_after(label: str, runs: dict[str, dict], metric: str) -> str:
+    before, after = (
+        runs.get(model, {}).get("metrics", {}).get(metric) for model in ("untrained", "trained")
+    )
+    return f"{label}: untrained {_shown(before)} -> trained {_shown(after)}"
+
+
+def _shown(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

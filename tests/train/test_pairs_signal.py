@@ -4,6 +4,7 @@ cross-modal recall@1 rises), its validation matches a numpy brute force, and bad
 are one-line errors."""
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ import torch
 from open_clip import loss as open_clip_loss
 from pydantic import ValidationError
 
-from embedpipe.config import ConfigError, TrainSettings
+from embedpipe.config import ConfigError, EvaluateSettings, TrainSettings
 from embedpipe.core import datasets, storage
 from embedpipe.core.schemas import IMAGES_SCHEMA
 from embedpipe.evaluate.image_signal import evaluate_image_signal
@@ -179,13 +180,66 @@ def test_evaluation_untrained_and_trained_side_by_side(paired, trained):
     """The checkpoint's folded head and encoder reproduce the training's own validation
     direction: recall and the R² of the signal embedding rise with training."""
     out, _ = trained
-    results = evaluate_image_signal(paired["images"], str(out), paired["splits"], ks=(1, 5))
-    before, after = results["untrained"], results["trained"]
-    assert after["image_to_signal_recall@5"] > before["image_to_signal_recall@5"] + 0.1
-    assert set(after["regression"]) == {"image", "signal", "both"}
-    assert set(after["regression"]["signal"]) == {"knn", "ridge"}
-    signal_r2 = after["regression"]["signal"]["ridge"]["redshift_r2"]
-    assert signal_r2 > before["regression"]["signal"]["ridge"]["redshift_r2"]
+    config = EvaluateSettings(recall_k=(1, 5))
+    evaluation = evaluate_image_signal(paired["images"], str(out), paired["splits"], config)
+    before, after = evaluation.runs
+    assert (before.name, after.name) == ("untrained", "trained")
+    assert after.metrics["image_to_signal_recall@5"] > before.metrics["image_to_signal_recall@5"]
+    assert set(after.regression) == {"image", "signal", "both"}
+    assert set(after.regression["signal"]) == {"knn", "ridge"}
+    signal_r2 = after.regression["signal"]["ridge"]["redshift_r2"]
+    assert signal_r2 > before.regression["signal"]["ridge"]["redshift_r2"]
+
+
+def _numpy_ridge(train_x, train_y, test_x, alpha):
+    """Ridge with an unpenalised intercept, in closed form."""
+    mean_x, mean_y = train_x.mean(0), train_y.mean()
+    centred = train_x - mean_x
+    gram = centred.T @ centred + alpha * np.eye(train_x.shape[1])
+    weights = np.linalg.solve(gram, centred.T @ (train_y - mean_y))
+    return (test_x - mean_x) @ weights + mean_y
+
+
+def _numpy_knn(train_x, train_y, test_x, k):
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    distances = 1 - unit(test_x) @ unit(train_x).T
+    nearest = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return train_y[nearest].mean(1)
+
+
+def _r2(truth, predicted):
+    return 1 - ((truth - predicted) ** 2).sum() / ((truth - truth.mean()) ** 2).sum()
+
+
+def test_evaluation_numbers_equal_a_numpy_computation(paired, trained):
+    """Recall@K by brute force over the score matrix (an image's positives: the signals
+    of its object), R² of a closed-form Ridge and a brute-force cosine kNN regressor."""
+    config = EvaluateSettings(recall_k=(1, 5), regression_alpha=0.5, regression_neighbors=4)
+    evaluation = evaluate_image_signal(paired["images"], str(trained[0]), paired["splits"], config)
+    held = evaluation.held_out
+    objects = np.array(evaluation.concepts)[held]
+    same = objects[:, None] == objects[None, :]
+    for run in evaluation.runs:
+        image, signal = run.vectors["image"], run.vectors["signal"]
+        scores = image[held] @ signal[held].T
+        for name, matrix in (("image_to_signal", scores), ("signal_to_image", scores.T)):
+            order = np.argsort(-matrix, axis=1, kind="stable")
+            for k in (1, 5):
+                hits = np.take_along_axis(same, order[:, :k], axis=1).any(1)
+                assert run.metrics[f"{name}_recall@{k}"] == pytest.approx(hits.mean(), abs=1e-6)
+        both = np.concatenate([image, signal], axis=1)
+        for source, matrix in (("image", image), ("signal", signal), ("both", both)):
+            for target, values in evaluation.targets.items():
+                fit, score = ~held & ~np.isnan(values), held & ~np.isnan(values)
+                ridge = _numpy_ridge(matrix[fit], values[fit], matrix[score], 0.5)
+                knn = _numpy_knn(matrix[fit], values[fit], matrix[score], 4)
+                ours = run.regression[source]
+                assert ours["ridge"][f"{target}_r2"] == pytest.approx(
+                    _r2(values[score], ridge), abs=1e-6
+                )
+                assert ours["knn"][f"{target}_r2"] == pytest.approx(
+                    _r2(values[score], knn), abs=1e-6
+                )
 
 
 def test_resume_continues_from_the_checkpoint(paired, backbone):
@@ -220,18 +274,45 @@ def test_unknown_signal_column_and_non_signal_model(paired, backbone):
 
 
 def test_evaluate_stage_writes_both_models_metrics(paired, trained):
-    from embedpipe.config import EvaluateSettings
-    from embedpipe.evaluate.sources import ModelSource
-    from embedpipe.evaluate.stage import METRICS_NAME, evaluate_models
+    from embedpipe.evaluate.sources import EmbeddingsSource, ModelSource
+    from embedpipe.evaluate.stage import METRICS_NAME, REPORT_NAME, evaluate_models
 
     out = paired["root"] / "evaluation"
     config = EvaluateSettings(recall_k=(1, 5))
-    result = evaluate_models(
-        [ModelSource(str(trained[0]))], paired["splits"], str(out), config, paired["images"]
-    )
+    sources = [
+        EmbeddingsSource(paired["embeddings"], name="untrained"),  # as end_to_end gives it
+        ModelSource(str(trained[0])),
+    ]
+    result = evaluate_models(sources, paired["splits"], str(out), config, paired["images"])
     assert result.models == ["untrained", "trained"]
     written = storage.read_json(datasets.side_path(str(out), METRICS_NAME))
-    trained_metrics = written["models"][1]["metrics"]
-    assert trained_metrics == pytest.approx(result.model_metrics["trained"])
-    for name in ("image_to_signal_recall@5", "signal_to_image_recall@1", "both_ridge_redshift_r2"):
-        assert name in trained_metrics
+    assert written["kind"] == "image_signal"
+    trained_entry = written["models"][1]
+    assert trained_entry["identity"]
+    for name in ("image_to_signal_recall@5", "signal_to_image_recall@1"):
+        assert trained_entry["metrics"][name] == pytest.approx(
+            result.model_metrics["trained"][name]
+        )
+    assert set(trained_entry["regression"]["both"]["ridge"]) == {"redshift_r2"}
+    assert "redshift_r2 (both, ridge)" in result.model_metrics["trained"]
+    page = storage.read_bytes(datasets.side_path(str(out), REPORT_NAME)).decode("utf-8")
+    for section in ("Cross-modal recall@K", "redshift: Ridge prediction", "signal tower"):
+        assert section in page
+    table = datasets.read_table(str(out))
+    assert set(table.column("model").to_pylist()) == {"untrained", "trained"}
+    assert "redshift_predicted_image" in table.column_names
+
+
+def test_a_baseline_made_by_another_model_is_refused(paired, trained, tmp_path):
+    from embedpipe.evaluate.sources import EmbeddingsSource, MissingGroundTruth, ModelSource
+    from embedpipe.evaluate.stage import evaluate_models
+
+    other = tmp_path / "other"
+    shutil.copytree(paired["embeddings"], other)
+    manifest = other / ".embedpipe" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"tiny_backbone"', '"someone_else"'))
+    sources = [EmbeddingsSource(str(other)), ModelSource(str(trained[0]))]
+    with pytest.raises(MissingGroundTruth, match="made by someone_else"):
+        evaluate_models(
+            sources, paired["splits"], str(tmp_path / "out"), EvaluateSettings(), paired["images"]
+        )

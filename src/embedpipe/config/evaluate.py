@@ -62,6 +62,12 @@ class EvaluateSettings(Section):
         (), description="numeric columns the regression probe predicts (R^2)"
     )
     regression_alpha: float = Field(1.0, ge=0.0, description="Ridge penalty; 0: least squares")
+    regression_neighbors: int = Field(
+        10,
+        gt=0,
+        description="images paired with signals: the kNN regression probe's neighbours "
+        "(cosine, averaged), beside the Ridge probe",
+    )
     anomaly_neighbors: int = Field(
         10, gt=0, description="kNN anomaly score: mean distance to this many neighbours"
     )

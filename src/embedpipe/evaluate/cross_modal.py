@@ -1,15 +1,18 @@
 """Image <-> signal evaluation: cross-modal retrieval and regression probes.
 
 Retrieval is computed as clip_benchmark computes image-text retrieval: a score matrix of
-every query against every candidate, each query's positives (here: row i of the images
-and row i of the signals come from one image, so each image has exactly its own signal),
-and recall@K as the share of queries with a positive among their K best candidates
-(``image_to_signal_recall@K``, ``signal_to_image_recall@K``; DECISIONS 6).
+every query against every candidate, each query's positives, and recall@K as the share
+of queries with a positive among their K best candidates (``image_to_signal_recall@K``,
+``signal_to_image_recall@K``; DECISIONS 6). Row i of the images and row i of the signals
+come from one image; an image's positives are the signals of its object: its own, and
+those of the object's other views where an object was seen more than once (as an image's
+positives in clip_benchmark are all its captions).
 
 Regression probes predict each scalar target (redshift, ...) from an embedding source
 (``image``, ``signal``, or ``both`` concatenated) with a k-nearest-neighbour regressor
-(cosine, uniform weights) and a Ridge probe, fit on the training rows and scored by R²
-on the held-out rows (``<target>_r2``).
+(cosine, uniform weights) and a Ridge probe (least squares at alpha 0), fit on the
+training rows and scored by R² on the held-out rows: ``<target>_r2`` per embedding source
+and probe.
 """
 
 from __future__ import annotations
@@ -17,15 +20,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from embedpipe.evaluate.probes import regression_probe
+
 PROBES = ("knn", "ridge")
 
 
 def retrieval_recall(
-    image: torch.Tensor, signal: torch.Tensor, ks: tuple[int, ...]
+    image: torch.Tensor,
+    signal: torch.Tensor,
+    ks: tuple[int, ...],
+    objects: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Normalised ``image`` and ``signal`` rows, paired by position."""
+    """Normalised ``image`` and ``signal`` rows, paired by position; ``objects[i]`` is row
+    i's object (None: every row its own object)."""
     scores = image.float() @ signal.float().T
-    positives = torch.eye(len(image), dtype=torch.bool)
+    if objects is None:
+        positives = torch.eye(len(image), dtype=torch.bool)
+    else:
+        positives = torch.from_numpy(objects[:, None] == objects[None, :])
     metrics = {}
     for name, matrix, pairs in (
         ("image_to_signal", scores, positives),
@@ -41,13 +53,11 @@ def retrieval_recall(
 def probe_predictions(
     probe: str, train: np.ndarray, values: np.ndarray, test: np.ndarray, k: int, alpha: float
 ) -> np.ndarray:
-    from sklearn.linear_model import Ridge
     from sklearn.neighbors import KNeighborsRegressor
 
-    if probe == "knn":
-        model = KNeighborsRegressor(n_neighbors=min(k, len(train)), metric="cosine")
-    else:
-        model = Ridge(alpha=alpha)
+    if probe == "ridge":
+        return regression_probe(train, values, test, alpha)
+    model = KNeighborsRegressor(n_neighbors=min(k, len(train)), metric="cosine")
     return model.fit(train, values).predict(test)
 
 
@@ -58,9 +68,12 @@ def regression_r2(
     test: np.ndarray,
     k: int = 10,
     alpha: float = 1.0,
+    predictions: dict | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{source: {probe: {"<target>_r2": R²}}}``; ``train`` and ``test`` are boolean
-    row masks; rows whose target is unknown (NaN) are left out of that target."""
+    row masks; rows whose target is unknown (NaN) are left out of that target. Given
+    ``predictions``, it receives ``{(source, probe, target): per-row prediction}`` (NaN
+    outside the scored rows)."""
     from sklearn.metrics import r2_score
 
     result: dict[str, dict[str, dict[str, float]]] = {}
@@ -76,6 +89,10 @@ def regression_r2(
                     probe, matrix[fit], values[fit], matrix[score], k, alpha
                 )
                 scores[f"{target}_r2"] = float(r2_score(values[score], predicted))
+                if predictions is not None:
+                    row_values = np.full(len(values), np.nan)
+                    row_values[score] = predicted
+                    predictions[(source, probe, target)] = row_values
     return result
 
 

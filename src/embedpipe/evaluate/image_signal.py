@@ -11,18 +11,23 @@ Ridge), fit on the training rows (``cross_modal.regression_r2``).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from embedpipe.config import TrainSettings
-from embedpipe.core import datasets
-from embedpipe.core.schemas import IMAGES_KIND
+from embedpipe.config import EvaluateSettings, TrainSettings
+from embedpipe.core import datasets, storage
+from embedpipe.core.schemas import EVALUATION_KIND, IMAGES_KIND
 from embedpipe.evaluate.cross_modal import regression_r2, retrieval_recall, with_both
+from embedpipe.evaluate.metrics import knn_distances
+from embedpipe.evaluate.sources import MissingGroundTruth
 from embedpipe.models.heads import ProjectionHead
+from embedpipe.models.identity import weights_identity
 from embedpipe.models.registry import ModelEntry
 from embedpipe.models.signal_encoders import build_signal_encoder
 from embedpipe.train.checkpoint import WEIGHTS_NAME
@@ -91,22 +96,59 @@ def _embed(towers, task: ImageSignalTask, rows: np.ndarray) -> tuple[np.ndarray,
     return torch.cat(images).numpy(), torch.cat(signals).numpy()
 
 
+@dataclass
+class TowersRun:
+    """One model's results: flat metrics (recalls, anomaly means), R² per embedding source
+    and probe, the rows' vectors per modality, probe predictions and anomaly scores."""
+
+    name: str
+    metrics: dict[str, float]
+    regression: dict[str, dict[str, dict[str, float]]]
+    vectors: dict[str, np.ndarray]
+    predictions: dict[tuple[str, str, str], np.ndarray]
+    anomaly: dict[str, np.ndarray]
+
+
+@dataclass
+class SignalEvaluation:
+    """The evaluated rows (training rows fit the probes, held-out rows are scored) and
+    the untrained and trained runs on them."""
+
+    signal_column: str
+    image_ids: list[str]
+    categories: list[str]
+    concepts: list[str]
+    held_out: np.ndarray
+    targets: dict[str, np.ndarray]
+    runs: list[TowersRun]
+
+
+def _selected(images_uri: str, select_uri: str, examples) -> np.ndarray:
+    usable = np.isin(examples.split, ("train", "val"))
+    if select_uri:
+        kept = set(datasets.read_table(select_uri, columns=["image_id"])["image_id"].to_pylist())
+        usable &= np.array([image_id in kept for image_id in examples.image_ids], dtype=bool)
+    return np.flatnonzero(usable)
+
+
 def evaluate_image_signal(
     images_uri: str,
     checkpoint_uri: str,
     splits_uri: str,
-    ks: tuple[int, ...] = (1, 5),
-    neighbours: int = 10,
-    alpha: float = 1.0,
-) -> dict[str, dict]:
-    """``{"untrained": metrics, "trained": metrics}`` on the held-out (val) rows."""
+    config: EvaluateSettings | None = None,
+    select_uri: str = "",
+) -> SignalEvaluation:
+    """The untrained towers (rebuilt from the training's settings and seed) and the
+    trained ones, on the held-out (val) rows of ``splits_uri`` (those of ``select_uri``
+    only, when given); probes fit on its training rows."""
+    config = config or EvaluateSettings()
     trained = TrainedTowers(checkpoint_uri)
-    config = TrainSettings(**trained.config["train"])
+    train_config = TrainSettings(**trained.config["train"])
     entry = ModelEntry.model_validate(trained.config["image"]["backbone"]["entry"])
-    examples = load_examples(images_uri, config, splits_uri)
+    examples = load_examples(images_uri, train_config, splits_uri)
     untrained = ImageSignalTask(
         entry,
-        config,
+        train_config,
         examples,
         images_uri,
         trained.config["image"]["embeddings"],
@@ -114,24 +156,89 @@ def evaluate_image_signal(
         {},
     )
     untrained.module.eval()
-    usable = np.flatnonzero(np.isin(examples.split, ("train", "val")))
-    held_out = examples.split[usable] == "val"
+    rows = _selected(images_uri, select_uri, examples)
+    held_out = examples.split[rows] == "val"
+    if held_out.sum() < 2:
+        raise MissingGroundTruth(
+            f"{splits_uri}: fewer than two held-out images with a usable signal to evaluate"
+        )
+    keys = examples.concept_keys()
+    object_ids = {key: n for n, key in enumerate(sorted(set(keys)))}
+    objects = np.array([object_ids[keys[row]] for row in rows.tolist()])
     targets = {
-        name: values[usable]
+        name: values[rows]
         for name, values in scalar_targets(images_uri, examples.image_ids).items()
     }
-    results = {}
+    runs = []
     for name, towers in (("untrained", untrained.module), ("trained", trained)):
-        image, signal = _embed(towers, untrained, usable)
+        image, signal = _embed(towers, untrained, rows)
         metrics = retrieval_recall(
-            torch.from_numpy(image[held_out]), torch.from_numpy(signal[held_out]), ks
+            torch.from_numpy(image[held_out]),
+            torch.from_numpy(signal[held_out]),
+            config.recall_k,
+            objects[held_out],
         )
-        metrics["regression"] = regression_r2(
-            with_both(image, signal), targets, ~held_out, held_out, neighbours, alpha
+        predictions: dict = {}
+        regression = regression_r2(
+            with_both(image, signal),
+            targets,
+            ~held_out,
+            held_out,
+            config.regression_neighbors,
+            config.regression_alpha,
+            predictions,
         )
+        anomaly = {}
+        for modality, vectors in (("image", image), ("signal", signal)):
+            scores = np.full(len(rows), np.nan)
+            neighbours = min(config.anomaly_neighbors, int(held_out.sum()) - 1)
+            scores[held_out] = knn_distances(torch.from_numpy(vectors[held_out]), neighbours)
+            anomaly[modality] = scores
+            metrics[f"{modality}_anomaly_knn_distance"] = float(np.nanmean(scores))
         metrics["held_out_images"] = int(held_out.sum())
-        results[name] = metrics
-    return results
+        runs.append(
+            TowersRun(
+                name,
+                metrics,
+                regression,
+                {"image": image, "signal": signal},
+                predictions,
+                anomaly,
+            )
+        )
+    return SignalEvaluation(
+        train_config.signal_column,
+        [examples.image_ids[row] for row in rows.tolist()],
+        [examples.categories[row] for row in rows.tolist()],
+        [examples.concepts[row] for row in rows.tolist()],
+        held_out,
+        targets,
+        runs,
+    )
+
+
+def check_baselines(checkpoint: str, sources: list) -> None:
+    """Beside an image_signal checkpoint, only the embeddings its image tower started
+    from may be given (the end-to-end pipeline's baseline): the untrained towers are
+    rebuilt from the checkpoint's settings on those embeddings."""
+    from embedpipe.evaluate.sources import EmbeddingsSource
+
+    config = json.loads(Path(checkpoint, "config.json").read_text())
+    backbone = config["image"]["backbone"]["entry"]["name"]
+    for source in sources:
+        if getattr(source, "weights", "") == checkpoint:
+            continue
+        if not isinstance(source, EmbeddingsSource):
+            raise MissingGroundTruth(
+                f"evaluate: give the image_signal checkpoint {checkpoint} on its own or "
+                "beside the embeddings its image tower started from"
+            )
+        made_by = datasets.read_manifest(source.embeddings).get("model")
+        if made_by != backbone:
+            raise MissingGroundTruth(
+                f"--embeddings {source.embeddings}: made by {made_by}, but the image tower "
+                f"of {checkpoint} starts from {backbone}'s embeddings"
+            )
 
 
 def image_signal_checkpoints(sources: list) -> list[str]:
@@ -149,34 +256,84 @@ def image_signal_checkpoints(sources: list) -> list[str]:
     return found
 
 
-def flat_metrics(metrics: dict) -> dict[str, float]:
-    """Retrieval recalls as they are, R² as ``<source>_<probe>_<target>_r2``."""
-    flat = {key: value for key, value in metrics.items() if key != "regression"}
-    for source, probes in metrics["regression"].items():
+def flat_metrics(run: TowersRun) -> dict[str, float]:
+    """The metrics as one flat mapping (KFP metrics, the report's table): R² as
+    ``<target>_r2 (<source>, <probe>)``."""
+    flat = dict(run.metrics)
+    for source, probes in run.regression.items():
         for probe, scores in probes.items():
             for name, value in scores.items():
-                flat[f"{source}_{probe}_{name}"] = value
+                flat[f"{name} ({source}, {probe})"] = value
     return flat
 
 
+def _results_table(evaluation: SignalEvaluation) -> pa.Table:
+    """One row per model and evaluated image: its split, anomaly score per modality and
+    the Ridge prediction of each target from each embedding source."""
+    parts = []
+    count = len(evaluation.image_ids)
+    for run in evaluation.runs:
+        columns = {
+            "model": pa.array([run.name] * count, pa.string()),
+            "image_id": pa.array(evaluation.image_ids, pa.string()),
+            "category": pa.array(evaluation.categories, pa.string()),
+            "concept": pa.array(evaluation.concepts, pa.string()),
+            "split": pa.array(np.where(evaluation.held_out, "val", "train"), pa.string()),
+        }
+        for modality, scores in run.anomaly.items():
+            columns[f"{modality}_anomaly_knn_distance"] = pa.array(
+                scores, pa.float64(), mask=np.isnan(scores)
+            )
+        for (source, probe, target), values in sorted(run.predictions.items()):
+            if probe == "ridge":
+                columns[f"{target}_predicted_{source}"] = pa.array(
+                    values, pa.float64(), mask=np.isnan(values)
+                )
+        parts.append(pa.table(columns))
+    return pa.concat_tables(parts)
+
+
 def write_evaluation(
-    checkpoint: str, metadata_uri: str, out_uri: str, images_uri: str, config
+    checkpoint: str,
+    metadata_uri: str,
+    out_uri: str,
+    images_uri: str,
+    config: EvaluateSettings,
+    select_uri: str = "",
 ) -> dict[str, dict[str, float]]:
     """Evaluate one image_signal checkpoint (``metadata_uri``: the splits it trained with)
-    and write ``metrics.json`` with the untrained and trained towers side by side."""
-    from embedpipe.core import storage
-    from embedpipe.evaluate.stage import METRICS_NAME
+    and write ``metrics.json`` (per model: ``metrics`` with the retrieval recalls,
+    ``regression`` with ``<target>_r2`` per embedding source and probe), the report, and
+    a results table, the untrained and trained towers side by side."""
+    from embedpipe.evaluate.signal_report import render_signal_report
+    from embedpipe.evaluate.stage import CONFUSION_NAME, METRICS_NAME, REPORT_NAME
 
-    results = evaluate_image_signal(images_uri, checkpoint, metadata_uri, config.recall_k)
-    models = {name: flat_metrics(metrics) for name, metrics in results.items()}
+    evaluation = evaluate_image_signal(images_uri, checkpoint, metadata_uri, config, select_uri)
+    identity = weights_identity(checkpoint)
     payload = {
         "models": [
-            {"model": name, "source": checkpoint, "metrics": values, "skipped": {}}
-            for name, values in models.items()
+            {
+                "model": run.name,
+                "source": checkpoint,
+                "identity": identity if run.name == "trained" else None,
+                "metrics": run.metrics,
+                "regression": run.regression,
+                "skipped": {},
+            }
+            for run in evaluation.runs
         ],
         "metadata": metadata_uri,
         "kind": IMAGE_SIGNAL_KIND,
     }
     storage.write_json(datasets.side_path(out_uri, METRICS_NAME), payload)
+    storage.write_json(datasets.side_path(out_uri, CONFUSION_NAME), {})
+    report = render_signal_report(evaluation, config, images_uri, metadata_uri)
+    storage.write_bytes(datasets.side_path(out_uri, REPORT_NAME), report.encode("utf-8"))
     datasets.save_config(out_uri, "evaluate", config)
-    return models
+    datasets.write_table(
+        out_uri,
+        _results_table(evaluation),
+        EVALUATION_KIND,
+        extra={"models": [run.name for run in evaluation.runs], "metadata": metadata_uri},
+    )
+    return {run.name: flat_metrics(run) for run in evaluation.runs}

@@ -107,3 +107,33 @@ def thumbnail(data: bytes, size: int = 96) -> str:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=85)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def prediction_plot(
+    truth: np.ndarray, predicted: dict[str, dict[str, np.ndarray]], title: str
+) -> str:
+    """Predicted against true values: one panel per embedding source, one colour per
+    model (``predicted``: source -> model -> values, NaN where not scored)."""
+    plt, figure = _figure(4.0 * max(len(predicted), 1), 3.8)
+    known = truth[~np.isnan(truth)]
+    low, high = (float(known.min()), float(known.max())) if len(known) else (0.0, 1.0)
+    for k, (source, per_model) in enumerate(predicted.items()):
+        axes = figure.add_subplot(1, len(predicted), k + 1)
+        for model, values in per_model.items():
+            scored = ~np.isnan(values) & ~np.isnan(truth)
+            axes.scatter(truth[scored], values[scored], s=6, alpha=0.6, label=model)
+        axes.plot([low, high], [low, high], color="grey", linewidth=0.8)
+        axes.set_xlabel("true")
+        axes.set_ylabel("predicted")
+        axes.set_title(f"{title} from {source}", fontsize=10)
+        axes.legend(fontsize=7, markerscale=2)
+    return _png(plt, figure)
+
+
+def signal_plot(values: np.ndarray, width: float = 1.6, height: float = 0.9) -> str:
+    """A small line plot of one signal, for a report's list of anomalies."""
+    plt, figure = _figure(width, height)
+    axes = figure.add_axes((0, 0, 1, 1))
+    axes.plot(np.arange(len(values)), values, linewidth=0.7)
+    axes.set_axis_off()
+    return _png(plt, figure)

@@ -18,23 +18,10 @@ def render_report(truth, config, runs, vectors_of, images_uri, metadata_uri) -> 
     the runs' figures and the most anomalous images (plots and thumbnails inline)."""
     esc = html.escape
     names = [run.name for run in runs]
-    metric_names = list(dict.fromkeys(k for run in runs for k in run.metrics))
-    head = "".join(f"<th>{esc(n)}</th>" for n in names)
-    body = "".join(
-        f"<tr><td>{esc(k)}</td>"
-        + "".join(f"<td>{_format(run.metrics.get(k))}</td>" for run in runs)
-        + "</tr>"
-        for k in metric_names
-    )
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>embedpipe evaluation</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "td:first-child{text-align:left}figure{display:inline-block;margin:0.5em}"
-        ".thumbs span{display:inline-block;margin:3px;font-size:11px;text-align:center}"
-        "</style></head><body>",
+        page_head("embedpipe evaluation"),
         f"<h1>Evaluation</h1><p>{truth.table.num_rows} images from {esc(metadata_uri)}</p>",
-        f"<h2>Metrics</h2><table><tr><th>metric</th>{head}</tr>{body}</table>",
+        metrics_table({run.name: run.metrics for run in runs}),
     ]
     skipped = [(run.name, t, r) for run in runs for t, r in run.skipped.items()]
     if skipped:
@@ -42,7 +29,7 @@ def render_report(truth, config, runs, vectors_of, images_uri, metadata_uri) -> 
         parts.append(f"<h2>Skipped</h2><ul>{items}</ul>")
     curves = _recall_curves(runs, config.recall_k)
     if curves:
-        parts.append("<h2>Recall@K</h2>" + _img(plots.recall_plot(curves)))
+        parts.append("<h2>Recall@K</h2>" + image_tag(plots.recall_plot(curves)))
     parts.append("<h2>Embeddings</h2>")
     rng = np.random.default_rng(config.seed)
     sample = np.sort(rng.permutation(truth.table.num_rows)[: config.plot_points])
@@ -54,10 +41,10 @@ def render_report(truth, config, runs, vectors_of, images_uri, metadata_uri) -> 
     for name in names:
         points, method = plots.project(vectors_of[name][sample], config.projection, config.seed)
         title = f"{name}: {method}, coloured by category"
-        parts.append(_img(plots.projection_plot(points, [str(g) for g in groups], title)))
+        parts.append(image_tag(plots.projection_plot(points, [str(g) for g in groups], title)))
     for run in runs:
         for title, png in run.figures:
-            parts.append(f"<h2>{esc(title)}: {esc(run.name)}</h2>" + _img(png))
+            parts.append(f"<h2>{esc(title)}: {esc(run.name)}</h2>" + image_tag(png))
     parts.append(_anomaly_section(runs, images_uri))
     parts.append("</body></html>")
     return "".join(parts)
@@ -89,18 +76,43 @@ def _anomaly_section(runs, images_uri: str) -> str:
                 f"<br>IF {item['isolation']:.3f}"
             )
             data = found.get(item["image_id"])
-            picture = _img(plots.thumbnail(data), "jpeg", "") if data else ""
+            picture = image_tag(plots.thumbnail(data), "jpeg", "") if data else ""
             cells.append(f"<span>{picture}<br>{label}</span>")
         parts.append(f"<h3>{html.escape(run.name)}</h3><div class='thumbs'>{''.join(cells)}</div>")
     return "".join(parts)
 
 
-def _img(data: str, kind: str = "png", wrap: str = "figure") -> str:
+def page_head(title: str) -> str:
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child{text-align:left}figure{display:inline-block;margin:0.5em}"
+        ".thumbs span{display:inline-block;margin:3px;font-size:11px;text-align:center}"
+        "</style></head><body>"
+    )
+
+
+def metrics_table(metrics_of: dict[str, dict]) -> str:
+    """Every metric a row, every model a column."""
+    esc = html.escape
+    names = list(dict.fromkeys(k for metrics in metrics_of.values() for k in metrics))
+    head = "".join(f"<th>{esc(model)}</th>" for model in metrics_of)
+    body = "".join(
+        f"<tr><td>{esc(k)}</td>"
+        + "".join(f"<td>{format_value(metrics.get(k))}</td>" for metrics in metrics_of.values())
+        + "</tr>"
+        for k in names
+    )
+    return f"<h2>Metrics</h2><table><tr><th>metric</th>{head}</tr>{body}</table>"
+
+
+def image_tag(data: str, kind: str = "png", wrap: str = "figure") -> str:
     tag = f"<img src='data:image/{kind};base64,{data}'>"
     return f"<{wrap}>{tag}</{wrap}>" if wrap else tag
 
 
-def _format(value) -> str:
+def format_value(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):

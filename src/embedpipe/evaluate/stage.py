@@ -321,10 +321,11 @@ def evaluate_models(
     from embedpipe.evaluate import image_signal
 
     if two_towers := image_signal.image_signal_checkpoints(sources):  # pairs image_signal
-        if len(sources) > 1:
-            raise MissingGroundTruth("evaluate: give an image_signal checkpoint on its own")
+        if len(two_towers) > 1:
+            raise MissingGroundTruth("evaluate: give one image_signal checkpoint at a time")
+        image_signal.check_baselines(two_towers[0], sources)
         models = image_signal.write_evaluation(
-            two_towers[0], metadata_uri, out_uri, images_uri or metadata_uri, config
+            two_towers[0], metadata_uri, out_uri, images_uri or metadata_uri, config, select_uri
         )
         seconds = round(time.perf_counter() - started, 3)
         rows = sum(int(values["held_out_images"]) for values in models.values())
