@@ -1,0 +1,60 @@
+"""The signals demo's config compiles into the same end-to-end pipeline, without the
+mining fan-out (images paired with signals take no mined image negatives), and a run's
+summary reads the cross-modal metrics."""
+
+from embedpipe.config import load_settings
+from embedpipe.pipelines import end_to_end
+from embedpipe.pipelines.compile import compile_pipelines, read_pipeline_spec
+
+
+def test_the_signals_config_compiles_without_mining(tmp_path):
+    settings = load_settings("configs/signals.toml")
+    assert end_to_end.stages(settings) == (
+        "ingest", "catalog", "split", "dedup", "embed", "train", "evaluate", "publish",
+    )  # fmt: skip
+    compile_pipelines(settings, str(tmp_path))
+    spec = read_pipeline_spec(tmp_path / "end_to_end.yaml")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert not {"partition", "mine", "combine", "to-hf"} & set(tasks)
+    assert "negatives" not in tasks["train"]["inputs"]["artifacts"]
+    component = spec["components"][tasks["train"]["componentRef"]["name"]]
+    assert component["inputDefinitions"]["artifacts"]["negatives"]["isOptional"] is True
+    assert set(spec["root"]["outputDefinitions"]["artifacts"]) == {
+        "embeddings", "model", "evaluation", "evaluation_report", "published",
+    }  # fmt: skip
+    train_settings = tasks["train"]["inputs"]["parameters"]["settings"]["runtimeValue"]
+    assert train_settings["constant"]["pairs"] == "image_signal"
+
+
+def test_the_image_demo_keeps_its_mining_steps(tmp_path):
+    settings = load_settings("configs/demo.toml")
+    compile_pipelines(settings, str(tmp_path))
+    tasks = read_pipeline_spec(tmp_path / "end_to_end.yaml")["root"]["dag"]["tasks"]
+    assert {"partition", "combine"} <= set(tasks)
+    assert tasks["train"]["inputs"]["artifacts"]["negatives"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "combined",
+        "producerTask": "combine",
+    }
+
+
+def test_the_summary_shows_cross_modal_recall_and_r2_before_and_after():
+    def run(name, recall, image_r2, signal_r2):
+        return {
+            "model": name,
+            "metrics": {"image_to_signal_recall@1": recall, "signal_to_image_recall@1": recall},
+            "regression": {
+                "image": {"ridge": {"redshift_r2": image_r2}, "knn": {"redshift_r2": 0.0}},
+                "signal": {"ridge": {"redshift_r2": signal_r2}, "knn": {"redshift_r2": 0.0}},
+            },
+        }
+
+    runs = {
+        "untrained": run("untrained", 0.01, 0.4, -0.1),
+        "trained": run("trained", 0.2, 0.6, 0.7),
+    }
+    lines = end_to_end.signal_summary(runs)
+    assert lines == [
+        "held-out image->signal recall@1: untrained 0.01 -> trained 0.20",
+        "held-out signal->image recall@1: untrained 0.01 -> trained 0.20",
+        "held-out redshift R² (Ridge) from image 0.40 -> 0.60, signal -0.10 -> 0.70",
+    ]
