@@ -119,7 +119,7 @@ class NestedCells:
             lengths = np.diff(offsets[start : end + 1])
             if lengths.size and (lengths != lengths[0]).any():
                 return (
-                    f"is ragged: its level-{len(shape)} lists have lengths from "
+                    f"is ragged: its dimension {len(shape) + 1} varies in length from "
                     f"{lengths.min()} to {lengths.max()}"
                 )
             shape.append(int(lengths[0]) if lengths.size else 0)
