@@ -9,8 +9,9 @@ Hugging Face dataset source (``data.hf_sources``).
 
 A signal column has a fixed length when its table declares it
 (``fixed_size_list`` in Parquet or Arrow, ``Sequence(length=N)`` or
-``Array2D((N, 1))`` in Hugging Face ``datasets``) or when ``[ingest].signal_length`` is set (then every signal
-column must have that length). An image whose signal is missing (no row in the
+``Array2D((N, 1))`` in Hugging Face ``datasets``) or when
+``[ingest].signal_length`` is set (then every signal column must have that
+length). An image whose signal is missing (no row in the
 table, or a null cell), empty, holds a non-finite value, or has the wrong
 length for a fixed-length column is rejected with the reason, like a corrupt
 image; a scalar target may be null (an unknown target) but not NaN or infinite.
