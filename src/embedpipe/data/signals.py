@@ -159,7 +159,8 @@ def _shape(field: pa.Field) -> tuple[int | None, ...] | None:
 
 class ColumnValues:
     """Per-row values of one Arrow column as numpy: float32 arrays for a signal (a view into
-    the column, no copy per row), floats for a scalar, None for a null."""
+    the column, no copy per row; a 2-D cell flattened, or the reason it makes no 1-D
+    signal), floats for a scalar, None for a null."""
 
     def __init__(self, array: pa.Array | pa.ChunkedArray, scalar: bool) -> None:
         array = storage_array(array)
@@ -185,7 +186,7 @@ class ColumnValues:
         with np.errstate(over="ignore"):  # past float32's range: inf, then rejected
             self.numbers = child.to_numpy().astype(np.float32)
 
-    def value(self, row: int) -> np.ndarray | float | None:
+    def value(self, row: int) -> np.ndarray | float | str | None:
         if self.null[row]:
             return None
         if self.scalar:
