@@ -86,6 +86,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 bench: $(STAMP) ## run the benchmarks (prints figures; not part of the tests)
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/signals.py
+	$(BIN)/python benchmarks/hf_arrays.py
 	$(BIN)/python benchmarks/taxonomy.py
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/dedup.py

@@ -185,8 +185,12 @@ def test_signal_columns_selects_what_is_attached(tree, tmp_path):
     [
         (pa.array(["a"] * 12), r"column 'spectrum' is string; a signal column holds numbers"),
         (
-            pa.array([[[1.0]]] * 12, pa.list_(pa.list_(pa.float32()))),
-            r"column 'spectrum' is list<\w+: list<\w+: float>> \(nested lists\)",
+            pa.array([[[[1.0]]]] * 12, pa.list_(pa.list_(pa.list_(pa.float32())))),
+            r"column 'spectrum' is list<\w+: list<\w+: list<\w+: float>>> \(nested lists\)",
+        ),
+        (
+            pa.array([[[1.0, 2.0]] * 3] * 12, pa.list_(pa.list_(pa.float32(), 2), 3)),
+            r"column 'spectrum' holds 2-D arrays of shape 3x2; a signal is 1-D",
         ),
     ],
 )
@@ -336,13 +340,11 @@ def test_hugging_face_parquet_shards_with_raw_bytes_and_a_side_table(tmp_path):
     np.testing.assert_allclose(got[5]["spectrum"], spectrum(5), rtol=1e-6)
 
 
-def test_a_hugging_face_folder_without_encoded_images_is_refused_by_name(tmp_path):
+def test_a_hugging_face_folder_without_images_is_refused_by_name(tmp_path):
     import datasets as hf
 
-    hf.Dataset.from_dict({"image": [[[0.5, 0.2]]], "redshift": [0.1]}).save_to_disk(
-        str(tmp_path / "hf")
-    )
-    with pytest.raises(LayoutError, match=r"column 'image' is list<.*not pixel arrays"):
+    hf.Dataset.from_dict({"image": ["a.png"], "redshift": [0.1]}).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(LayoutError, match=r"column 'image' is string; ingest reads encoded"):
         ingest_images([str(tmp_path / "hf")], str(tmp_path / "out"), settings())
 
 

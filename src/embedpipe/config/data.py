@@ -72,7 +72,7 @@ class IngestSettings(Section):
         ge=0,
         description="values every signal must have (images with another length are "
         "rejected); 0 = fixed only where the table declares it (Parquet/Arrow "
-        "fixed_size_list, datasets Sequence(length=N))",
+        "fixed_size_list, datasets Sequence(length=N) or Array2D((N, 1)))",
     )
 
     @field_validator("split_dirnames")

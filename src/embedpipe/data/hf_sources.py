@@ -11,8 +11,10 @@ Two layouts are recognised, as AstroCLIP's and FMB's data ship:
   so it may be an ``s3://`` prefix.
 
 The image column is ``image`` if there is one, else the first column of the
-``Image`` feature (``{bytes, path}``); it holds encoded bytes, or a path read
-when the bytes are absent. String columns ``category`` and ``concept`` place the
+``Image`` feature (``{bytes, path}``), else the first 3-D array column; it holds
+encoded bytes, or a path read when the bytes are absent, or pixel arrays
+(``Array3D``/``Array2D``, nested lists of numbers) that ``data.array_images``
+turns into PNG bytes. String columns ``category`` and ``concept`` place the
 rows when present; otherwise category is the folder's name and each row its own
 concept. A split named like one of ``split_dirnames`` (from the dataset dict,
 or a shard's name prefix) fills the ``split`` column. Every other column is a
@@ -32,6 +34,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from embedpipe.core import storage
+from embedpipe.data.array_images import ArrayImageColumn, ArrayLayoutError, is_array_image
+from embedpipe.data.nested_arrays import numeric_depth
 from embedpipe.data.signals import ColumnValues, SignalColumn, columns_of
 from embedpipe.data.sources import LayoutError, Member, Placement
 
@@ -61,6 +65,7 @@ class HfDataset:
     image_column: str
     signal_columns: tuple[SignalColumn, ...]
     max_image_bytes: int
+    image_array: ArrayImageColumn | None = None  # when the images are stored as pixel arrays
 
     def schema(self, part: HfPart) -> pa.Schema:
         if self.form == "parquet":
@@ -138,22 +143,36 @@ def _is_image_type(kind: pa.DataType) -> bool:
     return False
 
 
-def image_column_of(schema: pa.Schema, where: str) -> str:
+def image_column_of(schema: pa.Schema, where: str) -> tuple[str, ArrayImageColumn | None]:
+    """The image column's name, and its array plan when it holds pixel arrays."""
     if "image" in schema.names:
-        kind = schema.field("image").type
-        if not _is_image_type(kind):
+        field = schema.field("image")
+        if is_array_image(field.type):
+            return "image", _array_column(field, where)
+        if not _is_image_type(field.type):
             raise LayoutError(
-                f"{where}: column 'image' is {kind}; ingest reads encoded images (the "
-                "Image feature's bytes or raw file bytes), not pixel arrays"
+                f"{where}: column 'image' is {field.type}; ingest reads encoded images (the "
+                "Image feature's bytes or raw file bytes) or pixel arrays (Array2D, Array3D, "
+                "nested lists of numbers)"
             )
-        return "image"
+        return "image", None
     for field in schema:
         if pa.types.is_struct(field.type) and _is_image_type(field.type):
-            return field.name
+            return field.name, None
+    for field in schema:
+        if numeric_depth(field.type) == 3:
+            return field.name, _array_column(field, where)
     raise LayoutError(
-        f"{where}: no image column (an Image feature or a binary column named 'image'); "
-        f"columns: {', '.join(schema.names)}"
+        f"{where}: no image column (an Image feature, a binary column named 'image', or a "
+        f"3-D pixel array column); columns: {', '.join(schema.names)}"
     )
+
+
+def _array_column(field: pa.Field, where: str) -> ArrayImageColumn:
+    try:
+        return ArrayImageColumn.of(field, where)
+    except ArrayLayoutError as error:
+        raise LayoutError(str(error)) from None
 
 
 def plan_hf_dataset(
@@ -169,11 +188,13 @@ def plan_hf_dataset(
     form, parts = found
     probe = HfDataset(root, form, tuple(parts), "", (), max_image_bytes)
     schema = probe.schema(parts[0])
-    image_column = image_column_of(schema, root)
+    image_column, image_array = image_column_of(schema, root)
     skip = {image_column, *PLACE_COLUMNS, "split"}
     chosen = [name for name in selected if name in schema.names] if selected else None
     columns = columns_of(schema, root, skip, chosen, signal_length)
-    return HfDataset(root, form, tuple(parts), image_column, tuple(columns), max_image_bytes)
+    return HfDataset(
+        root, form, tuple(parts), image_column, tuple(columns), max_image_bytes, image_array
+    )
 
 
 def _batches(dataset: HfDataset, part: HfPart) -> Iterator[pa.RecordBatch | pa.Table]:
@@ -183,8 +204,10 @@ def _batches(dataset: HfDataset, part: HfPart) -> Iterator[pa.RecordBatch | pa.T
     yield from _load(part.uri).with_format("arrow").iter(batch_size=BATCH_ROWS)
 
 
-def _image_cells(column: pa.Array) -> tuple[list, list]:
-    """(bytes or None, path or None) per row."""
+def _image_cells(column: pa.Array, image_array: ArrayImageColumn | None) -> tuple[list, list]:
+    """(bytes, the reason the row is rejected, or None; path or None) per row."""
+    if image_array is not None:
+        return image_array.encode(column), [None] * len(column)
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_struct(column.type):
@@ -204,7 +227,7 @@ def hf_members(dataset: HfDataset) -> Iterator[Member]:
         index = 0
         for batch in _batches(dataset, part):
             names = batch.schema.names
-            data, paths = _image_cells(batch.column(dataset.image_column))
+            data, paths = _image_cells(batch.column(dataset.image_column), dataset.image_array)
             nothing = [None] * batch.num_rows
             places = {
                 n: batch.column(n).to_pylist() if n in names else nothing for n in PLACE_COLUMNS
@@ -232,7 +255,9 @@ def hf_members(dataset: HfDataset) -> Iterator[Member]:
         raise LayoutError(f"{dataset.root}: the dataset has no rows")
 
 
-def _reader(dataset: HfDataset, data: bytes | None, path: str | None):
+def _reader(dataset: HfDataset, data: bytes | str | None, path: str | None):
+    if isinstance(data, str):  # a pixel array that makes no picture: the reason
+        return None, data
     if data is None and path:
         absolute = storage.is_s3(path) or posixpath.isabs(path)
         uri = path if absolute else storage.join(dataset.root, path)

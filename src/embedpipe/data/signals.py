@@ -8,12 +8,18 @@ matched on ``image_id`` or on the image's source path), or from the columns of a
 Hugging Face dataset source (``data.hf_sources``).
 
 A signal column has a fixed length when its table declares it
-(``fixed_size_list`` in Parquet or Arrow, ``Sequence(length=N)`` in Hugging
-Face ``datasets``) or when ``[ingest].signal_length`` is set (then every signal
-column must have that length). An image whose signal is missing (no row in the
+(``fixed_size_list`` in Parquet or Arrow, ``Sequence(length=N)`` or
+``Array2D((N, 1))`` in Hugging Face ``datasets``) or when
+``[ingest].signal_length`` is set (then every signal column must have that
+length). An image whose signal is missing (no row in the
 table, or a null cell), empty, holds a non-finite value, or has the wrong
 length for a fixed-length column is rejected with the reason, like a corrupt
 image; a scalar target may be null (an unknown target) but not NaN or infinite.
+
+A 2-D signal column (a ``datasets`` ``Array2D`` such as AstroCLIP's spectra of
+shape (7781, 1), or nested lists) is flattened when one of its two dimensions
+is 1; a declared shape with neither dimension 1 is refused by name, and a row
+whose own shape has neither is rejected with the reason.
 
 A CSV cell cannot hold a list: there a signal is written as a JSON array of
 numbers (``"[0.5, 1.25, 3]"``); a column whose cells are all JSON arrays is a
@@ -37,6 +43,14 @@ import pyarrow.parquet as pq
 
 from embedpipe.core import storage
 from embedpipe.core.schemas import IMAGES_OPTIONAL_FIELDS, IMAGES_SCHEMA
+from embedpipe.data.nested_arrays import (
+    NestedCells,
+    declared_shape,
+    is_list,
+    numeric_depth,
+    storage_array,
+    storage_type,
+)
 
 SIGNAL_TYPE = pa.list_(pa.float32())
 SCALAR_TYPE = pa.float64()
@@ -64,38 +78,57 @@ class SignalColumn:
         return {"kind": "signal", "length": self.length}
 
 
-def _is_number(kind: pa.DataType) -> bool:
-    return pa.types.is_floating(kind) or pa.types.is_integer(kind)
-
-
-def _is_list(kind: pa.DataType) -> bool:
-    return (
-        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
-    )
-
-
-def column_of(name: str, kind: pa.DataType, where: str, signal_length: int) -> SignalColumn:
-    """The signal or scalar column that an Arrow column of ``kind`` becomes, or a SignalError."""
+def column_of(
+    name: str,
+    kind: pa.DataType,
+    where: str,
+    signal_length: int,
+    shape: tuple[int | None, ...] | None = None,
+) -> SignalColumn:
+    """The signal or scalar column that an Arrow column of ``kind`` (declaring ``shape`` per
+    row, if it does) becomes, or a SignalError."""
     if name in RESERVED_COLUMNS:
         raise SignalError(
             f"{where}: column {name!r} has the name of an images dataset column; "
             "rename it to take it as a signal"
         )
-    if _is_number(kind):
+    kind = storage_type(kind)
+    depth = numeric_depth(kind)
+    if depth == 0:
         return SignalColumn(name, scalar=True)
-    if _is_list(kind) and _is_number(kind.value_type):
-        declared = kind.list_size if pa.types.is_fixed_size_list(kind) else None
+    if depth in (1, 2):
+        declared = _declared_length(name, where, shape if depth == 2 else None, kind)
         if declared is not None and signal_length and declared != signal_length:
             raise SignalError(
                 f"{where}: column {name!r} declares {declared} values per row, "
                 f"but signal_length is {signal_length}"
             )
         return SignalColumn(name, scalar=False, length=declared or signal_length or None)
-    nested = " (nested lists)" if _is_list(kind) and _is_list(kind.value_type) else ""
+    nested = " (nested lists)" if is_list(kind) and is_list(kind.value_type) else ""
     raise SignalError(
         f"{where}: column {name!r} is {kind}{nested}; a signal column holds numbers (a scalar "
-        "target) or flat lists of numbers (a signal); name the wanted columns in signal_columns"
+        "target), flat lists of numbers (a signal) or 2-D arrays with a dimension of 1; "
+        "name the wanted columns in signal_columns"
     )
+
+
+def _declared_length(
+    name: str, where: str, shape: tuple[int | None, ...] | None, kind: pa.DataType
+) -> int | None:
+    """The values per row a 1-D list or a 2-D array column declares, if it does."""
+    if shape is None:
+        return kind.list_size if pa.types.is_fixed_size_list(kind) else None
+    rows, columns = shape
+    if rows is not None and columns is not None and 1 not in shape:
+        raise SignalError(
+            f"{where}: column {name!r} holds 2-D arrays of shape {rows}x{columns}; a signal is "
+            "1-D: a 2-D signal column must have a dimension of 1, as Array2D((N, 1)) has"
+        )
+    if columns == 1:
+        return rows
+    if rows == 1:
+        return columns
+    return None
 
 
 def columns_of(
@@ -112,18 +145,30 @@ def columns_of(
     names = [
         n for n in schema.names if (n in selected if selected is not None else n not in skipped)
     ]
-    return [column_of(name, schema.field(name).type, where, signal_length) for name in names]
+    return [
+        column_of(name, schema.field(name).type, where, signal_length, _shape(schema.field(name)))
+        for name in names
+    ]
+
+
+def _shape(field: pa.Field) -> tuple[int | None, ...] | None:
+    """A 2-D array column's declared per-row shape, None for other columns."""
+    shape = declared_shape(field) if numeric_depth(field.type) == 2 else None
+    return shape if shape is not None and len(shape) == 2 else None
 
 
 class ColumnValues:
     """Per-row values of one Arrow column as numpy: float32 arrays for a signal (a view into
-    the column, no copy per row), floats for a scalar, None for a null."""
+    the column, no copy per row; a 2-D cell flattened, or the reason it makes no 1-D
+    signal), floats for a scalar, None for a null."""
 
     def __init__(self, array: pa.Array | pa.ChunkedArray, scalar: bool) -> None:
-        if isinstance(array, pa.ChunkedArray):
-            array = array.combine_chunks()
+        array = storage_array(array)
         self.null = array.is_null().to_numpy(zero_copy_only=False)
         self.scalar = scalar
+        self.cells = NestedCells(array, 2) if numeric_depth(array.type) == 2 else None
+        if self.cells is not None:
+            return
         if scalar:
             self.numbers = pc.fill_null(array.cast(pa.float64()), np.nan).to_numpy()
             return
@@ -141,18 +186,31 @@ class ColumnValues:
         with np.errstate(over="ignore"):  # past float32's range: inf, then rejected
             self.numbers = child.to_numpy().astype(np.float32)
 
-    def value(self, row: int) -> np.ndarray | float | None:
+    def value(self, row: int) -> np.ndarray | float | str | None:
         if self.null[row]:
             return None
         if self.scalar:
             return float(self.numbers[row])
+        if self.cells is not None:
+            return _flat(self.cells.cell(row))
         return self.numbers[self.offsets[row] : self.offsets[row + 1]]
+
+
+def _flat(cell: np.ndarray | str) -> np.ndarray | str:
+    """A 2-D cell with a dimension of 1 as float32 values, or why it is no signal."""
+    if isinstance(cell, str):
+        return cell
+    if 1 not in cell.shape:
+        return f"has shape {cell.shape[0]}x{cell.shape[1]}; a signal is 1-D"
+    return cell.reshape(-1).astype(np.float32, copy=False)
 
 
 def problem(values: Mapping[str, Any], columns: Sequence[SignalColumn]) -> str | None:
     """Why an image's signal values are rejected, or None when they are whole."""
     for column in columns:
         value = values.get(column.name)
+        if isinstance(value, str):  # a 2-D cell that makes no 1-D signal
+            return f"signal {column.name!r} {value}"
         if column.scalar:
             if value is not None and not np.isfinite(value):
                 return f"scalar {column.name!r} is not finite ({value})"
