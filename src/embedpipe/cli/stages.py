@@ -274,7 +274,16 @@ def run_tune(args: argparse.Namespace, settings: Settings) -> None:
 
     inputs = TrainInputs.from_dict(vars(args))
     entry = get_entry(train.model, settings.models)
-    result = tune_model(inputs.images, args.out, tune, train, entry, **inputs.keywords())
+    result = tune_model(
+        inputs.images,
+        args.out,
+        tune,
+        train,
+        entry,
+        **inputs.keywords(),
+        mine=settings.mine,
+        combine=settings.combine,
+    )
     _print_result(result)
 
 

@@ -68,6 +68,7 @@ class MineSettings(Section):
     relative_margin: float | None = Field(
         None,
         ge=0,
+        le=1,
         description="drop candidates scoring above the positive score minus this fraction of "
         "its magnitude (0.05: above 95% of a positive score); unset: off",
     )
