@@ -248,7 +248,7 @@ def _tasks(spec: dict):
 
 
 # Launcher steps that run their stage elsewhere (a Katib Experiment, a TrainJob).
-LAUNCHERS = {"tune-katib": "tune", "train-job": "train"}
+LAUNCHERS = {"tune-katib": "tune", "train-job": "train", "mine-negatives": "mine"}
 
 
 def _stage(task_name: str) -> str:
@@ -317,9 +317,11 @@ def _component_arguments(function, stage: str, settings: dict, overrides: dict) 
             arguments[name] = settings
         elif name == "overrides":
             arguments[name] = overrides
-        elif name == "train_settings":
-            arguments[name] = STAGE_SETTINGS["train"]().model_dump(mode="json")
-        elif name == "train_overrides":
+        elif name.endswith("_settings"):  # a search's [train], [mine] and [combine]
+            arguments[name] = STAGE_SETTINGS[name.removesuffix("_settings")]().model_dump(
+                mode="json"
+            )
+        elif name.endswith("_overrides"):
             arguments[name] = {}
         elif name == "category":
             arguments[name] = "c"

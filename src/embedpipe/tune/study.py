@@ -220,12 +220,15 @@ def negatives_count(negatives_uri: str) -> int:
 
 def mine_trial_negatives(mining: Mining, out_uri: str, mine_params: dict[str, Any]) -> str:
     """The trial's negatives: every category re-mined with [mine] and the trial's values
-    on top, combined, under ``out_uri``; their URI."""
+    on top (``out_uri/categories``), combined (``out_uri/negatives``, their URI)."""
     from embedpipe.mining.negatives import mine_negatives
 
     config = trial_mine_settings(mining.mine, mine_params)
-    result = mine_negatives(mining.metadata, mining.embeddings, out_uri, config, mining.combine)
-    return result.out_uri
+    negatives, categories = os.path.join(out_uri, "negatives"), os.path.join(out_uri, "categories")
+    mine_negatives(
+        mining.metadata, mining.embeddings, negatives, config, mining.combine, categories
+    )
+    return negatives
 
 
 class _Objective:
