@@ -106,7 +106,7 @@ def tune_katib(
     import json
     from collections import namedtuple
 
-    from embedpipe.cli.stages import train_arguments
+    from embedpipe.cli.stages import combine_arguments, mine_arguments, train_arguments
     from embedpipe.config import ClusterSettings, stage_settings
     from embedpipe.kube.objects import object_name
     from embedpipe.train.inputs import TrainInputs
@@ -127,6 +127,8 @@ def tune_katib(
         trial_image,
         ClusterSettings.model_validate(cluster),
         command=train_arguments,
+        mine_command=mine_arguments,
+        combine_command=combine_arguments,
         mine=mine,
         combine=combine,
     )

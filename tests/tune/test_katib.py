@@ -12,7 +12,7 @@ from kubeflow_katib_api import models as katib_models
 from kubeflow_trainer_api import models as trainer_models
 
 from embedpipe.cli import main
-from embedpipe.cli.stages import train_arguments
+from embedpipe.cli.stages import combine_arguments, mine_arguments, train_arguments
 from embedpipe.config import ClusterSettings, ConfigError, TrainSettings, TuneSettings
 from embedpipe.kube.objects import train_job
 from embedpipe.train.inputs import TrainInputs
@@ -252,6 +252,7 @@ def test_a_trial_searching_mine_filters_re_mines_in_its_pod_then_trains_on_them(
             "s", TuneSettings(space=space, metric="val_recall_at_1", trial_template=template),
             head_train(model="dinov2_small"), inputs, str(tmp_path / "out"), "i", CLUSTER,
             command=train_arguments, mine=mine,
+            mine_command=mine_arguments, combine_command=combine_arguments,
         )  # fmt: skip
         body = yaml.safe_load(yaml.safe_dump(experiment_dict(built)))
         assert katib_models.V1beta1Experiment.from_dict(body).to_dict() == body
@@ -290,3 +291,26 @@ def test_a_trial_searching_mine_filters_re_mines_in_its_pod_then_trains_on_them(
         tune_inputs["splits"], tune_inputs["embeddings"], mine.model_copy(update={"margin": -0.25})
     )
     assert negatives_count(seen["negatives_uri"]) == expected
+
+
+def test_dry_run_of_a_mine_search_needs_and_carries_the_mining_inputs(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[mine]\ntop_k = 5\n[tune]\ntrial_template = "job"\n'
+        '[tune.space.mine]\nsampling = { type = "categorical", choices = ["top", "random"] }\n'
+    )
+    argv = ["tune", "s3://b/images", "--out", "s3://b/tune", "--splits", "s3://b/splits",
+            "--config", str(config), "--backend", "katib", "--dry-run"]  # fmt: skip
+    assert main(argv) not in (0, None)  # no --embeddings: nothing to re-mine from
+    assert "--embeddings" in capsys.readouterr().err
+    assert main([*argv, "--embeddings", "s3://b/emb"]) in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    container = printed["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    shell, flag, line = container["command"]
+    assert (shell, flag) == ("sh", "-c")
+    assert line.startswith("rm -rf /tmp/embedpipe-trial-mining && embedpipe mine s3://b/splits")
+    assert "--top-k=5 '--sampling=${trialParameters.mine_sampling}'" in line
+    assert "embedpipe combine /tmp/embedpipe-trial-mining/mined/negatives/* --out" in line
+    assert line.endswith("--negatives /tmp/embedpipe-trial-mining/negatives --nproc-per-node=1")

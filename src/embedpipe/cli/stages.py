@@ -320,12 +320,14 @@ def _run_katib(args: argparse.Namespace, settings: Settings) -> None:
         experiment = katib.build_experiment(
             name, tune, train, inputs, out, image, cluster, tune.namespace,
             command=train_arguments, mine=settings.mine, combine=settings.combine,
+            mine_command=mine_arguments, combine_command=combine_arguments,
         )  # fmt: skip
         print(yaml.safe_dump(katib.experiment_dict(experiment), sort_keys=False), end="")
         return
     search = katib.launch_search(
         name, tune, train, inputs, out, image, cluster,
         command=train_arguments, mine=settings.mine, combine=settings.combine,
+        mine_command=mine_arguments, combine_command=combine_arguments,
     )  # fmt: skip
     _print_result(search)
 

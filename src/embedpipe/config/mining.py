@@ -69,8 +69,8 @@ class MineSettings(Section):
         None,
         ge=0,
         le=1,
-        description="drop candidates scoring above the positive score minus this fraction of "
-        "its magnitude (0.05: above 95% of a positive score); unset: off",
+        description="drop candidates scoring above the positive score minus this fraction "
+        "(0 to 1) of its magnitude (0.05: above 95% of a positive score); unset: off",
     )
     max_score: float | None = Field(
         None, description="drop candidates scoring above this similarity; unset: off"

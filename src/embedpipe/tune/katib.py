@@ -52,6 +52,11 @@ TRIAL_NAME = "trialName"
 # a placeholder per searched key: the command line's own writer,
 # ``embedpipe.cli.stages.train_arguments``, handed in by the caller.
 TrainCommand = Callable[[TrainInputs, str, TrainSettings, dict[str, str]], list[str]]
+# And, for a trial that re-mines, ``mine_arguments`` (metadata, embeddings, output, [mine],
+# placeholders of the searched [mine] keys) and ``combine_arguments`` (inputs, output,
+# [combine]) of ``embedpipe.cli.stages``.
+MineCommand = Callable[[str, str, str, MineSettings, dict[str, str]], list[str]]
+CombineCommand = Callable[[list[str], str, CombineSettings], list[str]]
 # Katib's own defaults for TrainJob trials (v0.19), spelled out so the Experiment reads
 # the same on any Katib version that runs it.
 TRAINJOB_SUCCESS = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
@@ -124,6 +129,8 @@ def build_experiment(
     namespace: str = "",
     *,
     command: TrainCommand,
+    mine_command: MineCommand | None = None,
+    combine_command: CombineCommand | None = None,
     mine: MineSettings | None = None,
     combine: CombineSettings | None = None,
 ) -> katib.V1beta1Experiment:
@@ -138,7 +145,9 @@ def build_experiment(
     searched_mine = {mine_key(key): value for key, value in placeholders.items() if mine_key(key)}
     train_inputs, setup = inputs.for_mode(train.mode), ""
     if searched_mine:
-        setup, negatives = trial_mining(inputs, mine or MineSettings(), combine, searched_mine)
+        commands = (mine_command, combine_command)
+        mining = (mine or MineSettings(), combine or CombineSettings())
+        setup, negatives = trial_mining(inputs, *mining, searched_mine, *commands)
         train_inputs = replace(train_inputs, negatives=negatives)
     arguments = command(train_inputs, trial_out, train, searched)
     if tune.trial_template == "trainjob":
@@ -230,24 +239,26 @@ def build_experiment(
 def trial_mining(
     inputs: TrainInputs,
     mine: MineSettings,
-    combine: CombineSettings | None,
+    combine: CombineSettings,
     searched: dict[str, str],
+    mine_command: MineCommand | None,
+    combine_command: CombineCommand | None,
 ) -> tuple[str, str]:
     """(the shell line a trial pod re-mines with, the negatives it writes): ``embedpipe
     mine`` over the splits and the embeddings with ``mine`` and the trial's placeholders
     (``searched``: [mine] key -> placeholder), then ``embedpipe combine``, in
     ``TRIAL_MINING``."""
-    from embedpipe.cli.stages import combine_arguments, mine_arguments
-
+    if mine_command is None or combine_command is None:
+        raise TypeError("a search of [mine] filters needs mine_command and combine_command")
     if not (inputs.splits and inputs.embeddings):
         raise ConfigError(
             "[tune].space: searching [mine] filters re-mines each trial's negatives: "
             "give the splits (--splits) and the embeddings (--embeddings) mining reads"
         )
     mined, negatives = f"{TRIAL_MINING}/mined", f"{TRIAL_MINING}/negatives"
-    mine_line = mine_arguments(inputs.splits, inputs.embeddings, mined, mine, searched)
+    mine_line = mine_command(inputs.splits, inputs.embeddings, mined, mine, searched)
     every_category = "EMBEDPIPE_EVERY_CATEGORY"  # the shell's glob, which quoting would hide
-    combine_line = combine_arguments([every_category], negatives, combine or CombineSettings())
+    combine_line = combine_command([every_category], negatives, combine)
     line = " && ".join(
         [
             f"rm -rf {shlex.quote(TRIAL_MINING)}",
@@ -415,6 +426,8 @@ def launch_search(
     api_client=None,
     *,
     command: TrainCommand,
+    mine_command: MineCommand | None = None,
+    combine_command: CombineCommand | None = None,
     mine: MineSettings | None = None,
     combine: CombineSettings | None = None,
 ) -> KatibResult:
@@ -423,7 +436,8 @@ def launch_search(
     namespace = tune.namespace or kube.current_namespace()
     experiment = build_experiment(
         name, tune, train, inputs, out, image, cluster,
-        command=command, mine=mine, combine=combine,
+        command=command, mine_command=mine_command, combine_command=combine_command,
+        mine=mine, combine=combine,
     )  # fmt: skip
     api_client = api_client or kube.connect()
     return run_experiment(api_client, experiment_dict(experiment), tune, space, namespace)
