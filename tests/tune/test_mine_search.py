@@ -168,3 +168,36 @@ def test_searching_mine_needs_the_inputs_mining_reads(tune_inputs, frozen_entry,
             tune_inputs["images"], str(tmp_path / "t"), tune, head_train(), frozen_entry,
             negatives_uri=tune_inputs["negatives"], splits_uri=tune_inputs["splits"],
         )  # fmt: skip
+
+
+def test_the_end_to_end_graph_trains_on_the_negatives_of_the_best_filters(tmp_path):
+    """Compiled with the optuna backend: tune -> mine-negatives (the best [mine] overrides)
+    -> train (its negatives); without mine keys, train takes the fan-out's negatives."""
+    from kfp import compiler
+
+    from embedpipe.config import Settings
+    from embedpipe.pipelines import end_to_end
+    from embedpipe.pipelines.compile import read_pipeline_spec
+
+    def tasks(space) -> dict:
+        settings = Settings(tune=TuneSettings(space=space))
+        path = tmp_path / "e2e.yaml"
+        compiler.Compiler().compile(end_to_end.build_pipeline(settings), str(path))
+        return read_pipeline_spec(path)["root"]["dag"]["tasks"]
+
+    lr = {"type": "float", "low": 1e-4, "high": 1e-2}
+    dag = tasks({"lr": lr, "mine.margin": {"type": "float", "low": 0.0, "high": 0.1}})
+    negatives = dag["train"]["inputs"]["artifacts"]["negatives"]["taskOutputArtifact"]
+    assert negatives == {"producerTask": "mine-negatives", "outputArtifactKey": "negatives"}
+    remine = dag["mine-negatives"]["inputs"]
+    assert remine["parameters"]["overrides"]["taskOutputParameter"] == {
+        "producerTask": "tune", "outputParameterKey": "best_mine_overrides"
+    }  # fmt: skip
+    assert remine["artifacts"]["metadata"]["taskOutputArtifact"]["producerTask"] == "split"
+    assert dag["train"]["inputs"]["parameters"]["overrides"]["taskOutputParameter"] == {
+        "producerTask": "tune", "outputParameterKey": "best_overrides"
+    }  # fmt: skip
+    plain = tasks({"lr": lr})
+    assert "mine-negatives" not in plain
+    negatives = plain["train"]["inputs"]["artifacts"]["negatives"]["taskOutputArtifact"]
+    assert negatives["producerTask"] == "combine"
