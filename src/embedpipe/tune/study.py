@@ -40,6 +40,7 @@ from embedpipe.config import (
 )
 from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.results import StageMetrics
+from embedpipe.core.schemas import EMBEDDINGS_KIND
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train.inputs import TrainInputs
 from embedpipe.tune.space import (
@@ -322,6 +323,9 @@ def tune_model(
                 "[tune].space: searching [mine] filters re-mines each trial's negatives: "
                 "give the splits (--splits) and the embeddings (--embeddings) mining reads"
             )
+        # read by every trial: a wrong path is one error now, not a failure per trial
+        datasets.verify_dataset(splits_uri)
+        datasets.verify_dataset(embeddings_uri, EMBEDDINGS_KIND)
         mining = Mining(
             splits_uri, embeddings_uri, mine or MineSettings(), combine or CombineSettings()
         )
