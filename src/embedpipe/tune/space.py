@@ -3,7 +3,7 @@ whichever backend searches it. No torch, no optuna, no kubernetes here.
 
 A key is a ``[train]`` setting, or ``mine.KEY`` for one of ``[mine]``'s false-negative
 filters (``MINE_KEYS``): a trial with such keys re-mines its negatives with ``[mine]`` and
-its values on top (``embedpipe.tune.mining``)."""
+its values on top (``embedpipe.mining.negatives``)."""
 
 from __future__ import annotations
 
