@@ -20,7 +20,7 @@ from embedpipe.components.dedup import dedup
 from embedpipe.components.embed import embed, merge_embeddings
 from embedpipe.components.evaluate import evaluate
 from embedpipe.components.ingest import ingest
-from embedpipe.components.mine import combine, mine, partition, to_hf
+from embedpipe.components.mine import combine, mine, mine_negatives, partition, to_hf
 from embedpipe.components.publish import publish
 from embedpipe.components.split import split
 from embedpipe.components.taxonomy import taxonomy
@@ -43,6 +43,9 @@ COMPONENTS = MappingProxyType(
         "mine": (mine, DATA),  # CPU faiss in the data image,
         "mine_gpu": (mine, GPU),  # or faiss-gpu in the GPU image when GPUs are asked for
         "combine": (combine, DATA),
+        # after a search of [mine] filters: every category re-mined with the best ones
+        "mine_negatives": (mine_negatives, DATA),
+        "mine_negatives_gpu": (mine_negatives, GPU),
         "to_hf": (to_hf, DATA),
         "train": (train, GPU),
         "train_job": (train_job, DATA),  # launches a multi-node TrainJob and follows it

@@ -81,3 +81,38 @@ def to_hf(
     config = stage_settings("to_hf", settings, overrides)
     rows = export_to_hf(negatives.path, images.path, hf_dataset.path, config)
     hf_dataset.metadata.update(format="huggingface-datasets", rows=rows)
+
+
+def mine_negatives(
+    metadata: Input[Dataset],
+    embeddings: Input[Dataset],
+    settings: dict,
+    overrides: dict,
+    combine_settings: dict,
+    combine_overrides: dict,
+    negatives: Output[Dataset],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+):
+    """Every category mined and combined in this one step: after a search of [mine]
+    filters, the negatives of the best ones (``overrides``: the run's [mine] overrides with
+    the best filters on top), which the final training takes."""
+    import shutil
+    import tempfile
+
+    from embedpipe.config import stage_settings
+    from embedpipe.core.datasets import side_path
+    from embedpipe.core.results import log_metrics
+    from embedpipe.core.schemas import NEGATIVES_KIND
+    from embedpipe.mining.negatives import mine_negatives as mine_all
+    from embedpipe.mining.report import REPORT_HTML
+
+    config = stage_settings("mine", settings, overrides)
+    combine_config = stage_settings("combine", combine_settings, combine_overrides)
+    with tempfile.TemporaryDirectory(prefix="embedpipe-mine-") as categories:
+        result = mine_all(
+            metadata.path, embeddings.path, negatives.path, config, combine_config, categories
+        )
+    log_metrics(metrics, result)
+    shutil.copyfile(side_path(negatives.path, REPORT_HTML), report.path)
+    negatives.metadata.update(kind=NEGATIVES_KIND, skipped_categories=result.skipped_categories)

@@ -12,18 +12,25 @@ def tune(
     overrides: dict,
     train_settings: dict,
     train_overrides: dict,
+    mine_settings: dict,
+    mine_overrides: dict,
+    combine_settings: dict,
+    combine_overrides: dict,
     model_entry: str,
     study: Output[Artifact],
     trials: Output[Dataset],
     best: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
-) -> NamedTuple("TuneOutputs", [("best_overrides", dict)]):
-    """Search [train] settings with Optuna, every trial training in this pod (GPU image);
-    ``best_overrides`` is the run's [train] overrides with the best parameters on top, for
-    the final training step.
+) -> NamedTuple("TuneOutputs", [("best_overrides", dict), ("best_mine_overrides", dict)]):
+    """Search [train] settings (and [mine] filters, ``mine.KEY``, each trial re-mining its
+    negatives from ``splits`` and ``embeddings``) with Optuna, every trial training in this
+    pod (GPU image); ``best_overrides`` is the run's [train] overrides with the best
+    parameters on top, for the final training step, ``best_mine_overrides`` the run's
+    [mine] overrides with the best filters on top, for the step that re-mines with them.
 
-    ``study`` holds the SQLite study, each trial's model (runs/) and the report's PNGs.
+    ``study`` holds the SQLite study, each trial's model (runs/), its negatives (mined/)
+    and the report's PNGs.
     """
     import json
     import shutil
@@ -33,14 +40,25 @@ def tune(
     from embedpipe.core import datasets, storage
     from embedpipe.models.registry import ModelEntry
     from embedpipe.train.inputs import TrainInputs
+    from embedpipe.tune.space import split_params
     from embedpipe.tune.study import best_path, tune_model
 
     config = stage_settings("tune", settings, overrides)
     train = stage_settings("train", train_settings, train_overrides)
+    mine = stage_settings("mine", mine_settings, mine_overrides)
+    combine = stage_settings("combine", combine_settings, combine_overrides)
     entry = ModelEntry.model_validate_json(model_entry)
     inputs = TrainInputs(images.path, splits.path, negatives.path, embeddings.path)
-    inputs = inputs.for_mode(train.mode)
-    result = tune_model(inputs.images, study.path, config, train, entry, **inputs.keywords())
+    result = tune_model(
+        inputs.images,
+        study.path,
+        config,
+        train,
+        entry,
+        **inputs.keywords(),
+        mine=mine,
+        combine=combine,
+    )
     table = datasets.read_table(f"{study.path}/trials")
     datasets.write_table(trials.path, table, "tune_trials")
     shutil.copyfile(best_path(study.path), best.path)
@@ -51,8 +69,9 @@ def tune(
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(f"best_{name}", value)
     best.metadata.update(json.loads(storage.read_bytes(best.path)))
-    outputs = namedtuple("TuneOutputs", ["best_overrides"])
-    return outputs({**train_overrides, **result.best_params})
+    best_train, best_mine = split_params(result.best_params)
+    outputs = namedtuple("TuneOutputs", ["best_overrides", "best_mine_overrides"])
+    return outputs({**train_overrides, **best_train}, {**mine_overrides, **best_mine})
 
 
 def tune_katib(
@@ -64,6 +83,10 @@ def tune_katib(
     overrides: dict,
     train_settings: dict,
     train_overrides: dict,
+    mine_settings: dict,
+    mine_overrides: dict,
+    combine_settings: dict,
+    combine_overrides: dict,
     trial_image: str,
     cluster: dict,
     run_id: str,
@@ -71,34 +94,43 @@ def tune_katib(
     trials: Output[Artifact],
     best: Output[Artifact],
     metrics: Output[Metrics],
-) -> NamedTuple("TuneOutputs", [("best_overrides", dict)]):
-    """Search [train] settings with a Katib Experiment (data image): create it under a name
-    derived from the run and the task (a retried pod follows the one already there), log
-    its trials, fail with its own reason, output the best parameters.
+) -> NamedTuple("TuneOutputs", [("best_overrides", dict), ("best_mine_overrides", dict)]):
+    """Search [train] settings (and [mine] filters, ``mine.KEY``: each trial re-mines its
+    negatives in its pod first) with a Katib Experiment (data image): create it under a
+    name derived from the run and the task (a retried pod follows the one already there),
+    log its trials, fail with its own reason, output the best parameters, split as the
+    optuna step splits them.
 
     Each trial writes its model under ``trials`` (``<trials>/<trial name>``).
     """
     import json
     from collections import namedtuple
 
-    from embedpipe.cli.stages import train_arguments
+    from embedpipe.cli.stages import combine_arguments, mine_arguments, train_arguments
     from embedpipe.config import ClusterSettings, stage_settings
     from embedpipe.kube.objects import object_name
     from embedpipe.train.inputs import TrainInputs
     from embedpipe.tune.katib import launch_search
+    from embedpipe.tune.space import split_params
 
     config = stage_settings("tune", settings, overrides)
     train = stage_settings("train", train_settings, train_overrides)
+    mine = stage_settings("mine", mine_settings, mine_overrides)
+    combine = stage_settings("combine", combine_settings, combine_overrides)
     inputs = TrainInputs(images.uri, splits.uri, negatives.uri, embeddings.uri)
     result = launch_search(
         object_name("embedpipe-tune", run_id, task_name),
         config,
         train,
-        inputs.for_mode(train.mode),
+        inputs,
         trials.uri,
         trial_image,
         ClusterSettings.model_validate(cluster),
         command=train_arguments,
+        mine_command=mine_arguments,
+        combine_command=combine_arguments,
+        mine=mine,
+        combine=combine,
     )
     summary = {
         "params": result.best_params,
@@ -119,5 +151,6 @@ def tune_katib(
     for name, value in result.best_params.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics.log_metric(f"best_{name}", value)
-    outputs = namedtuple("TuneOutputs", ["best_overrides"])
-    return outputs({**train_overrides, **result.best_params})
+    best_train, best_mine = split_params(result.best_params)
+    outputs = namedtuple("TuneOutputs", ["best_overrides", "best_mine_overrides"])
+    return outputs({**train_overrides, **best_train}, {**mine_overrides, **best_mine})

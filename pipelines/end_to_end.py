@@ -18,7 +18,7 @@ from embedpipe.pipelines.mine import STAGES as MINE_STAGES
 from embedpipe.pipelines.mine import add_mining_steps
 from embedpipe.pipelines.stages import Graph, describe
 from embedpipe.pipelines.train import add_train_step
-from embedpipe.pipelines.tune import add_tune_step
+from embedpipe.pipelines.tune import add_best_negatives_step, add_tune_step
 
 PIPELINE_NAME = "embedpipe-end-to-end"
 
@@ -99,7 +99,9 @@ def build_pipeline(settings: Settings):
             inputs["negatives"] = negatives = mined["negatives"]
         best = None
         if "tune" in graph.sections:
-            best = add_tune_step(graph, **inputs).outputs["best_overrides"]
+            tuned = add_tune_step(graph, **inputs)
+            best = tuned.outputs["best_overrides"]
+            inputs["negatives"] = add_best_negatives_step(graph, tuned, **inputs)
         trained = add_train_step(graph, overrides=best, **inputs)
         model = trained.outputs["model"]
         evaluated = add_evaluate_step(

@@ -5,6 +5,12 @@ With ``[tune].backend = "optuna"`` the search is one step on the GPU image whose
 train in its pod; with ``"katib"`` a launcher on the data image runs a Katib Experiment
 whose trials are TrainJobs (or Jobs) on the GPU pool. Either way the search step outputs
 the run's [train] overrides with the best parameters on top, which the train step takes.
+
+A space with ``mine.KEY`` filters re-mines each trial's negatives (from the splits and the
+embeddings, with [mine] and [combine]); the search also outputs the run's [mine] overrides
+with the best filters on top, and a ``mine-negatives`` step re-mines with them the
+negatives the final training takes. Such a pipeline has [mine] and [combine] stages (run
+parameters ``mine`` and ``combine``), which are left out otherwise.
 """
 
 from typing import NamedTuple
@@ -19,21 +25,45 @@ from embedpipe.pipelines.mine import import_dataset
 from embedpipe.pipelines.stages import Graph, describe
 from embedpipe.pipelines.train import add_train_step
 from embedpipe.pipelines.train import run_arguments as train_run_arguments
+from embedpipe.tune.space import searches_mining
 
 PIPELINE_NAME = "embedpipe-tune"
 STAGES = ("tune", "train")
+MINING_STAGES = ("mine", "combine")  # when the space searches [mine] filters
+
+
+def stages(settings: Settings) -> tuple[str, ...]:
+    """The search and the final training, and the mining it re-runs when it searches
+    [mine] filters (fixed when compiling)."""
+    return STAGES + (MINING_STAGES if searches_mining(settings.tune.space) else ())
+
+
+def _section(graph: Graph, stage: str) -> tuple[dict, dict]:
+    """A stage's compiled section and the run's overrides; a stage the pipeline does not
+    run (mining, in a tune pipeline that searches no filter) is compiled, not overridden."""
+    if stage in graph.sections:
+        return graph.sections[stage], graph.overrides[stage]
+    return graph.settings.section(stage), {}
 
 
 def add_tune_step(graph: Graph, after=None, **inputs):
     """The search: trials in this step's pod (Optuna, on the GPU pool like training), or
     a launcher of a Katib Experiment (data image)."""
     settings = graph.settings
+    (mine_settings, mine_overrides), (combine_settings, combine_overrides) = (
+        _section(graph, "mine"),
+        _section(graph, "combine"),
+    )
     common = dict(
         **inputs,
         settings=graph.sections["tune"],
         overrides=graph.overrides["tune"],
         train_settings=graph.sections["train"],
         train_overrides=graph.overrides["train"],
+        mine_settings=mine_settings,
+        mine_overrides=mine_overrides,
+        combine_settings=combine_settings,
+        combine_overrides=combine_overrides,
     )
     if settings.tune.backend == "katib":
         from embedpipe.kube.objects import check_cluster_model
@@ -62,7 +92,28 @@ def add_tune_step(graph: Graph, after=None, **inputs):
     return task.after(after) if after is not None else task
 
 
+def add_best_negatives_step(graph: Graph, tuned, splits, embeddings, negatives, **_inputs):
+    """The negatives the final training takes: when the search varied [mine] filters,
+    every category re-mined with the best ones (one ``mine-negatives`` step, on the GPU
+    pool when [mine] asks for an accelerator); else ``negatives``, as mined."""
+    if not searches_mining(graph.settings.tune.space):
+        return negatives
+    component = "mine_negatives_gpu" if graph.settings.mine.accelerator_type else "mine_negatives"
+    task = graph.step(
+        component,
+        "mine",
+        overrides=tuned.outputs["best_mine_overrides"],
+        metadata=splits,
+        embeddings=embeddings,
+        combine_settings=graph.sections["combine"],
+        combine_overrides=graph.overrides["combine"],
+    )
+    return task.outputs["negatives"]
+
+
 def build_pipeline(settings: Settings):
+    own_stages = stages(settings)
+
     class Outputs(NamedTuple):
         model: Model
         report: HTML
@@ -72,7 +123,7 @@ def build_pipeline(settings: Settings):
         name=PIPELINE_NAME,
         description=describe(
             f"Search [train] settings ({settings.tune.backend}), then train with the best",
-            {stage: settings.section(stage) for stage in STAGES},
+            {stage: settings.section(stage) for stage in own_stages},
         ),
         pipeline_root=settings.cluster.pipeline_root or None,
     )
@@ -83,8 +134,11 @@ def build_pipeline(settings: Settings):
         embeddings_uri: str,
         tune: dict = {},  # noqa: B006 (KFP reads the defaults from the signature)
         train: dict = {},  # noqa: B006
+        mine: dict = {},  # noqa: B006 (read when the space searches [mine] filters)
+        combine: dict = {},  # noqa: B006
     ) -> Outputs:
-        graph = Graph.of(settings, STAGES, {"tune": tune, "train": train})
+        overrides = {"tune": tune, "train": train, "mine": mine, "combine": combine}
+        graph = Graph.of(settings, own_stages, overrides)
         inputs = dict(
             images=import_dataset(images_uri),
             splits=import_dataset(splits_uri),
@@ -92,6 +146,7 @@ def build_pipeline(settings: Settings):
             embeddings=import_dataset(embeddings_uri),
         )
         tune_task = add_tune_step(graph, graph.check(), **inputs)
+        inputs["negatives"] = add_best_negatives_step(graph, tune_task, **inputs)
         train_task = add_train_step(graph, overrides=tune_task.outputs["best_overrides"], **inputs)
         return Outputs(
             model=train_task.outputs["model"],

@@ -45,6 +45,7 @@ CHOSEN = {
     ("tune", "space"): {
         "lr": {"type": "float", "low": 1e-05, "high": 0.01, "log": True},
         "loss": {"type": "categorical", "choices": ["infonce", "pairwise_sigmoid"]},
+        "mine.margin": {"type": "float", "low": 0.0, "high": 0.1},  # a mine-negatives step
     },
     ("tune", "metric"): "val_recall_at_1",
     ("tune", "backend"): "katib",  # compiles the Katib launcher; the CLI's run is stubbed
@@ -248,11 +249,17 @@ def _tasks(spec: dict):
 
 
 # Launcher steps that run their stage elsewhere (a Katib Experiment, a TrainJob).
-LAUNCHERS = {"tune-katib": "tune", "train-job": "train"}
+LAUNCHERS = {"tune-katib": "tune", "train-job": "train", "mine-negatives": "mine"}
 
 
 def _stage(task_name: str) -> str:
     return LAUNCHERS.get(task_name, task_name).replace("-", "_")
+
+
+def _other_stages(parameters: dict) -> list[str]:
+    """The stages whose section and overrides a step takes besides its own (``X_settings``
+    and ``X_overrides``)."""
+    return [name.removesuffix("_settings") for name in parameters if name.endswith("_settings")]
 
 
 def _constant(task: dict, name: str):
@@ -278,14 +285,15 @@ def test_each_step_gets_exactly_its_stage_section(everything_compiled):
             assert compiled == settings.section(stage), (name, stage)
             # Through the YAML (where KFP makes every number a float) and back.
             assert stage_settings(stage, compiled, {}) == getattr(settings, stage)
-            if "train_settings" in parameters:  # a search also gets [train] and its overrides
-                assert _constant(task, "train_settings") == settings.section("train")
-                assert parameters["train_overrides"]["componentInputParameter"] == "train"
+            for other in _other_stages(parameters):  # a search gets [train], [mine], [combine]
+                assert _constant(task, f"{other}_settings") == settings.section(other)
+                assert parameters[f"{other}_overrides"]["componentInputParameter"] == other
             overrides = parameters["overrides"]
             if "taskOutputParameter" in overrides:
-                # a final training after a search (the tune and end-to-end pipelines): the
-                # search's best on the run's overrides
-                assert name in ("tune", "end_to_end") and stage == "train", (name, stage)
+                # a final training (and re-mining, with searched [mine] filters) after a
+                # search (the tune and end-to-end pipelines): the search's best on the run's
+                # overrides
+                assert name in ("tune", "end_to_end") and stage in ("train", "mine"), (name, stage)
                 producer = overrides["taskOutputParameter"]["producerTask"]
                 assert _stage(producer) == "tune", producer
             else:
@@ -294,6 +302,11 @@ def test_each_step_gets_exactly_its_stage_section(everything_compiled):
                 assert overrides.removeprefix("pipelinechannel--") == stage, (name, stage)
             reached.add(stage)
         stages = {_stage(t) for t, task in _tasks(spec) if "overrides" in str(task)}
+        stages |= {
+            other
+            for _, task in _tasks(spec)
+            for other in _other_stages(task.get("inputs", {}).get("parameters", {}))
+        }
         assert checked == {stage: settings.section(stage) for stage in stages}, name
         run_parameters = set(spec["root"]["inputDefinitions"]["parameters"])
         assert stages <= run_parameters
@@ -317,9 +330,11 @@ def _component_arguments(function, stage: str, settings: dict, overrides: dict) 
             arguments[name] = settings
         elif name == "overrides":
             arguments[name] = overrides
-        elif name == "train_settings":
-            arguments[name] = STAGE_SETTINGS["train"]().model_dump(mode="json")
-        elif name == "train_overrides":
+        elif name.endswith("_settings"):  # a search's [train], [mine] and [combine]
+            arguments[name] = STAGE_SETTINGS[name.removesuffix("_settings")]().model_dump(
+                mode="json"
+            )
+        elif name.endswith("_overrides"):
             arguments[name] = {}
         elif name == "category":
             arguments[name] = "c"

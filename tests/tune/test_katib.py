@@ -12,7 +12,7 @@ from kubeflow_katib_api import models as katib_models
 from kubeflow_trainer_api import models as trainer_models
 
 from embedpipe.cli import main
-from embedpipe.cli.stages import train_arguments
+from embedpipe.cli.stages import combine_arguments, mine_arguments, train_arguments
 from embedpipe.config import ClusterSettings, ConfigError, TrainSettings, TuneSettings
 from embedpipe.kube.objects import train_job
 from embedpipe.train.inputs import TrainInputs
@@ -217,3 +217,100 @@ def test_dry_run_prints_the_experiment_as_yaml(tmp_path, capsys):
     # the same output names the same Experiment: a rerun does not start a second search
     assert main([*argv, "--config", str(config), "--backend", "katib", "--dry-run"]) in (0, None)
     assert yaml.safe_load(capsys.readouterr().out)["metadata"] == printed["metadata"]
+
+
+def test_a_trial_searching_mine_filters_re_mines_in_its_pod_then_trains_on_them(
+    tune_inputs, tmp_path, monkeypatch
+):
+    """The Experiment carries mine.margin as the Katib parameter mine_margin; its trial
+    command (``sh -c``, which Katib's collector keeps) re-mines with the assigned value and
+    trains on what it mined: run here, placeholders filled in, on real data."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from test_mine_search import oracle_negatives
+
+    from embedpipe.config import MineSettings
+    from embedpipe.tune import katib
+    from embedpipe.tune.study import negatives_count
+
+    monkeypatch.setattr(katib, "TRIAL_MINING", str(tmp_path / "pod"))
+    space = {
+        "lr": SPACE["lr"],
+        "mine.margin": {"type": "float", "low": -0.3, "high": 0.0},
+        "mine.sampling": {"type": "categorical", "choices": ["top", "random"]},
+    }
+    inputs = TrainInputs(
+        tune_inputs["images"], tune_inputs["splits"], tune_inputs["negatives"],
+        tune_inputs["embeddings"],
+    )  # fmt: skip
+    mine = MineSettings(gpu=False, top_k=3)
+    for template in ("trainjob", "job"):
+        built = build_experiment(
+            "s", TuneSettings(space=space, metric="val_recall_at_1", trial_template=template),
+            head_train(model="dinov2_small"), inputs, str(tmp_path / "out"), "i", CLUSTER,
+            command=train_arguments, mine=mine,
+            mine_command=mine_arguments, combine_command=combine_arguments,
+        )  # fmt: skip
+        body = yaml.safe_load(yaml.safe_dump(experiment_dict(built)))
+        assert katib_models.V1beta1Experiment.from_dict(body).to_dict() == body
+        spec = body["spec"]
+        names = [p["name"] for p in spec["parameters"]]
+        assert names == ["lr", "mine_margin", "mine_sampling"]
+        references = {p["name"]: p["description"] for p in spec["trialTemplate"]["trialParameters"]}
+        assert references["mine_margin"] == "[mine].margin"
+        trial = spec["trialTemplate"]["trialSpec"]
+        if template == "job":
+            job = {**trial, "metadata": {"name": "trial"}}
+            kubernetes_validate.validate(job, "1.33.0", strict=True)
+            command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+        else:
+            trainer_models.TrainerV1alpha1TrainJob.from_dict(trial)
+            command = trial["spec"]["trainer"]["command"]
+        assert command[:2] == ["sh", "-c"] and len(command) == 3
+    filled = {"lr": "0.01", "mine_margin": "-0.25", "mine_sampling": "top", "trialName": "t1"}
+    line = re.sub(r"\$\{trialParameters\.(\w+)\}", lambda m: filled[m[1]], command[2])
+    *setup, training = line.split(" && ")
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    subprocess.run(["sh", "-c", " && ".join(setup)], check=True, env=env, capture_output=True)
+    seen = {}
+
+    def stub(images, out, config, entry, **kwargs):
+        seen.update(out=out, **kwargs)
+        raise Reached
+
+    monkeypatch.setattr("embedpipe.train.stage.train_model", stub)
+    argv = shlex.split(training)
+    assert argv[:2] == ["embedpipe", "train"]
+    with pytest.raises(Reached):
+        main(argv[1:])
+    assert seen["negatives_uri"] == str(tmp_path / "pod" / "negatives")
+    expected = oracle_negatives(
+        tune_inputs["splits"], tune_inputs["embeddings"], mine.model_copy(update={"margin": -0.25})
+    )
+    assert negatives_count(seen["negatives_uri"]) == expected
+
+
+def test_dry_run_of_a_mine_search_needs_and_carries_the_mining_inputs(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[mine]\ntop_k = 5\n[tune]\ntrial_template = "job"\n'
+        '[tune.space.mine]\nsampling = { type = "categorical", choices = ["top", "random"] }\n'
+    )
+    argv = ["tune", "s3://b/images", "--out", "s3://b/tune", "--splits", "s3://b/splits",
+            "--config", str(config), "--backend", "katib", "--dry-run"]  # fmt: skip
+    assert main(argv) not in (0, None)  # no --embeddings: nothing to re-mine from
+    assert "--embeddings" in capsys.readouterr().err
+    assert main([*argv, "--embeddings", "s3://b/emb"]) in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    container = printed["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    shell, flag, line = container["command"]
+    assert (shell, flag) == ("sh", "-c")
+    assert line.startswith("rm -rf /tmp/embedpipe-trial-mining && embedpipe mine s3://b/splits")
+    assert "--top-k=5 '--sampling=${trialParameters.mine_sampling}'" in line
+    assert "embedpipe combine /tmp/embedpipe-trial-mining/mined/negatives/* --out" in line
+    assert line.endswith("--negatives /tmp/embedpipe-trial-mining/negatives --nproc-per-node=1")

@@ -12,7 +12,13 @@ from kube_api import KubeServer
 
 from embedpipe.components.train import train_job
 from embedpipe.components.tune import tune_katib
-from embedpipe.config import ClusterSettings, TrainSettings, TuneSettings
+from embedpipe.config import (
+    ClusterSettings,
+    CombineSettings,
+    MineSettings,
+    TrainSettings,
+    TuneSettings,
+)
 from embedpipe.kube.api import KubeError
 from embedpipe.kube.objects import object_name
 
@@ -65,7 +71,7 @@ SUCCEEDED = _experiment_status(
 )
 
 
-def _run_tune(tmp_path, tune=None, train_overrides=None):
+def _run_tune(tmp_path, tune=None, train_overrides=None, mine_overrides=None):
     best, metrics = _artifact(tmp_path / "best.json"), Metrics()
     tune = tune or TuneSettings(space=SPACE, n_trials=4, poll_seconds=0.01)
     outputs = tune_katib(
@@ -74,6 +80,10 @@ def _run_tune(tmp_path, tune=None, train_overrides=None):
         overrides={},
         train_settings=TrainSettings(steps=50, val_every=10).model_dump(mode="json"),
         train_overrides=train_overrides or {"epochs": 3},
+        mine_settings=MineSettings().model_dump(mode="json", exclude_none=True),
+        mine_overrides=mine_overrides or {},
+        combine_settings=CombineSettings().model_dump(mode="json"),
+        combine_overrides={},
         trial_image="registry.example/embedpipe-gpu:9",
         cluster=ClusterSettings().model_dump(mode="json"),
         run_id="run-123",
@@ -110,6 +120,31 @@ def test_the_katib_launcher_follows_its_experiment_to_the_best_parameters(tmp_pa
     assert best["value"] == 0.8 and best["trial"] == "trial-b"
     assert best["out_uri"] == "s3://bucket/runs/trials/trial-b"
     assert metrics.logged["best_lr"] == 0.0123 and metrics.logged["trials_succeeded"] == 4
+
+
+def test_the_katib_launcher_splits_the_best_mine_filters_from_train(tmp_path, monkeypatch):
+    name = object_name("embedpipe-tune", "run-123", "tune-katib")
+    space = {**SPACE, "mine.margin": {"type": "float", "low": 0.0, "high": 0.2}}
+    status = json.loads(json.dumps(SUCCEEDED))
+    assignments = status["currentOptimalTrial"]["parameterAssignments"]
+    assignments.append({"name": "mine_margin", "value": "0.05"})
+    with KubeServer(tmp_path, monkeypatch) as server:
+        server.state.statuses[("experiments", name)] = [status]
+        tune = TuneSettings(space=space, n_trials=4, poll_seconds=0.01)
+        outputs, best, _ = _run_tune(tmp_path, tune, mine_overrides={"top_k": 5})
+    (created,) = server.state.created
+    assert {p["name"] for p in created["spec"]["parameters"]} == {
+        "lr", "batch_size", "loss", "mine_margin"
+    }  # fmt: skip
+    command = created["spec"]["trialTemplate"]["trialSpec"]["spec"]["trainer"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    assert "'--margin=${trialParameters.mine_margin}'" in command[2]
+    assert "--top-k=5" in command[2]  # the run's [mine] overrides reach the trials
+    assert outputs.best_overrides == {
+        "epochs": 3, "lr": 0.0123, "batch_size": 48, "loss": "pairwise_sigmoid"
+    }  # fmt: skip
+    assert outputs.best_mine_overrides == {"top_k": 5, "margin": 0.05}
+    assert best["params"]["mine.margin"] == 0.05
 
 
 def test_the_katib_launcher_fails_with_the_experiments_reason(tmp_path, monkeypatch):

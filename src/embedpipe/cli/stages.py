@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from embedpipe.cli.flags import add_settings_flags, settings_flags, settings_from_args
-from embedpipe.config import STAGE_SETTINGS, ConfigError, Settings, TrainSettings
+from embedpipe.config import STAGE_SETTINGS, ConfigError, Section, Settings, TrainSettings
 
 if TYPE_CHECKING:
     from embedpipe.train.inputs import TrainInputs
@@ -261,6 +261,20 @@ def train_arguments(
     return arguments + settings_flags("train", train, searched)
 
 
+def mine_arguments(
+    metadata: str, embeddings: str, out: str, mine: Section, searched: dict[str, str] | None = None
+) -> list[str]:
+    """``mine METADATA EMBEDDINGS --out OUT ...``: the arguments after ``embedpipe`` of the
+    command that mines every category into ``OUT/negatives/<category>`` with ``mine``
+    (``--key=PLACEHOLDER`` for each searched key)."""
+    return ["mine", metadata, embeddings, "--out", out, *settings_flags("mine", mine, searched)]
+
+
+def combine_arguments(inputs: list[str], out: str, combine: Section) -> list[str]:
+    """``combine NEGATIVES... --out OUT ...``, as ``mine_arguments``."""
+    return ["combine", *inputs, "--out", out, *settings_flags("combine", combine)]
+
+
 def run_tune(args: argparse.Namespace, settings: Settings) -> None:
     tune, train = settings.tune, settings.train
     if tune.backend == "katib":
@@ -274,7 +288,16 @@ def run_tune(args: argparse.Namespace, settings: Settings) -> None:
 
     inputs = TrainInputs.from_dict(vars(args))
     entry = get_entry(train.model, settings.models)
-    result = tune_model(inputs.images, args.out, tune, train, entry, **inputs.keywords())
+    result = tune_model(
+        inputs.images,
+        args.out,
+        tune,
+        train,
+        entry,
+        **inputs.keywords(),
+        mine=settings.mine,
+        combine=settings.combine,
+    )
     _print_result(result)
 
 
@@ -295,13 +318,17 @@ def _run_katib(args: argparse.Namespace, settings: Settings) -> None:
         import yaml
 
         experiment = katib.build_experiment(
-            name, tune, train, inputs, out, image, cluster, tune.namespace, command=train_arguments
-        )
+            name, tune, train, inputs, out, image, cluster, tune.namespace,
+            command=train_arguments, mine=settings.mine, combine=settings.combine,
+            mine_command=mine_arguments, combine_command=combine_arguments,
+        )  # fmt: skip
         print(yaml.safe_dump(katib.experiment_dict(experiment), sort_keys=False), end="")
         return
     search = katib.launch_search(
-        name, tune, train, inputs, out, image, cluster, command=train_arguments
-    )
+        name, tune, train, inputs, out, image, cluster,
+        command=train_arguments, mine=settings.mine, combine=settings.combine,
+        mine_command=mine_arguments, combine_command=combine_arguments,
+    )  # fmt: skip
     _print_result(search)
 
 

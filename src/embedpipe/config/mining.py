@@ -68,8 +68,9 @@ class MineSettings(Section):
     relative_margin: float | None = Field(
         None,
         ge=0,
-        description="drop candidates scoring above the positive score minus this fraction of "
-        "its magnitude (0.05: above 95% of a positive score); unset: off",
+        le=1,
+        description="drop candidates scoring above the positive score minus this fraction "
+        "(0 to 1) of its magnitude (0.05: above 95% of a positive score); unset: off",
     )
     max_score: float | None = Field(
         None, description="drop candidates scoring above this similarity; unset: off"

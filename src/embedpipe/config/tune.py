@@ -1,16 +1,24 @@
-"""Settings of the tune stage: one search space over ``[train]`` settings, searched by
-Optuna on one machine or by a Katib Experiment on the cluster.
+"""Settings of the tune stage: one search space over ``[train]`` settings and ``[mine]``'s
+false-negative filters, searched by Optuna on one machine or by a Katib Experiment on the
+cluster.
 
-The space is a table per searched setting, named as in ``[train]``::
+The space is a table per searched setting, named as in ``[train]``, and ``mine.KEY`` for a
+mining filter (``max_score``, ``margin``, ``relative_margin``, ``rank_min``, ``rank_max``,
+``sampling``), which a trial re-mines its negatives with::
 
     [tune.space]
     lr = { type = "float", low = 1e-5, high = 1e-2, log = true }
     weight_decay = { type = "float", low = 0.0, high = 0.2 }
     batch_size = { type = "categorical", choices = [32, 64] }
     loss = { type = "categorical", choices = ["infonce", "multipos_sigmoid"] }
+    mine.margin = { type = "float", low = 0.0, high = 0.2 }
 
-What needs ``[train]`` too (is the key a train setting, does every value pass it, does the
-trainer report the metric) is checked by ``embedpipe.tune.space.check_search``.
+TOML reads ``mine.margin = ...`` (or a ``[tune.space.mine]`` table) as a nested table;
+it is held flat, as ``"mine.margin"``, the name Optuna's trials and the best parameters
+carry (a run's JSON overrides may give either form).
+
+What needs ``[train]`` and ``[mine]`` too (is the key a setting, does every value pass it,
+does the trainer report the metric) is checked by ``embedpipe.tune.space.check_search``.
 """
 
 from __future__ import annotations
@@ -72,13 +80,33 @@ class SearchDimension(Section):
         return self
 
 
+MINE_PREFIX = "mine."
+
+
 class TuneSettings(Section):
     space: dict[str, SearchDimension] = Field(
         default_factory=dict,
         description="[train] settings to search: [tune.space] name = {type, low, high, log, "
-        "step, choices}",
+        "step, choices}; mine.KEY searches a [mine] filter (max_score, margin, "
+        "relative_margin, rank_min, rank_max, sampling), re-mining each trial's negatives",
         json_schema_extra=NO_FLAG,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_mine_keys(cls, values):
+        """``space.mine`` as a table of dimensions (TOML's ``mine.margin = {...}``) ->
+        ``space["mine.margin"]``; a ``mine`` entry with a ``type`` is left for the check to
+        name as an unknown [train] key."""
+        space = values.get("space") if isinstance(values, dict) else None
+        nested = space.get("mine") if isinstance(space, dict) else None
+        if not isinstance(nested, dict) or "type" in nested:
+            return values
+        flat = {k: v for k, v in space.items() if k != "mine"}
+        for key, dimension in nested.items():
+            flat[f"{MINE_PREFIX}{key}"] = dimension
+        return {**values, "space": flat}
+
     metric: str = Field(
         "val_recall_at_5",
         description="objective: a validation metric training reports (val_recall_at_K)",

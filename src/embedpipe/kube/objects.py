@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from typing import Any
 
 from kubeflow_trainer_api import models as trainer
@@ -100,9 +101,11 @@ def train_job(
     gpus_per_node: int = 1,
     timeout_minutes: int = 0,
     namespace: str = "",
+    setup: str = "",
 ) -> trainer.TrainerV1alpha1TrainJob:
     """A TrainJob of ``num_nodes`` pods, each with ``gpus_per_node`` GPUs, running
-    ``torchrun -m embedpipe ARGUMENTS`` on the GPU pool."""
+    ``torchrun -m embedpipe ARGUMENTS`` on the GPU pool (after the shell line ``setup`` in
+    each pod, when given: ``sh -c "SETUP && torchrun ..."``)."""
     pod_patch = trainer.TrainerV1alpha1PodTemplatePatch(
         metadata=trainer.IoK8sApimachineryPkgApisMetaV1ObjectMeta(annotations=dict(NO_SIDECAR)),
         spec=trainer.TrainerV1alpha1PodSpecPatch(
@@ -139,7 +142,7 @@ def train_job(
             ),
             trainer=trainer.TrainerV1alpha1Trainer(
                 image=image,
-                command=["torchrun", "-m", "embedpipe", *arguments],
+                command=_with_setup(["torchrun", "-m", "embedpipe", *arguments], setup),
                 num_nodes=num_nodes,
                 resources_per_node=_gpus(gpus_per_node),
                 env=_env(cluster),
@@ -159,13 +162,14 @@ def batch_job(
     gpus: int = 1,
     timeout_minutes: int = 0,
     namespace: str = "",
+    setup: str = "",
 ) -> trainer.IoK8sApiBatchV1Job:
-    """One pod running ``embedpipe ARGUMENTS`` (one process per GPU), never restarted: a
-    failed trial is Katib's to count."""
+    """One pod running ``embedpipe ARGUMENTS`` (one process per GPU), after the shell line
+    ``setup`` when given, never restarted: a failed trial is Katib's to count."""
     container = trainer.IoK8sApiCoreV1Container(
         name=JOB_CONTAINER,
         image=image,
-        command=["embedpipe", *arguments, f"--nproc-per-node={max(1, gpus)}"],
+        command=_with_setup(["embedpipe", *arguments, f"--nproc-per-node={max(1, gpus)}"], setup),
         resources=_gpus(gpus),
         env=_env(cluster),
     )
@@ -190,6 +194,13 @@ def batch_job(
             backoff_limit=0, template=pod, active_deadline_seconds=_deadline(timeout_minutes)
         ),
     )
+
+
+def _with_setup(command: list[str], setup: str) -> list[str]:
+    """``command``, or ``sh -c "SETUP && COMMAND"``: the form Katib's metrics collector
+    keeps as it is (it wraps ``sh -c``'s line, redirecting the output of its last command,
+    the training, to the file it reads)."""
+    return ["sh", "-c", f"{setup} && {shlex.join(command)}"] if setup else command
 
 
 def as_dict(model: Any) -> dict[str, Any]:

@@ -5,21 +5,31 @@ creates it under a deterministic name, follows it and returns the best parameter
 Each trial runs ``embedpipe train`` with the trial's parameters as flags, as a Kubeflow
 Trainer TrainJob (``torch-distributed`` runtime) or a batch Job, on the GPU pool. Katib's
 StdOut collector reads the ``name=value`` lines training prints (``METRIC_FILTER``).
+
+A space with ``mine.KEY`` filters (Katib parameter ``mine_KEY``) makes each trial pod
+re-mine first: ``sh -c "embedpipe mine SPLITS EMBEDDINGS --out LOCAL --KEY=VALUE ... &&
+embedpipe combine LOCAL/negatives/* --out LOCAL2 && torchrun -m embedpipe train ...
+--negatives LOCAL2"``, in a node-local folder (every node of a multi-node trial mines the
+same rows: mining is deterministic). Katib's collector redirects only the training's
+output, the last command of the line, to the file it reads.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubeflow_katib_api import models as katib
 
 from embedpipe.config import (
     ClusterSettings,
+    CombineSettings,
     ConfigError,
+    MineSettings,
     SearchDimension,
     TrainSettings,
     TuneSettings,
@@ -27,7 +37,7 @@ from embedpipe.config import (
 from embedpipe.kube import api as kube
 from embedpipe.kube import objects
 from embedpipe.train.inputs import TrainInputs
-from embedpipe.tune.space import check_search
+from embedpipe.tune.space import check_search, mine_key
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +52,17 @@ TRIAL_NAME = "trialName"
 # a placeholder per searched key: the command line's own writer,
 # ``embedpipe.cli.stages.train_arguments``, handed in by the caller.
 TrainCommand = Callable[[TrainInputs, str, TrainSettings, dict[str, str]], list[str]]
+# And, for a trial that re-mines, ``mine_arguments`` (metadata, embeddings, output, [mine],
+# placeholders of the searched [mine] keys) and ``combine_arguments`` (inputs, output,
+# [combine]) of ``embedpipe.cli.stages``.
+MineCommand = Callable[[str, str, str, MineSettings, dict[str, str]], list[str]]
+CombineCommand = Callable[[list[str], str, CombineSettings], list[str]]
 # Katib's own defaults for TrainJob trials (v0.19), spelled out so the Experiment reads
 # the same on any Katib version that runs it.
 TRAINJOB_SUCCESS = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
 TRAINJOB_FAILURE = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
+# Where a trial that searches [mine] filters re-mines, in its own pod.
+TRIAL_MINING = "/tmp/embedpipe-trial-mining"
 TRAINJOB_PRIMARY_POD = {
     "jobset.sigs.k8s.io/replicatedjob-name": "node",
     "batch.kubernetes.io/job-completion-index": "0",
@@ -56,7 +73,14 @@ def _text(value: Any) -> str:
     return format(value, ".10g") if isinstance(value, float) else str(value)
 
 
+def parameter_name(key: str) -> str:
+    """A space key as a Katib parameter (``mine.margin`` -> ``mine_margin``): names of
+    placeholders, ``${trialParameters.NAME}``, keep to letters, digits and ``_``."""
+    return key.replace(".", "_")
+
+
 def _parameter(key: str, dimension: SearchDimension) -> katib.V1beta1ParameterSpec:
+    key = parameter_name(key)
     if dimension.type == "categorical":
         return katib.V1beta1ParameterSpec(
             name=key,
@@ -77,10 +101,12 @@ def _parameter(key: str, dimension: SearchDimension) -> katib.V1beta1ParameterSp
     )
 
 
-def check_katib(tune: TuneSettings, train: TrainSettings) -> dict[str, SearchDimension]:
+def check_katib(
+    tune: TuneSettings, train: TrainSettings, mine: MineSettings | None = None
+) -> dict[str, SearchDimension]:
     """check_search, and what Katib adds: flags Katib can substitute (no true/false
     settings), metric names its collector accepts."""
-    space = check_search(tune, train)
+    space = check_search(tune, train, mine)
     for key, dimension in space.items():
         if any(isinstance(choice, bool) for choice in dimension.choices):
             raise ConfigError(
@@ -103,13 +129,27 @@ def build_experiment(
     namespace: str = "",
     *,
     command: TrainCommand,
+    mine_command: MineCommand | None = None,
+    combine_command: CombineCommand | None = None,
+    mine: MineSettings | None = None,
+    combine: CombineSettings | None = None,
 ) -> katib.V1beta1Experiment:
     """The Experiment; ``out`` is the prefix under which each trial writes its model
-    (``OUT/<trial name>``)."""
-    space = check_katib(tune, train)
+    (``OUT/<trial name>``). A trial that searches [mine] filters re-mines from the splits
+    and the embeddings of ``inputs`` with ``mine`` and ``combine`` (their defaults when
+    None) first."""
+    space = check_katib(tune, train, mine)
     trial_out = f"{out.rstrip('/')}/${{trialParameters.{TRIAL_NAME}}}"
-    searched = {key: f"${{trialParameters.{key}}}" for key in space}
-    arguments = command(inputs, trial_out, train, searched)
+    placeholders = {key: f"${{trialParameters.{parameter_name(key)}}}" for key in space}
+    searched = {key: value for key, value in placeholders.items() if not mine_key(key)}
+    searched_mine = {mine_key(key): value for key, value in placeholders.items() if mine_key(key)}
+    train_inputs, setup = inputs.for_mode(train.mode), ""
+    if searched_mine:
+        commands = (mine_command, combine_command)
+        mining = (mine or MineSettings(), combine or CombineSettings())
+        setup, negatives = trial_mining(inputs, *mining, searched_mine, *commands)
+        train_inputs = replace(train_inputs, negatives=negatives)
+    arguments = command(train_inputs, trial_out, train, searched)
     if tune.trial_template == "trainjob":
         trial = objects.train_job(
             "",
@@ -120,6 +160,7 @@ def build_experiment(
             num_nodes=tune.trial_num_nodes,
             gpus_per_node=tune.trial_gpus_per_node,
             timeout_minutes=tune.trial_timeout_minutes,
+            setup=setup,
         )
         template_extra = dict(
             primary_container_name=objects.PRIMARY_CONTAINER,
@@ -135,12 +176,17 @@ def build_experiment(
             cluster,
             gpus=tune.trial_gpus_per_node,
             timeout_minutes=tune.trial_timeout_minutes,
+            setup=setup,
         )
         template_extra = dict(primary_container_name=objects.JOB_CONTAINER)
     trial_spec = objects.as_dict(trial)
     trial_spec.pop("metadata", None)  # Katib names each trial's object itself
     trial_parameters = [
-        katib.V1beta1TrialParameterSpec(name=key, description=f"[train].{key}", reference=key)
+        katib.V1beta1TrialParameterSpec(
+            name=parameter_name(key),
+            description=f"[mine].{mine_key(key)}" if mine_key(key) else f"[train].{key}",
+            reference=parameter_name(key),
+        )
         for key in space
     ] + [
         katib.V1beta1TrialParameterSpec(
@@ -190,6 +236,41 @@ def build_experiment(
     )
 
 
+def trial_mining(
+    inputs: TrainInputs,
+    mine: MineSettings,
+    combine: CombineSettings,
+    searched: dict[str, str],
+    mine_command: MineCommand | None,
+    combine_command: CombineCommand | None,
+) -> tuple[str, str]:
+    """(the shell line a trial pod re-mines with, the negatives it writes): ``embedpipe
+    mine`` over the splits and the embeddings with ``mine`` and the trial's placeholders
+    (``searched``: [mine] key -> placeholder), then ``embedpipe combine``, in
+    ``TRIAL_MINING``."""
+    if mine_command is None or combine_command is None:
+        raise TypeError("a search of [mine] filters needs mine_command and combine_command")
+    if not (inputs.splits and inputs.embeddings):
+        raise ConfigError(
+            "[tune].space: searching [mine] filters re-mines each trial's negatives: "
+            "give the splits (--splits) and the embeddings (--embeddings) mining reads"
+        )
+    mined, negatives = f"{TRIAL_MINING}/mined", f"{TRIAL_MINING}/negatives"
+    mine_line = mine_command(inputs.splits, inputs.embeddings, mined, mine, searched)
+    every_category = "EMBEDPIPE_EVERY_CATEGORY"  # the shell's glob, which quoting would hide
+    combine_line = combine_command([every_category], negatives, combine)
+    line = " && ".join(
+        [
+            f"rm -rf {shlex.quote(TRIAL_MINING)}",
+            shlex.join(["embedpipe", *mine_line]),
+            shlex.join(["embedpipe", *combine_line]).replace(
+                every_category, f"{shlex.quote(mined)}/negatives/*"
+            ),
+        ]
+    )
+    return line, negatives
+
+
 def experiment_dict(experiment: katib.V1beta1Experiment) -> dict[str, Any]:
     """The Experiment as the API server takes it (camelCase, unset fields left out)."""
     return experiment.to_dict()
@@ -237,7 +318,9 @@ def best_of(experiment: dict[str, Any], tune: TuneSettings, space: dict) -> tupl
     strategy = "max" if tune.direction == "maximize" else "min"
     found = metrics.get(tune.metric, {})
     value = float(found.get(strategy) or found.get("latest") or "nan")
-    params = {key: _typed(assignments[key], dimension) for key, dimension in space.items()}
+    params = {
+        key: _typed(assignments[parameter_name(key)], dimension) for key, dimension in space.items()
+    }
     return optimal["bestTrialName"], value, params
 
 
@@ -343,10 +426,18 @@ def launch_search(
     api_client=None,
     *,
     command: TrainCommand,
+    mine_command: MineCommand | None = None,
+    combine_command: CombineCommand | None = None,
+    mine: MineSettings | None = None,
+    combine: CombineSettings | None = None,
 ) -> KatibResult:
     """Build the Experiment and run it in ``[tune].namespace`` (or the pod's)."""
-    space = check_katib(tune, train)
+    space = check_katib(tune, train, mine)
     namespace = tune.namespace or kube.current_namespace()
-    experiment = build_experiment(name, tune, train, inputs, out, image, cluster, command=command)
+    experiment = build_experiment(
+        name, tune, train, inputs, out, image, cluster,
+        command=command, mine_command=mine_command, combine_command=combine_command,
+        mine=mine, combine=combine,
+    )  # fmt: skip
     api_client = api_client or kube.connect()
     return run_experiment(api_client, experiment_dict(experiment), tune, space, namespace)

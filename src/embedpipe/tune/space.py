@@ -1,5 +1,9 @@
-"""The search space against ``[train]``: checked before any trial starts, whichever
-backend searches it. No torch, no optuna, no kubernetes here."""
+"""The search space against ``[train]`` and ``[mine]``: checked before any trial starts,
+whichever backend searches it. No torch, no optuna, no kubernetes here.
+
+A key is a ``[train]`` setting, or ``mine.KEY`` for one of ``[mine]``'s false-negative
+filters (``MINE_KEYS``): a trial with such keys re-mines its negatives with ``[mine]`` and
+its values on top (``embedpipe.mining.negatives``)."""
 
 from __future__ import annotations
 
@@ -9,8 +13,18 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
-from embedpipe.config import ConfigError, SearchDimension, TrainSettings, TuneSettings
-from embedpipe.config.base import is_compile_time
+from embedpipe.config import (
+    ConfigError,
+    MineSettings,
+    SearchDimension,
+    TrainSettings,
+    TuneSettings,
+)
+from embedpipe.config.base import Section, is_compile_time
+from embedpipe.config.tune import MINE_PREFIX
+
+# The [mine] settings a search may vary (DECISIONS 14): the false-negative filters.
+MINE_KEYS = ("max_score", "margin", "relative_margin", "rank_min", "rank_max", "sampling")
 
 
 def reported_metrics(train: TrainSettings) -> list[str]:
@@ -40,21 +54,23 @@ def _field_kind(annotation: Any) -> str:
     return "other"
 
 
-def _train_value(base: dict[str, Any], key: str, value: Any) -> Any:
-    """``value`` as the train setting ``key`` holds it (32.0 -> 32), or a ValueError saying
-    why [train] rejects it."""
+def _setting_value(base: Section, key: str, value: Any) -> Any:
+    """``value`` as the setting ``key`` of ``base``'s section holds it (32.0 -> 32), or a
+    ValueError saying why the section rejects it."""
+    model = type(base)
+    section = "mine" if model is MineSettings else "train"
     try:
-        return getattr(TrainSettings.model_validate({**base, key: value}), key)
+        return getattr(model.model_validate({**base.model_dump(), key: value}), key)
     except ValidationError as error:
         problem = error.errors()[0]
         message = problem["msg"].removeprefix("Value error, ")
-        raise ValueError(f"{value!r} is not a valid [train].{key}: {message}") from None
+        raise ValueError(f"{value!r} is not a valid [{section}].{key}: {message}") from None
 
 
 def _check_dimension(
-    key: str, dimension: SearchDimension, base: dict[str, Any], algorithm: str
+    key: str, dimension: SearchDimension, base: Section, algorithm: str
 ) -> SearchDimension:
-    field = TrainSettings.model_fields[key]
+    field = type(base).model_fields[key]
     kind = _field_kind(field.annotation)
     if kind == "other":
         raise ValueError("only number, text and choice settings can be searched")
@@ -69,17 +85,17 @@ def _check_dimension(
                 'choices = ["", "32,64,128"]'
             )
         for choice in dimension.choices:
-            _train_value(base, key, choice)
+            _setting_value(base, key, choice)
         return dimension
     if dimension.type == "categorical":
-        values = tuple(_train_value(base, key, choice) for choice in dimension.choices)
+        values = tuple(_setting_value(base, key, choice) for choice in dimension.choices)
         return dimension.model_copy(update={"choices": values})
     if kind not in ("int", "float"):
         raise ValueError(f"a {kind} setting takes type categorical, not {dimension.type}")
     if kind == "int" and dimension.type == "float":
         raise ValueError("an integer setting takes type int (or categorical), not float")
     for bound in (dimension.low, dimension.high):
-        _train_value(base, key, int(bound) if dimension.type == "int" else bound)
+        _setting_value(base, key, int(bound) if dimension.type == "int" else bound)
     if algorithm == "grid" and dimension.type == "float" and dimension.step is None:
         raise ValueError("grid search needs a step for a float range (or use choices)")
     if dimension.step is not None and dimension.step > dimension.high - dimension.low:
@@ -90,19 +106,59 @@ def _check_dimension(
     return dimension
 
 
-def check_search(tune: TuneSettings, train: TrainSettings) -> dict[str, SearchDimension]:
-    """The space with every value as [train] holds it; a ConfigError naming the key and the
-    problem for an unknown key, a fixed (compile-time) key, a value [train] rejects, a grid
-    range without a step, or a metric training never reports."""
+def mine_key(key: str) -> str | None:
+    """The [mine] setting a space key names (``mine.margin`` -> ``margin``), or None."""
+    return key.removeprefix(MINE_PREFIX) if key.startswith(MINE_PREFIX) else None
+
+
+def searches_mining(space: dict[str, Any]) -> bool:
+    """Whether the space names a [mine] filter, so each trial re-mines its negatives."""
+    return any(mine_key(key) for key in space)
+
+
+def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trial's parameters as ([train] overrides, [mine] overrides)."""
+    train = {key: value for key, value in params.items() if not mine_key(key)}
+    mine = {mine_key(key): value for key, value in params.items() if mine_key(key)}
+    return train, mine
+
+
+def _check_mine_dimension(
+    key: str, name: str, dimension: SearchDimension, mine: MineSettings, algorithm: str
+) -> SearchDimension:
+    if name not in MINE_KEYS:
+        close = difflib.get_close_matches(name, MINE_KEYS, n=1)
+        hint = f"; did you mean mine.{close[0]}?" if close else ""
+        raise ConfigError(
+            f"[tune].space.{key}: unknown key, not a searchable [mine] filter (one of "
+            f"{', '.join(MINE_KEYS)}){hint}"
+        )
+    try:
+        return _check_dimension(name, dimension, mine, algorithm)
+    except ValueError as error:
+        raise ConfigError(f"[tune].space.{key}: {error}") from None
+
+
+def check_search(
+    tune: TuneSettings, train: TrainSettings, mine: MineSettings | None = None
+) -> dict[str, SearchDimension]:
+    """The space with every value as [train] (or [mine], ``mine`` or its defaults) holds
+    it; a ConfigError naming the key and the problem for an unknown key, a fixed
+    (compile-time) key, a value the section rejects, a grid range without a step, or a
+    metric training never reports."""
     if not tune.space:
         raise ConfigError(
             "[tune].space is empty: name the [train] settings to search, e.g. "
             '[tune.space] lr = { type = "float", low = 1e-5, high = 1e-2, log = true }'
         )
-    base = train.model_dump()
     known = TrainSettings.model_fields
     checked = {}
     for key, dimension in tune.space.items():
+        name = mine_key(key)
+        if name is not None:
+            mine = mine or MineSettings()
+            checked[key] = _check_mine_dimension(key, name, dimension, mine, tune.algorithm)
+            continue
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
@@ -113,7 +169,7 @@ def check_search(tune: TuneSettings, train: TrainSettings) -> dict[str, SearchDi
                 "graph), so it cannot be searched"
             )
         try:
-            checked[key] = _check_dimension(key, dimension, base, tune.algorithm)
+            checked[key] = _check_dimension(key, dimension, train, tune.algorithm)
         except ValueError as error:
             raise ConfigError(f"[tune].space.{key}: {error}") from None
     metrics = reported_metrics(train)
@@ -146,3 +202,14 @@ def trial_settings(train: TrainSettings, params: dict[str, Any]) -> TrainSetting
     except ValidationError as error:
         problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
         raise ConfigError(f"trial parameters {params}: {problems}") from None
+
+
+def trial_mine_settings(mine: MineSettings, params: dict[str, Any]) -> MineSettings:
+    """[mine] with a trial's [mine] parameters on top (``split_params``); a ConfigError
+    when they do not go together (e.g. rank_min 5 and rank_max 6 with top_k 3)."""
+    try:
+        return MineSettings.model_validate({**mine.model_dump(), **params})
+    except ValidationError as error:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+        given = {f"{MINE_PREFIX}{key}": value for key, value in params.items()}
+        raise ConfigError(f"trial parameters {given}: {problems}") from None

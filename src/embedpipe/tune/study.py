@@ -4,7 +4,10 @@ The study lives in ``OUT/.embedpipe/study.db`` (SQLite), so running the same com
 again resumes it: finished trials stay, a trial that was interrupted (Ctrl-C, or a kill
 that left it running) is run again with the same parameters in the same folder, where
 training resumes from its last checkpoint. Each trial trains into ``OUT/runs/trial-NNNN``;
-validation metrics feed a median pruner as they come.
+validation metrics feed a median pruner as they come. A space with ``mine.KEY`` filters
+re-mines each trial's negatives first, from the splits and embeddings with ``[mine]`` and
+the trial's values on top, into ``OUT/mined/trial-NNNN`` (its ``negatives`` are what the
+trial trains on, its ``mining_report.html`` what the filters dropped).
 
 Outputs: ``OUT/trials`` (a dataset, one row per trial), ``OUT/best.json`` (the best
 parameters, its value and trial), ``OUT/report.html`` with ``history.png`` and
@@ -19,19 +22,35 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
 import pyarrow as pa
+import pyarrow.compute as pc
 from optuna.trial import TrialState
 
-from embedpipe.config import ConfigError, SearchDimension, TrainSettings, TuneSettings
+from embedpipe.config import (
+    CombineSettings,
+    ConfigError,
+    MineSettings,
+    SearchDimension,
+    TrainSettings,
+    TuneSettings,
+)
 from embedpipe.core import datasets, outputs, storage
 from embedpipe.core.results import StageMetrics
+from embedpipe.core.schemas import EMBEDDINGS_KIND
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train.inputs import TrainInputs
-from embedpipe.tune.space import check_search, grid_values, trial_settings
+from embedpipe.tune.space import (
+    check_search,
+    grid_values,
+    searches_mining,
+    split_params,
+    trial_mine_settings,
+    trial_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +59,7 @@ STUDY_FILE = "study.db"
 TRIALS_KIND = "tune_trials"
 # user attributes of a trial
 OUT_ATTR, ERROR_ATTR, INTERRUPTED_ATTR, RESUMES_ATTR = "out_uri", "error", "interrupted", "resumes"
+NEGATIVES_ATTR, NEGATIVES_COUNT_ATTR = "negatives_uri", "negatives"
 
 
 @dataclass(frozen=True)
@@ -92,22 +112,36 @@ def _suggest(trial: optuna.Trial, key: str, dimension: SearchDimension) -> Any:
     )
 
 
-def _search_identity(tune: TuneSettings, train: TrainSettings, space: dict) -> str:
+@dataclass(frozen=True)
+class Mining:
+    """What a trial re-mines from when the space names [mine] filters: the metadata and
+    embeddings the mining read, and the [mine] and [combine] settings its values go on."""
+
+    metadata: str
+    embeddings: str
+    mine: MineSettings
+    combine: CombineSettings
+
+
+def _search_identity(
+    tune: TuneSettings, train: TrainSettings, space: dict, mining: Mining | None = None
+) -> str:
     """What a resumed study must share with the one in the folder."""
-    return json.dumps(
-        {
-            "space": {k: v.model_dump(mode="json") for k, v in space.items()},
-            "metric": tune.metric,
-            "direction": tune.direction,
-            "algorithm": tune.algorithm,
-            "seed": tune.seed,
-            "train": train.model_dump(mode="json"),
-        },
-        sort_keys=True,
-    )
+    identity = {
+        "space": {k: v.model_dump(mode="json") for k, v in space.items()},
+        "metric": tune.metric,
+        "direction": tune.direction,
+        "algorithm": tune.algorithm,
+        "seed": tune.seed,
+        "train": train.model_dump(mode="json"),
+    }
+    if mining is not None:
+        identity["mine"] = mining.mine.model_dump(mode="json")
+        identity["combine"] = mining.combine.model_dump(mode="json")
+    return json.dumps(identity, sort_keys=True)
 
 
-def _open_study(out_uri: str, tune: TuneSettings, train: TrainSettings, space: dict):
+def _open_study(out_uri: str, tune: TuneSettings, train: TrainSettings, space: dict, mining=None):
     os.makedirs(datasets.side_path(out_uri), exist_ok=True)
     url = f"sqlite:///{os.path.abspath(datasets.side_path(out_uri, STUDY_FILE))}"
     pruner = (
@@ -126,14 +160,15 @@ def _open_study(out_uri: str, tune: TuneSettings, train: TrainSettings, space: d
     trials_before = len(study.get_trials(deepcopy=False))
     if trials_before:
         study.sampler = _sampler(tune, space, trials_before)
-    identity = _search_identity(tune, train, space)
+    identity = _search_identity(tune, train, space, mining)
     stored = study.user_attrs.get("search")
     if stored is None:
         study.set_user_attr("search", identity)
     elif stored != identity:
         raise ConfigError(
-            f"{out_uri}: holds a study of another search (space, metric, algorithm, seed or "
-            "[train] settings differ); give another --out, or delete that folder to start over"
+            f"{out_uri}: holds a study of another search (space, metric, algorithm, seed, "
+            "[train] or [mine] settings differ); give another --out, or delete that folder "
+            "to start over"
         )
     return study
 
@@ -178,10 +213,31 @@ def trial_value(history: list[dict], metric: str, direction: str) -> float:
     return max(values) if direction == "maximize" else min(values)
 
 
+def negatives_count(negatives_uri: str) -> int:
+    """The negatives a mined dataset holds, over all its queries."""
+    column = datasets.read_table(negatives_uri, columns=["negative_ids"]).column(0)
+    return int(pc.sum(pc.list_value_length(column)).as_py() or 0)
+
+
+def mine_trial_negatives(mining: Mining, out_uri: str, mine_params: dict[str, Any]) -> str:
+    """The trial's negatives: every category re-mined with [mine] and the trial's values
+    on top (``out_uri/categories``), combined (``out_uri/negatives``, their URI)."""
+    from embedpipe.mining.negatives import mine_negatives
+
+    config = trial_mine_settings(mining.mine, mine_params)
+    negatives, categories = os.path.join(out_uri, "negatives"), os.path.join(out_uri, "categories")
+    mine_negatives(
+        mining.metadata, mining.embeddings, negatives, config, mining.combine, categories
+    )
+    return negatives
+
+
 class _Objective:
-    def __init__(self, out_uri, tune, train, space, entry: ModelEntry, inputs: TrainInputs):
+    def __init__(
+        self, out_uri, tune, train, space, entry: ModelEntry, inputs: TrainInputs, mining=None
+    ):
         self.out_uri, self.tune, self.train, self.space = out_uri, tune, train, space
-        self.entry, self.inputs = entry, inputs
+        self.entry, self.inputs, self.mining = entry, inputs, mining
         self.run_now = 0
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -205,8 +261,15 @@ class _Objective:
 
         log.info("trial %d: %s", trial.number, params)
         try:
-            config = trial_settings(self.train, params)
-            inputs = self.inputs
+            train_params, mine_params = split_params(params)
+            config = trial_settings(self.train, train_params)
+            inputs = self.inputs.for_mode(config.mode)
+            if self.mining is not None:
+                mined = os.path.join(self.out_uri, "mined", f"trial-{trial.number:04d}")
+                negatives = mine_trial_negatives(self.mining, mined, mine_params)
+                trial.set_user_attr(NEGATIVES_ATTR, negatives)
+                trial.set_user_attr(NEGATIVES_COUNT_ATTR, negatives_count(negatives))
+                inputs = replace(inputs, negatives=negatives)
             train_model(
                 inputs.images, out, config, self.entry, **inputs.keywords(), on_validation=report
             )
@@ -236,26 +299,46 @@ def tune_model(
     negatives_uri: str | None = None,
     embeddings_uri: str | None = None,
     captions_uri: str | None = None,
+    *,
+    mine: MineSettings | None = None,
+    combine: CombineSettings | None = None,
 ) -> TuneResult:
     """Run (or resume) the study in ``out_uri`` (a local folder) and write its outputs.
     The study holds the output's lock, so a second tune of the same folder stops at once
-    instead of failing the first one's live trial."""
+    instead of failing the first one's live trial.
+
+    A space with ``mine.KEY`` filters re-mines each trial's negatives from ``splits_uri``
+    and ``embeddings_uri`` with ``mine`` (and ``combine``; their defaults when None) and
+    the trial's values on top; ``embeddings_uri`` reaches training only in head mode."""
     started = time.perf_counter()
     if storage.is_s3(out_uri):
         raise ConfigError(
             f"--out {out_uri}: the study's SQLite storage needs a local folder, not s3://"
         )
-    space = check_search(tune, train)
+    space = check_search(tune, train, mine)
+    mining = None
+    if searches_mining(space):
+        if not (splits_uri and embeddings_uri):
+            raise ConfigError(
+                "[tune].space: searching [mine] filters re-mines each trial's negatives: "
+                "give the splits (--splits) and the embeddings (--embeddings) mining reads"
+            )
+        # read by every trial: a wrong path is one error now, not a failure per trial
+        datasets.verify_dataset(splits_uri)
+        datasets.verify_dataset(embeddings_uri, EMBEDDINGS_KIND)
+        mining = Mining(
+            splits_uri, embeddings_uri, mine or MineSettings(), combine or CombineSettings()
+        )
     out_uri = os.path.abspath(out_uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = _open_study(out_uri, tune, train, space)
+    study = _open_study(out_uri, tune, train, space, mining)
     requeued = _requeue_interrupted(study)
     counted = _counted(study)
     done = sum(len(counted[k]) for k in ("complete", "pruned", "failed"))
     if requeued or done:
         log.info("resuming the study in %s: %d trials done, %d to rerun", out_uri, done, requeued)
     inputs = TrainInputs(images_uri, splits_uri, negatives_uri, embeddings_uri, captions_uri)
-    objective = _Objective(out_uri, tune, train, space, entry, inputs)
+    objective = _Objective(out_uri, tune, train, space, entry, inputs, mining)
 
     def stop_when_too_many_fail(study: optuna.Study, _trial) -> None:
         if len(_counted(study)["failed"]) > tune.max_failed_trials:
@@ -330,6 +413,11 @@ def trials_table(study: optuna.Study) -> pa.Table:
         "out_uri": pa.array([t.user_attrs.get(OUT_ATTR, "") for t in trials]),
         "error": pa.array([t.user_attrs.get(ERROR_ATTR, "") for t in trials]),
     }
+    if any(NEGATIVES_ATTR in t.user_attrs for t in trials):  # the trials re-mined
+        columns["negatives_uri"] = pa.array([t.user_attrs.get(NEGATIVES_ATTR, "") for t in trials])
+        columns["negatives"] = pa.array(
+            [t.user_attrs.get(NEGATIVES_COUNT_ATTR) for t in trials], pa.int64()
+        )
     for name in names:
         columns[f"param_{name}"] = _column([t.params.get(name) for t in trials])
     return pa.table(columns)
@@ -364,6 +452,11 @@ def write_outputs(study: optuna.Study, out_uri: str, tune: TuneSettings) -> None
             "metric": tune.metric,
             "direction": tune.direction,
             "out_uri": best.user_attrs.get(OUT_ATTR, ""),
+            **(
+                {"negatives_uri": best.user_attrs[NEGATIVES_ATTR]}
+                if NEGATIVES_ATTR in best.user_attrs
+                else {}
+            ),
         },
     )
     found = importances(study)
