@@ -1,4 +1,4 @@
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Output
 
@@ -6,7 +6,6 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Output
 def tune(
     images: Input[Dataset],
     splits: Input[Dataset],
-    negatives: Input[Dataset],
     embeddings: Input[Dataset],
     settings: dict,
     overrides: dict,
@@ -22,6 +21,7 @@ def tune(
     best: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
+    negatives: Optional[Input[Dataset]] = None,  # noqa: UP045 (KFP reads Optional only)
 ) -> NamedTuple("TuneOutputs", [("best_overrides", dict), ("best_mine_overrides", dict)]):
     """Search [train] settings (and [mine] filters, ``mine.KEY``, each trial re-mining its
     negatives from ``splits`` and ``embeddings``) with Optuna, every trial training in this
@@ -48,7 +48,9 @@ def tune(
     mine = stage_settings("mine", mine_settings, mine_overrides)
     combine = stage_settings("combine", combine_settings, combine_overrides)
     entry = ModelEntry.model_validate_json(model_entry)
-    inputs = TrainInputs(images.path, splits.path, negatives.path, embeddings.path)
+    inputs = TrainInputs(
+        images.path, splits.path, negatives.path if negatives else "", embeddings.path
+    )
     result = tune_model(
         inputs.images,
         study.path,
@@ -77,7 +79,6 @@ def tune(
 def tune_katib(
     images: Input[Dataset],
     splits: Input[Dataset],
-    negatives: Input[Dataset],
     embeddings: Input[Dataset],
     settings: dict,
     overrides: dict,
@@ -94,6 +95,7 @@ def tune_katib(
     trials: Output[Artifact],
     best: Output[Artifact],
     metrics: Output[Metrics],
+    negatives: Optional[Input[Dataset]] = None,  # noqa: UP045 (KFP reads Optional only)
 ) -> NamedTuple("TuneOutputs", [("best_overrides", dict), ("best_mine_overrides", dict)]):
     """Search [train] settings (and [mine] filters, ``mine.KEY``: each trial re-mines its
     negatives in its pod first) with a Katib Experiment (data image): create it under a
@@ -117,7 +119,7 @@ def tune_katib(
     train = stage_settings("train", train_settings, train_overrides)
     mine = stage_settings("mine", mine_settings, mine_overrides)
     combine = stage_settings("combine", combine_settings, combine_overrides)
-    inputs = TrainInputs(images.uri, splits.uri, negatives.uri, embeddings.uri)
+    inputs = TrainInputs(images.uri, splits.uri, negatives.uri if negatives else "", embeddings.uri)
     result = launch_search(
         object_name("embedpipe-tune", run_id, task_name),
         config,

@@ -101,7 +101,8 @@ def build_pipeline(settings: Settings):
         if "tune" in graph.sections:
             tuned = add_tune_step(graph, **inputs)
             best = tuned.outputs["best_overrides"]
-            inputs["negatives"] = add_best_negatives_step(graph, tuned, **inputs)
+            if "negatives" in inputs:
+                inputs["negatives"] = add_best_negatives_step(graph, tuned, **inputs)
         trained = add_train_step(graph, overrides=best, **inputs)
         model = trained.outputs["model"]
         evaluated = add_evaluate_step(

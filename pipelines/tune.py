@@ -92,7 +92,7 @@ def add_tune_step(graph: Graph, after=None, **inputs):
     return task.after(after) if after is not None else task
 
 
-def add_best_negatives_step(graph: Graph, tuned, splits, embeddings, negatives, **_inputs):
+def add_best_negatives_step(graph: Graph, tuned, splits, embeddings, negatives=None, **_inputs):
     """The negatives the final training takes: when the search varied [mine] filters,
     every category re-mined with the best ones (one ``mine-negatives`` step, on the GPU
     pool when [mine] asks for an accelerator); else ``negatives``, as mined."""

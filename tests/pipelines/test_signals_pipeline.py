@@ -2,6 +2,8 @@
 mining fan-out (images paired with signals take no mined image negatives), and a run's
 summary reads the cross-modal metrics."""
 
+import pytest
+
 from embedpipe.config import load_settings
 from embedpipe.pipelines import end_to_end
 from embedpipe.pipelines.compile import compile_pipelines, read_pipeline_spec
@@ -58,3 +60,28 @@ def test_the_summary_shows_cross_modal_recall_and_r2_before_and_after():
         "held-out signal->image recall@1: untrained 0.01 -> trained 0.20",
         "held-out redshift R² (Ridge) from image 0.40 -> 0.60, signal -0.10 -> 0.70",
     ]
+
+
+def test_tuning_signals_compiles_without_negatives_and_refuses_mine_keys(tmp_path):
+    from embedpipe.config import ConfigError
+    from embedpipe.tune.space import check_search, reported_metrics
+
+    from pathlib import Path
+
+    text = Path("configs/signals.toml").read_text(encoding="utf-8")
+    config = tmp_path / "tuned.toml"
+    config.write_text(
+        text + '\n[tune]\nn_trials = 2\n[tune.space]\nlr = { type = "float", low = 1e-4, '
+        "high = 1e-2, log = true }\n"
+    )
+    settings = load_settings(str(config))
+    compile_pipelines(settings, str(tmp_path / "build"))
+    tasks = read_pipeline_spec(tmp_path / "build" / "end_to_end.yaml")["root"]["dag"]["tasks"]
+    assert "negatives" not in tasks["tune"]["inputs"]["artifacts"]
+    assert "negatives" not in tasks["train"]["inputs"]["artifacts"]
+    assert "val_signal_to_image_recall_at_1" in reported_metrics(settings.train)
+    searching_mine = settings.tune.model_copy(
+        update={"space": {**settings.tune.space, "mine.margin": settings.tune.space["lr"]}}
+    )
+    with pytest.raises(ConfigError, match=r"mine.margin: images paired with signals"):
+        check_search(searching_mine, settings.train)

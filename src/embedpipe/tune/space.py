@@ -32,6 +32,8 @@ def reported_metrics(train: TrainSettings) -> list[str]:
     names = [f"val_recall_at_{k}" for k in train.val_k]
     if train.image_text:
         names += [f"val_text_recall_at_{k}" for k in train.val_k]
+    if train.pairs == "image_signal":
+        names += [f"val_signal_to_image_recall_at_{k}" for k in train.val_k]
     return names
 
 
@@ -155,6 +157,11 @@ def check_search(
     checked = {}
     for key, dimension in tune.space.items():
         name = mine_key(key)
+        if name is not None and train.pairs == "image_signal":
+            raise ConfigError(
+                f"[tune].space.{key}: images paired with signals train on no mined "
+                "negatives, so there is no [mine] filter to search"
+            )
         if name is not None:
             mine = mine or MineSettings()
             checked[key] = _check_mine_dimension(key, name, dimension, mine, tune.algorithm)
