@@ -63,10 +63,10 @@ def test_the_summary_shows_cross_modal_recall_and_r2_before_and_after():
 
 
 def test_tuning_signals_compiles_without_negatives_and_refuses_mine_keys(tmp_path):
+    from pathlib import Path
+
     from embedpipe.config import ConfigError
     from embedpipe.tune.space import check_search, reported_metrics
-
-    from pathlib import Path
 
     text = Path("configs/signals.toml").read_text(encoding="utf-8")
     config = tmp_path / "tuned.toml"
