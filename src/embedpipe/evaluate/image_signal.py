@@ -74,6 +74,12 @@ class TrainedTowers:
         return F.normalize(self.encoder(values, lengths).float(), dim=-1)
 
 
+def carried_entries(config: dict) -> dict[str, dict]:
+    """The signal encoder's entry the checkpoint carries, as ``[models.NAME]`` tables."""
+    entry = dict(config["signal"]["entry"])
+    return {entry.pop("name"): entry}
+
+
 def _part(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
 
@@ -112,6 +118,7 @@ def evaluate_image_signal(
         trained.config["image"]["embeddings"],
         torch.device("cpu"),
         {},
+        carried_entries(trained.config),  # a config file's signal encoder: no config needed
     )
     untrained.module.eval()
     usable = np.flatnonzero(np.isin(examples.split, ("train", "val")))
@@ -166,12 +173,15 @@ def write_evaluation(
     and write ``metrics.json`` with the untrained and trained towers side by side."""
     from embedpipe.core import storage
     from embedpipe.evaluate.stage import METRICS_NAME
+    from embedpipe.models.identity import weights_identity
 
     results = evaluate_image_signal(images_uri, checkpoint, metadata_uri, config.recall_k)
     models = {name: flat_metrics(metrics) for name, metrics in results.items()}
+    identity = {"trained": weights_identity(checkpoint)}  # publish picks its metrics by it
     payload = {
         "models": [
             {"model": name, "source": checkpoint, "metrics": values, "skipped": {}}
+            | ({"identity": identity[name]} if identity.get(name) else {})
             for name, values in models.items()
         ],
         "metadata": metadata_uri,
