@@ -146,3 +146,43 @@ def test_republishing_replaces_its_own_files_and_refuses_foreign_ones(
     assert "files it did not write (signal_encoder/notes.txt)" in error, error
     assert stray.read_text() == "mine"
     stray.unlink()
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    from tests.publish.test_publish import FakeHub
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # loopback only
+    server = FakeHub()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def test_push_commits_both_towers_at_once(towers, evaluation, hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    out = tmp_path / "pushed"
+    run("publish", towers["checkpoint"], "--out", str(out), "--metrics", evaluation,
+        "--check-images", towers["images"], "--push", "org/towers",
+        "--hub-endpoint", hub.endpoint)  # fmt: skip
+    assert hub.unexpected == [] and len(hub.commits) == 1
+    written = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert hub.files() == written and sorted(written) == TOWER_FILES
+    card = written["README.md"].decode()
+    assert "huggingface-cli download org/towers --local-dir PATH" in card
+
+
+def test_published_to_s3_the_signal_tower_loads_back(
+    towers, reference, bucket, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("embedpipe.models.loading.CACHE_DIR", tmp_path / "cache")
+    out = f"s3://{bucket}/models/towers"
+    run("publish", towers["checkpoint"], "--out", out, "--check-images", towers["images"])
+    names = sorted(e.uri.removeprefix(out + "/") for e in storage.list_files(out))
+    assert names == TOWER_FILES
+    for weights in (f"local-dir:{out}", f"{out}/signal_encoder"):
+        embedded = tmp_path / weights.rsplit("/", 1)[-1]
+        run("embed-signal", towers["images"], "--column", "spectrum", "--out",
+            str(embedded), "--weights", weights)  # fmt: skip
+        for image_id, vector in vectors_by_id(str(embedded)).items():
+            np.testing.assert_allclose(vector, reference[1][image_id], atol=1e-5)
