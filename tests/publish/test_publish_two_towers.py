@@ -90,6 +90,8 @@ def test_automodel_embeds_pictures_as_embed_with_the_checkpoint(published, tower
         got = model(**processor(images=pictures, return_tensors="pt")).numpy()
     expected = np.stack([reference[0][row["image_id"]] for row in rows])
     assert got.shape == (len(rows), 16)
+    print(f"published image tower vs embed --weights CKPT: max |difference| "
+          f"{np.abs(got - expected).max():.2e}")  # fmt: skip
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
@@ -103,6 +105,9 @@ def test_embed_signal_with_the_published_signal_tower(
         "--weights", weights.rstrip("/"))  # fmt: skip
     written = vectors_by_id(str(out))
     assert sorted(written) == sorted(reference[1])
+    difference = max(np.abs(v - reference[1][i]).max() for i, v in written.items())
+    print(f"published signal tower ({where or 'DIR'}) vs embed-signal --weights CKPT: "
+          f"max |difference| {difference:.2e}")  # fmt: skip
     for image_id, vector in written.items():
         np.testing.assert_allclose(vector, reference[1][image_id], atol=1e-5)
 
