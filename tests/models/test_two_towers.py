@@ -234,3 +234,17 @@ def test_a_config_file_signal_encoder_works_for_embed_signal_by_name(towers, tmp
     manifest = datasets.read_manifest(str(out))
     assert manifest["model"] == "tiny_spectra"
     assert next(iter(vectors_by_id(str(out)).values())).shape == (16,)
+
+
+def test_a_config_file_signal_encoder_reaches_training_under_torchrun(towers, tmp_path):
+    """The launcher hands the config file's [models.NAME] tables to its two workers. (A
+    batch of 4 per process: with 16, more than the 23 training rows, the two workers'
+    batches differ in size and their all-gather breaks, as with a built-in encoder.)"""
+    out = tmp_path / "ddp"
+    run("train", towers["images"], "--out", str(out), "--splits", towers["splits"],
+        "--embeddings", towers["embeddings"], "--config", towers["config"],
+        "--nproc-per-node", "2", "--steps", "2", "--val-every", "0",
+        "--batch-size", "4")  # fmt: skip
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["signal"]["entry"]["name"] == "tiny_spectra"
+    assert saved["signal"]["entry"]["arch"]["channels"] == [8, 16]
