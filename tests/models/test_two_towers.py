@@ -220,7 +220,10 @@ def test_an_image_tower_of_an_unknown_mode_is_refused_in_one_line(towers, tmp_pa
     error = one_line_error(
         capsys, "embed", towers["images"], "--out", str(tmp_path / "e"), "--weights", str(copy)
     )
-    assert "an image tower of mode 'finetune'; only head-mode image towers" in error, error
+    assert error == (
+        f"embedpipe embed: error: {copy}: an image tower of mode 'finetune'; only head-mode "
+        "image towers (a projection head on a frozen backbone) load here"
+    ), error
     # its signal tower still loads
     out = tmp_path / "s"
     run("embed-signal", towers["images"], "--column", "spectrum", "--out", str(out),

@@ -275,6 +275,8 @@ def checkpoint_entry(weights: str) -> ModelEntry | None:
                 update={"name": f"{backbone.name}+head", "embed_dim": out_dim}
             )
         return ModelEntry.model_validate(saved["entry"]) if "entry" in saved else None
+    except ModelError:  # ours already names the checkpoint and says what is wrong
+        raise
     except (ValueError, KeyError, TypeError) as error:
         raise ModelError(f"{weights}: unreadable {CONFIG_NAME}: {error}") from error
 
