@@ -152,8 +152,30 @@ def run_embed_signal(args: argparse.Namespace, settings: Settings) -> None:
     passive_wait()  # before torch loads
     from embedpipe.embed.signals import embed_signals
 
-    entry = _embed_entry(settings)
+    entry = _signal_entry(settings, getattr(args, "embed__model", None))
     _print_result(embed_signals(args.images, args.out, settings.embed, args.column, entry))
+
+
+def _signal_entry(settings: Settings, model_flag: str | None):
+    """The signal encoder ``--weights`` carries (a signal checkpoint, an image_signal
+    checkpoint's signal tower, a published two-tower model's), so it needs no --model, and
+    a --model that names another encoder is refused; else the registry's entry of --model."""
+    from embedpipe.models.registry import get_entry
+    from embedpipe.models.two_towers import same_encoder, signal_entry_for_weights
+
+    weights = settings.embed.weights
+    carried = signal_entry_for_weights(weights) if weights else None
+    if carried is None:
+        return get_entry(settings.embed.model, settings.models)
+    if model_flag is not None:
+        given = get_entry(model_flag, settings.models)
+        if not same_encoder(given, carried):
+            raise ConfigError(
+                f"--model {given.name}: --weights {weights} carries the signal encoder "
+                f"{carried.name} ({carried.architecture}, {carried.embed_dim} dims); leave "
+                "out --model"
+            )
+    return carried
 
 
 def inputs_embed_signal(parser: argparse.ArgumentParser) -> None:
@@ -227,7 +249,8 @@ def run_train(args: argparse.Namespace, settings: Settings) -> None:
     config = settings.train
     # head mode: the model that made the embeddings (the head's backbone)
     entry = get_entry(config.model, settings.models)
-    result = launch_training(TrainInputs.from_dict(vars(args)), args.out, config, entry)
+    inputs = TrainInputs.from_dict(vars(args))
+    result = launch_training(inputs, args.out, config, entry, settings.models)
     if os.environ.get("RANK", "0") == "0":  # one result line, from rank 0
         _print_result(result)
 

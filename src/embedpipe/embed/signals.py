@@ -46,6 +46,7 @@ from embedpipe.models.loading import LoadedModel, load_model
 from embedpipe.models.precision import INFERENCE, precision_for, resolve_name
 from embedpipe.models.registry import ModelEntry, ModelError, get_entry
 from embedpipe.models.signal_encoders import SignalEncoder
+from embedpipe.models.two_towers import check_signal_length, signal_column_length
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +249,18 @@ def embed_signals(
     out_uri = storage.normalize(out_uri)
     manifest = datasets.verify_dataset(images_uri, IMAGES_KIND)
     shard_uris = datasets.shard_uris(images_uri, manifest)
+    table_schema = None
     if shard_uris:
         fs, path = storage.arrow_filesystem(shard_uris[0])
-        check_signal_column(images_uri, pq.read_schema(path, filesystem=fs), column)
+        table_schema = pq.read_schema(path, filesystem=fs)
+        check_signal_column(images_uri, table_schema, column)
     device = resolve_device(config.device)
     model = load_model(entry, config.weights, str(device), seed=config.seed)
+    if table_schema is not None:  # a checkpoint of another signal length: before any work
+        fixed = signal_column_length(images_uri, table_schema, column)
+        check_signal_length(
+            model.module.arch.signal_length, fixed, config.weights, images_uri, column
+        )
     inference = signal_inference(model, config, device)
     schema = _signal_schema(model, config, column)
     dim = config.dim or entry.embed_dim

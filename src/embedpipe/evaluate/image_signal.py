@@ -79,6 +79,12 @@ class TrainedTowers:
         return F.normalize(self.encoder(values, lengths).float(), dim=-1)
 
 
+def carried_entries(config: dict) -> dict[str, dict]:
+    """The signal encoder's entry the checkpoint carries, as ``[models.NAME]`` tables."""
+    entry = dict(config["signal"]["entry"])
+    return {entry.pop("name"): entry}
+
+
 def _part(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
 
@@ -154,6 +160,7 @@ def evaluate_image_signal(
         trained.config["image"]["embeddings"],
         torch.device("cpu"),
         {},
+        carried_entries(trained.config),  # a config file's signal encoder: no config needed
     )
     untrained.module.eval()
     rows = _selected(images_uri, select_uri, examples)

@@ -21,7 +21,7 @@ PUBLISH_RECORD = "embedpipe_publish"
 # The config file a published folder is loaded from: open_clip's layout, or transformers'.
 PUBLISHED_CONFIGS = ("open_clip_config.json", CONFIG_NAME)
 # Keys of a checkpoint's config.json that describe the model, not its training.
-MODEL_KEYS = ("kind", "entry", "model_cfg", "backbone", "head")
+MODEL_KEYS = ("kind", "entry", "model_cfg", "backbone", "head", "image", "signal")
 
 
 def checkpoint_identity(directory: str) -> str:

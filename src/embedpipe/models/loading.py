@@ -42,6 +42,12 @@ from embedpipe.models.backends.open_clip import register_open_clip_config
 from embedpipe.models.heads import HEAD_KIND
 from embedpipe.models.published_head import head_entry, load_published_head, read_head_config
 from embedpipe.models.registry import ModelEntry, ModelError
+from embedpipe.models.two_towers import (
+    IMAGE_SIGNAL_KIND,
+    image_tower_entry,
+    load_tower,
+    signal_tower_folder,
+)
 from embedpipe.models.weights_files import damaged_weights_named
 
 __all__ = [
@@ -260,6 +266,8 @@ def checkpoint_entry(weights: str) -> ModelEntry | None:
         return None
     try:
         saved = json.loads(Path(path).read_text())
+        if saved.get("kind") == IMAGE_SIGNAL_KIND:  # pairs image_signal: its image tower
+            return image_tower_entry(saved, weights)
         if saved.get("kind") == HEAD_KIND:
             backbone = ModelEntry.model_validate(saved["backbone"]["entry"])
             out_dim = saved["head"]["out_dim"]
@@ -267,6 +275,8 @@ def checkpoint_entry(weights: str) -> ModelEntry | None:
                 update={"name": f"{backbone.name}+head", "embed_dim": out_dim}
             )
         return ModelEntry.model_validate(saved["entry"]) if "entry" in saved else None
+    except ModelError:  # ours already names the checkpoint and says what is wrong
+        raise
     except (ValueError, KeyError, TypeError) as error:
         raise ModelError(f"{weights}: unreadable {CONFIG_NAME}: {error}") from error
 
@@ -314,6 +324,8 @@ def _load_model(
         local = _published_source(source)
     else:
         local = fetch_weights(source) if source != RANDOM_WEIGHTS else source
+    if entry.signal:  # a published two-tower model: its signal_encoder/ subfolder
+        local = signal_tower_folder(local) or local
     folder = local[len(LOCAL_DIR) :] if local.startswith(LOCAL_DIR) else local
     if source.startswith(HF_HUB):
         folder = _hub_head_folder(source) or folder
@@ -327,6 +339,8 @@ def _load_model(
         kind = json.loads(Path(local, CONFIG_NAME).read_text()).get("kind")
         if kind == HEAD_KIND:
             return _load_head(entry, local, source, device, tokenizer_dir)
+        if kind == IMAGE_SIGNAL_KIND:  # the tower ``entry`` asks for
+            return load_tower(entry, local, source, device, tokenizer_dir)
     backend = backend_for(entry)
     try:
         if local == RANDOM_WEIGHTS:

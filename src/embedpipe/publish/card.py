@@ -15,12 +15,14 @@ from embedpipe.core.schemas import DEDUP_KIND
 
 UNKNOWN = "unknown (not given to `embedpipe publish`)"
 CLASSIFICATION_METRICS = ("acc", "top1", "top5", "mean_per_class_recall", "per_class")
+IMAGE_SIGNAL = "image_signal"
+HEAD_KINDS = ("head", IMAGE_SIGNAL)  # published as a transformers head on a backbone
 
 
 @dataclass
 class CardInputs:
     name: str
-    kind: str  # "open_clip" or "head"
+    kind: str  # "open_clip", "head" or "image_signal" (a head's image tower, a signal tower)
     entry: dict[str, Any]  # the model's (or the head's backbone's) registry entry
     training: dict[str, Any]  # resolved training settings from the checkpoint's config.json
     parameters: int
@@ -32,6 +34,7 @@ class CardInputs:
     preprocess: dict[str, Any] = field(default_factory=dict)  # open_clip's preprocess_cfg
     metrics: list[tuple[str, str, float]] = field(default_factory=list)  # dataset, metric, value
     lineage: list[dict[str, Any]] = field(default_factory=list)
+    signal: dict[str, Any] = field(default_factory=dict)  # image_signal: the signal tower
 
 
 def _metrics_of(uri: str, models: list, identity: str) -> dict:
@@ -102,6 +105,8 @@ def read_lineage(uri: str) -> dict[str, Any]:
 
 def _task_of(metric: str) -> tuple[str, str]:
     lowered = metric.lower()
+    if "signal" in lowered and "recall" in lowered:
+        return "image-feature-extraction", "Image-signal retrieval"
     if any(word in lowered for word in CLASSIFICATION_METRICS):
         return "zero-shot-image-classification", "Zero-shot image classification"
     if "retrieval" in lowered:
@@ -126,9 +131,11 @@ def _header(inputs: CardInputs, config: PublishSettings) -> str:
                 metric_value=value,
             )
         )
-    if inputs.kind == "head":
+    if inputs.kind in HEAD_KINDS:
         library, pipeline_tag = "transformers", "image-feature-extraction"
         base_tags = ["embedpipe", "projection-head", inputs.entry.get("name", "")]
+        if inputs.kind == IMAGE_SIGNAL:
+            base_tags += ["image-signal", (inputs.signal.get("entry") or {}).get("name", "")]
     else:
         library, pipeline_tag = "open_clip", "zero-shot-image-classification"
         base_tags = ["embedpipe", "open_clip", "clip"]
@@ -241,7 +248,7 @@ def _takes(inputs: CardInputs, out_dim: Any) -> str:
 
 def _usage(inputs: CardInputs) -> list[str]:
     pushed = bool(inputs.repo_id)
-    if inputs.kind == "head":
+    if inputs.kind in HEAD_KINDS:
         out_dim = inputs.head.get("out_dim")
         model_id = inputs.repo_id or "PATH"
         said = "the Hub repo" if pushed else "replace PATH with this model's folder"
@@ -300,7 +307,7 @@ def _usage(inputs: CardInputs) -> list[str]:
 
 
 def _backbone_section(inputs: CardInputs) -> list[str]:
-    if inputs.kind != "head":
+    if inputs.kind not in HEAD_KINDS:
         return []
     entry, head = inputs.entry, inputs.head
     weights = inputs.backbone_weights or entry.get("pretrained") or "unknown"
@@ -320,6 +327,53 @@ def _backbone_section(inputs: CardInputs) -> list[str]:
     ]
 
 
+def _signal_length(signal: dict[str, Any]) -> str:
+    length = signal.get("signal_length")
+    return f"signals of {length} values" if length else "signals of any length"
+
+
+def _two_towers_described(inputs: CardInputs) -> str:
+    signal = inputs.signal
+    return (
+        f"a pair of towers trained together (embedpipe's image_signal training) so that "
+        f"each image lands next to its own signal in one shared "
+        f"{inputs.head.get('out_dim')}-d space: an image tower (the image tower of the "
+        f"frozen backbone `{inputs.entry.get('name')}` and a projection head, "
+        f"{inputs.head.get('in_dim')} -> {inputs.head.get('out_dim')}, in one transformers "
+        f"model) and a signal tower (the signal encoder "
+        f"`{(signal.get('entry') or {}).get('name')}` over {_signal_length(signal)} of the "
+        f"column `{signal.get('column')}`, in `{signal.get('folder')}/`)"
+    )
+
+
+def _signal_section(inputs: CardInputs) -> list[str]:
+    if inputs.kind != IMAGE_SIGNAL:
+        return []
+    signal, entry = inputs.signal, inputs.signal.get("entry") or {}
+    folder, column = signal.get("folder"), signal.get("column")
+    fetched = (
+        f" (first `huggingface-cli download {inputs.repo_id} --local-dir PATH`)"
+        if inputs.repo_id
+        else ""
+    )
+    return [
+        "## Signal tower",
+        "",
+        f"- encoder: `{entry.get('name')}` ({entry.get('architecture')}, "
+        f"{_cell(entry.get('arch'))}), {signal.get('parameters', 0):,} parameters, in "
+        f"`{folder}/` (`model.safetensors`, and `config.json` with its whole entry)",
+        f"- takes {_signal_length(signal)} (the images dataset's column `{column}`), each "
+        "standardised on its own; returns one L2-normalised "
+        f"{entry.get('embed_dim')}-d embedding per signal, in the image tower's space "
+        f"(shared dimension {inputs.head.get('out_dim')})",
+        f"- embed signals with embedpipe (the encoder is embedpipe's, pure torch): "
+        f"`embedpipe embed-signal IMAGES --column {column} --weights PATH/{folder} "
+        f"--out EMBEDDINGS`{fetched}, no --model needed; an image's and a signal's "
+        "embeddings compare by their dot product",
+        "",
+    ]
+
+
 def render_card(inputs: CardInputs, config: PublishSettings) -> str:
     entry = inputs.entry
     described = (
@@ -328,6 +382,8 @@ def render_card(inputs: CardInputs, config: PublishSettings) -> str:
         f"{inputs.head.get('in_dim')} -> {inputs.head.get('out_dim')}) trained on its "
         "embeddings, in one transformers model"
         if inputs.kind == "head"
+        else _two_towers_described(inputs)
+        if inputs.kind == IMAGE_SIGNAL
         else f"an open_clip `{entry.get('architecture')}` image-text model "
         f"({entry.get('embed_dim')}-d embeddings, {entry.get('image_size')} px input)"
     )
@@ -342,6 +398,7 @@ def render_card(inputs: CardInputs, config: PublishSettings) -> str:
         *_usage(inputs),
         "",
         *_backbone_section(inputs),
+        *_signal_section(inputs),
         *_lineage_section(inputs.lineage),
         "## Training settings",
         "",
@@ -360,10 +417,15 @@ def render_card(inputs: CardInputs, config: PublishSettings) -> str:
     uses = (
         "retrieval, clustering and deduplication"
         if inputs.kind == "head"
+        else "image-to-signal and signal-to-image retrieval, regression of the quantities "
+        "both measure, and anomaly detection"
+        if inputs.kind == IMAGE_SIGNAL
         else ("retrieval, clustering, deduplication and zero-shot classification")
     )
+    what = "Image and signal" if inputs.kind == IMAGE_SIGNAL else "Image"
+    like = "images and signals" if inputs.kind == IMAGE_SIGNAL else "images"
     intended = config.intended_use or (
-        f"Image embeddings for {uses} of images like those it was trained on; research and "
+        f"{what} embeddings for {uses} of {like} like those it was trained on; research and "
         "internal tools."
     )
     limits = config.limitations or (

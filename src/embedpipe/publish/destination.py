@@ -6,6 +6,7 @@ whole one, never a mix of two."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,10 +23,28 @@ def _present(out_uri: str) -> list[str]:
         prefix = storage.normalize(out_uri) + "/"
         names = [entry.uri[len(prefix) :] for entry in storage.list_files(out_uri)]
     elif os.path.isdir(out_uri):
-        names = sorted(os.listdir(out_uri))
+        names = _files_under(Path(out_uri), skip=datasets.SIDE_DIR)
     else:
         return []
     return sorted(n for n in names if n.split("/")[0] != datasets.SIDE_DIR)
+
+
+def _files_under(folder: Path, skip: str = "") -> list[str]:
+    """Relative paths (``a/b``) of the files under ``folder``, and of its empty folders;
+    a top-level ``skip`` folder aside."""
+    names = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if skip and relative.split("/")[0] == skip:
+            continue
+        if path.is_file() or (path.is_dir() and not any(path.iterdir())):
+            names.append(relative)
+    return names
+
+
+def _move_order(name: str, config_name: str) -> tuple[bool, bool, str]:
+    """Weights before the config file that names them complete; the top one last."""
+    return name == config_name, os.path.basename(name) in PUBLISHED_CONFIGS, name
 
 
 def _record_at(out_uri: str, names: list[str]) -> dict | None:
@@ -73,7 +92,7 @@ def check_destination(out_uri: str, identity: str) -> list[str]:
 def record_publish(staging: Path, config_name: str, identity: str) -> list[str]:
     """Write the publish record (checkpoint identity, file list) into the staged config
     file; the sorted file names."""
-    files = sorted(p.name for p in staging.iterdir() if p.is_file())
+    files = _files_under(staging)
     path = staging / config_name
     config = json.loads(path.read_text(encoding="utf-8"))
     config[PUBLISH_RECORD] = {"checkpoint": identity, "files": files}
@@ -84,11 +103,13 @@ def record_publish(staging: Path, config_name: str, identity: str) -> list[str]:
 def move_in(staging: Path, out_uri: str, config_name: str, previous: list[str]) -> None:
     """Each staged file to ``out_uri`` (an atomic replace or a whole-object upload), the
     config last; then what the previous publish had and this one does not."""
-    files = sorted(
-        (p.name for p in staging.iterdir() if p.is_file()), key=lambda n: n == config_name
-    )
+    files = sorted(_files_under(staging), key=lambda name: _move_order(name, config_name))
     for name in files:
         with storage.atomic_output(storage.join(out_uri, name)) as target:
             shutil.copyfile(staging / name, target)
     for name in sorted(set(previous) - set(files)):
         storage.delete(storage.join(out_uri, name))
+        parent = os.path.dirname(name)
+        if parent and not storage.is_s3(out_uri):  # a subfolder it emptied goes too
+            with contextlib.suppress(OSError):
+                os.removedirs(os.path.join(out_uri, parent))

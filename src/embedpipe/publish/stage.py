@@ -8,7 +8,10 @@ pushed) loads it. A head checkpoint becomes one transformers model that embeds p
 the backbone's image tower and the head (``config.json`` with ``auto_map``,
 ``model.safetensors``, ``modeling_embedpipe_head.py``) and the backbone's preprocessing
 (``preprocessor_config.json``), loaded with ``AutoModel`` and ``AutoImageProcessor``
-``.from_pretrained(DIR, trust_remote_code=True)`` (see ``head_form``).
+``.from_pretrained(DIR, trust_remote_code=True)`` (see ``head_form``). An image_signal
+checkpoint publishes its image tower the same way and its signal tower in
+``signal_encoder/``, which ``embed-signal --weights DIR/signal_encoder`` loads (see
+``two_towers_form``).
 
 Everything is written to a staging folder and reloaded from there first; only a model
 whose reloaded embeddings match the checkpoint's goes to ``--out``, the config file last,
@@ -39,7 +42,12 @@ from embedpipe.models.heads import backbone_of, is_head_config, trained_nested_d
 from embedpipe.models.identity import MODEL_KEYS, checkpoint_identity
 from embedpipe.models.loading import RANDOM_WEIGHTS, LoadedModel, fetch_weights, load_model
 from embedpipe.models.registry import ModelEntry, ModelError
-from embedpipe.publish import card, destination, head_form, hub
+from embedpipe.models.two_towers import (
+    IMAGE_SIGNAL_KIND,
+    image_tower_record,
+    is_two_towers_config,
+)
+from embedpipe.publish import card, destination, head_form, hub, two_towers_form
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +87,9 @@ def _read_checkpoint_config(directory: str, uri: str) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise ModelError(f"{uri}/{CONFIG_NAME}: not valid JSON: {error}") from None
     if not isinstance(config, dict) or not (
-        is_head_config(config) or isinstance(config.get("entry"), dict)
+        is_head_config(config)
+        or is_two_towers_config(config)
+        or isinstance(config.get("entry"), dict)
     ):
         raise ModelError(f"{uri}/{CONFIG_NAME}: names neither a model 'entry' nor a head")
     return config
@@ -232,6 +242,32 @@ def _stage_head(
     return card_inputs, staged.difference
 
 
+def _stage_two_towers(
+    directory: str, saved: dict, config: PublishSettings, staging: Path, images: list
+) -> tuple[card.CardInputs, float]:
+    staged = two_towers_form.stage_two_towers(
+        directory, config.device, config.tokenizer_dir, staging, images
+    )
+    image = staged.image
+    signal_parameters, _ = _size(staged.signal_state)
+    card_inputs = _card_inputs(
+        IMAGE_SIGNAL_KIND,
+        image.backbone,
+        saved,
+        {**image.state, **{f"signal.{k}": v for k, v in staged.signal_state.items()}},
+        head=image.head,
+        backbone_weights=_backbone_weights(image_tower_record(saved, directory), image.backbone),
+        normalize_input=image.normalize_input,
+        preprocess=image.preprocess,
+        signal={
+            **staged.signal,
+            "entry": staged.signal_entry.model_dump(mode="json"),
+            "parameters": signal_parameters,
+        },
+    )
+    return card_inputs, staged.difference
+
+
 def _backbone_weights(described: dict[str, Any], entry: ModelEntry) -> str:
     """What the card says of the weights a head's backbone embedded with: a tag or hub id
     as it is, never a local path or a bucket (meaningless to a reader, maybe private)."""
@@ -285,6 +321,9 @@ def publish_checkpoint(
         if is_head_config(saved):
             inputs, difference = _stage_head(directory, saved, config, staging, images)
             config_name = CONFIG_NAME
+        elif is_two_towers_config(saved):
+            inputs, difference = _stage_two_towers(directory, saved, config, staging, images)
+            config_name = CONFIG_NAME
         else:
             inputs, difference = _stage_open_clip(directory, saved, config, staging, images)
             config_name = OPEN_CLIP_CONFIG
@@ -298,6 +337,8 @@ def publish_checkpoint(
         inputs.name = config.name or config.push.rsplit("/", 1)[-1] or inputs.entry["name"]
         if inputs.kind == "head" and not config.name and not config.push:
             inputs.name = f"{inputs.entry['name']}-head"
+        if inputs.kind == IMAGE_SIGNAL_KIND and not config.name and not config.push:
+            inputs.name = f"{inputs.entry['name']}-{inputs.signal['entry']['name']}"
         inputs.repo_id, inputs.metrics, inputs.lineage = config.push, metrics, lineage
         (staging / CARD_NAME).write_text(card.render_card(inputs, config), encoding="utf-8")
         for leftover in CHECKPOINT_ONLY:

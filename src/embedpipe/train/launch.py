@@ -30,23 +30,35 @@ LOCK_CHECK_SECONDS = 5.0
 
 
 def launch_training(
-    inputs: TrainInputs, out_uri: str, config: TrainSettings, entry: ModelEntry
+    inputs: TrainInputs,
+    out_uri: str,
+    config: TrainSettings,
+    entry: ModelEntry,
+    models: dict | None = None,
 ) -> stage.TrainResult:
     """Train (or resume training) ``out_uri`` from ``inputs`` in as many processes as
-    ``config.nproc_per_node`` asks for."""
+    ``config.nproc_per_node`` asks for. ``models``: the config file's ``[models.NAME]``
+    entries (e.g. the ``signal_model`` of an image_signal training)."""
     nproc = processes_wanted(config.nproc_per_node)
     if nproc > 1 and not launched():
-        return train_in_processes(nproc, inputs, out_uri, config, entry)
-    return stage.train_model(inputs.images, out_uri, config, entry, **inputs.keywords())
+        return train_in_processes(nproc, inputs, out_uri, config, entry, models)
+    return stage.train_model(
+        inputs.images, out_uri, config, entry, **inputs.keywords(), models=models
+    )
 
 
 def train_in_processes(
-    nproc: int, inputs: TrainInputs, out_uri: str, config: TrainSettings, entry: ModelEntry
+    nproc: int,
+    inputs: TrainInputs,
+    out_uri: str,
+    config: TrainSettings,
+    entry: ModelEntry,
+    models: dict | None = None,
 ) -> stage.TrainResult:
     """One training in ``nproc`` processes under torchrun; rank 0's result."""
     with tempfile.TemporaryDirectory(prefix="embedpipe-train-") as folder:
         spec, result = os.path.join(folder, "spec.json"), os.path.join(folder, "result.json")
-        write_spec(spec, inputs, out_uri, config, entry, result)
+        write_spec(spec, inputs, out_uri, config, entry, result, models)
         status = _torchrun(nproc, spec, out_uri, inputs.uris())
         if status:
             raise RuntimeError(f"{nproc} training processes (torchrun) exited with status {status}")

@@ -90,10 +90,13 @@ def train_model(
     embeddings_uri: str | None = None,
     captions_uri: str | None = None,
     on_validation: Callable[[int, dict[str, float]], None] | None = None,
+    models: dict | None = None,
 ) -> TrainResult:
     """Train (or resume training) and write the model to ``out_uri``.
 
     ``on_validation(step, metrics)`` is called after each validation (tuning's pruner).
+    ``models``: the config file's ``[models.NAME]`` entries (an image_signal training's
+    ``signal_model`` may be one).
     The writing process (rank 0) holds the output's lock, so a second training of the
     same output stops instead of mixing its checkpoints with this one's."""
     started = time.perf_counter()
@@ -121,7 +124,7 @@ def train_model(
             from embedpipe.train.pairs_signal import ImageSignalTask
 
             task = ImageSignalTask(
-                entry, config, examples, images_uri, embeddings_uri, device, options
+                entry, config, examples, images_uri, embeddings_uri, device, options, models
             )
         elif config.mode == "head":
             from embedpipe.train.head import HeadTask

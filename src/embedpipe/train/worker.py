@@ -24,12 +24,14 @@ def write_spec(
     config: TrainSettings,
     entry: ModelEntry,
     result_path: str,
+    models: dict | None = None,
 ) -> None:
     spec = {
         "inputs": inputs.to_dict(),
         "out": out_uri,
         "settings": config.model_dump(mode="json"),
         "entry": entry.model_dump(mode="json"),
+        "models": models or {},
         "log_level": logging.getLogger().getEffectiveLevel(),
         "result": result_path,
     }
@@ -58,6 +60,7 @@ def main(spec_path: str) -> int:
             TrainSettings.model_validate(spec["settings"]),
             ModelEntry.model_validate(spec["entry"]),
             **inputs.keywords(),
+            models=spec.get("models") or None,
         )
     except (ValueError, RuntimeError, OSError) as error:
         print(f"embedpipe train: error: {error}", file=sys.stderr)
