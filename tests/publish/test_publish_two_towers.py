@@ -128,6 +128,7 @@ def test_the_card_names_both_towers_the_space_the_signal_and_the_trained_metrics
     assert "shared 16-d space" in card and "shared dimension 16" in card
     assert "signals of 128 values" in card and "column `spectrum`" in card
     assert "embed-signal IMAGES --column spectrum --weights PATH/signal_encoder" in card
+    assert "| regression/signal/ridge | redshift_r2 |" in card  # R² per source and probe
     models = {run["model"]: run for run in storage.read_json(evaluation)["models"]}
     assert "identity" in models["trained"] and "identity" not in models["untrained"]
     trained = models["trained"]["metrics"]["image_to_signal_recall@1"]

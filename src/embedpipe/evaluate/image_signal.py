@@ -322,11 +322,12 @@ def write_evaluation(
             {
                 "model": run.name,
                 "source": checkpoint,
-                "identity": identity if run.name == "trained" else None,
                 "metrics": run.metrics,
                 "regression": run.regression,
                 "skipped": {},
             }
+            # publish picks the trained towers' entry by the checkpoint's identity
+            | ({"identity": identity} if run.name == "trained" and identity else {})
             for run in evaluation.runs
         ],
         "metadata": metadata_uri,

@@ -50,7 +50,9 @@ def _metrics_of(uri: str, models: list, identity: str) -> dict:
             f"--metrics {uri}: none of its models ({names}) is the checkpoint being published; "
             "evaluate it (--weights CHECKPOINT) and pass that metrics.json"
         )
-    return matching[-1].get("metrics") or {}
+    picked = matching[-1]
+    regression = picked.get("regression")  # images paired with signals: R² per source, probe
+    return {**(picked.get("metrics") or {}), **({"regression": regression} if regression else {})}
 
 
 def read_metrics(uri: str, identity: str = "") -> list[tuple[str, str, float]]:
