@@ -116,7 +116,11 @@ def usable_signals(rows: SignalRows, encoder: SignalEncoder) -> np.ndarray:
     return usable
 
 
-def build_encoder(config: TrainSettings, models: dict | None) -> tuple[ModelEntry, SignalEncoder]:
+def build_encoder(
+    config: TrainSettings, models: dict | None, embed_dim: int = 0
+) -> tuple[ModelEntry, SignalEncoder]:
+    """The signal encoder and its entry; from random weights with ``embed_dim`` (when
+    given), its output projection is sized to that instead of the entry's."""
     try:
         entry = get_entry(config.signal_model, models)
     except ModelError as error:
@@ -127,6 +131,8 @@ def build_encoder(config: TrainSettings, models: dict | None) -> tuple[ModelEntr
         )
     torch.manual_seed(config.seed)
     if config.signal_weights in ("", "random"):
+        if embed_dim:
+            entry = entry.model_copy(update={"embed_dim": embed_dim})
         return entry, build_signal_encoder(entry)
     from embedpipe.models.backends.signal import SignalBackend
 
