@@ -255,6 +255,10 @@ class ImageSignalTask(TaskDefaults):
         # applies its weights at every slice or position
         return 6.0 * sum(p.numel() for p in self.module.parameters())
 
+    def image_inputs(self, rows: list[int]) -> torch.Tensor:
+        """What ``module.image`` takes for ``rows``: their frozen embeddings."""
+        return self.matrix[rows]
+
     @torch.no_grad()
     def embed_rows(self, rows: np.ndarray, autocast) -> tuple[torch.Tensor, torch.Tensor]:
         images, signals = [], []

@@ -43,9 +43,13 @@ from embedpipe.train.pairs_signal import (
     load_signals,
     usable_signals,
 )
+from embedpipe.train.signal_towers import FINETUNE_IMAGE_MODE
 from embedpipe.train.task import TaskDefaults
 
-FINETUNE_IMAGE_MODE = "finetune"
+
+def at_least_fp32(features: torch.Tensor) -> torch.Tensor:
+    """bf16 features in float32 for the loss; float32 and float64 as they are."""
+    return features if features.dtype in (torch.float32, torch.float64) else features.float()
 
 
 class SignalFinetuneModule(nn.Module):
@@ -65,10 +69,10 @@ class SignalFinetuneModule(nn.Module):
         self.logit_bias = None if init_bias is None else nn.Parameter(torch.full([], init_bias))
 
     def image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(pixels).float(), dim=-1)
+        return F.normalize(at_least_fp32(self.visual(pixels)), dim=-1)
 
     def signal(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.encoder(values, lengths).float(), dim=-1)
+        return F.normalize(at_least_fp32(self.encoder(values, lengths)), dim=-1)
 
     def forward(self, pixels: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor):
         return (
@@ -188,7 +192,12 @@ class ImageSignalFinetuneTask(TaskDefaults):
         image, signal, _, scale, bias = features
         labels = torch.from_numpy(self.examples.labels[batch["rows"].numpy()]).to(self.device)
         return self.loss(
-            image.float(), signal.float(), scale.float(), bias, labels=labels, negative_features=None
+            at_least_fp32(image),
+            at_least_fp32(signal),
+            at_least_fp32(scale),
+            bias,
+            labels=labels,
+            negative_features=None,
         )
 
     def flops_per_sample(self, batch: dict) -> float:
@@ -236,9 +245,7 @@ class ImageSignalFinetuneTask(TaskDefaults):
                 found = cross_modal_recall(
                     prefix(image, dim), prefix(signal, dim), objects, ks, "val_"
                 )
-                metrics |= {
-                    f"{k}_dim{dim}": v for k, v in found.items() if OVERALL_RECALL.match(k)
-                }
+                metrics |= {f"{k}_dim{dim}": v for k, v in found.items() if OVERALL_RECALL.match(k)}
         return metrics
 
     def weights(self) -> dict[str, torch.Tensor]:
