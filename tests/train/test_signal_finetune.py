@@ -285,3 +285,26 @@ def test_two_gloo_processes_follow_the_loss_curve_of_one(galaxies, tmp_path):
     one, two = (load_file(tmp_path / n / "model.safetensors") for n in ("1", "2"))
     for key in one:
         torch.testing.assert_close(one[key], two[key], atol=1e-4, rtol=1e-4)
+
+
+def test_a_corrupt_image_is_one_line_naming_its_id(galaxies, micro_entry, tmp_path):
+    import pyarrow as pa
+
+    from embedpipe.core import storage
+
+    chosen = datasets.read_table(galaxies["images"]).slice(0, 8)
+    bad = chosen.column("image_id")[3].as_py()
+    column = chosen.schema.get_field_index("image")
+    data = chosen.column("image").to_pylist()
+    data[3] = data[3][:100]
+    damaged = chosen.set_column(column, chosen.schema.field(column), pa.array(data, pa.binary()))
+    images = str(tmp_path / "images")
+    datasets.write_table(images, damaged, "images")
+    manifest = datasets.read_manifest(images)
+    manifest["signals"] = datasets.read_manifest(galaxies["images"])["signals"]
+    storage.write_json(datasets.side_path(images, datasets.MANIFEST_NAME), manifest)
+    config = settings(steps=1, batch_size=8, num_workers=1, val_every=0)
+    with pytest.raises(ValueError) as error:
+        train_model(images, str(tmp_path / "model"), config, micro_entry)
+    assert str(error.value).startswith(f"{images}: image {bad} cannot be decoded (")
+    assert "\n" not in str(error.value)
