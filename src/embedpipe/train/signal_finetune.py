@@ -115,7 +115,7 @@ class ImageSignalFinetuneTask(TaskDefaults):
                 f"out_dim: image_signal finetune embeds in the image tower's {entry.embed_dim} "
                 "dims; leave out_dim 0"
             )
-        self.model, _ = build(entry, config, str(device))
+        model, _ = build(entry, config, str(device))  # only its visual tower is kept
         self.signal_entry, encoder = signal_entry_for(config, entry.embed_dim, models)
         self.signals = load_signals(images_uri, config.signal_column, examples)
         usable = usable_signals(self.signals, encoder)
@@ -129,7 +129,7 @@ class ImageSignalFinetuneTask(TaskDefaults):
         self.queries = examples.rows("val")
         self.candidates = self.queries
         self.module = SignalFinetuneModule(
-            self.model.module.visual,
+            model.module.visual,
             encoder.to(device),
             init_scale(config.loss),
             losses.init_logit_bias(config.loss),
@@ -137,7 +137,7 @@ class ImageSignalFinetuneTask(TaskDefaults):
         wanted = {examples.image_ids[r] for r in np.concatenate([self.train_rows, self.queries])}
         self.images_uri = images_uri
         self.dataset = PixelDataset(
-            ImageStore(images_uri, wanted), examples.image_ids, self.model.transform
+            ImageStore(images_uri, wanted), examples.image_ids, model.transform
         )
         self.loss = nested_loss(
             losses.get_loss(config.loss, **loss_options), config.nested_dims, entry.embed_dim
