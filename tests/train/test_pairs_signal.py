@@ -255,7 +255,6 @@ def test_resume_continues_from_the_checkpoint(paired, backbone):
     ("overrides", "message"),
     [
         (dict(loss="triplet"), "loss: triplet needs negatives of the anchor's own modality"),
-        (dict(mode="finetune"), "pairs: image_signal trains on frozen image embeddings"),
         (dict(signal_column=""), "signal_column: image_signal needs"),
     ],
 )

@@ -28,8 +28,9 @@ class TrainSettings(Section):
     )
     pairs: Literal["image_text", "image_image", "image_signal"] = Field(
         "image_text",
-        description="finetune: image-caption pairs or two images of one concept; "
-        "image_signal (with mode head): each image with its own signal (signal_column)",
+        description="image-caption pairs, two images of one concept, or image_signal: each "
+        "image with its own signal (signal_column), the image tower a head (mode head) or "
+        "the open_clip image tower fine-tuned (mode finetune)",
     )
     signal_column: str = Field(
         "",
@@ -180,10 +181,6 @@ class TrainSettings(Section):
         if self.mode == "head" and self.pairs == "image_text" and "pairs" in self.model_fields_set:
             raise ValueError("pairs: a head is trained on images only (image_image)")
         if self.pairs == "image_signal":
-            if self.mode != "head":
-                raise ValueError(
-                    "pairs: image_signal trains on frozen image embeddings; use mode head"
-                )
             if self.loss == "triplet":
                 raise ValueError(
                     "loss: triplet needs negatives of the anchor's own modality; image_signal "

@@ -26,13 +26,11 @@ from embedpipe.core.schemas import EVALUATION_KIND, IMAGES_KIND
 from embedpipe.evaluate.cross_modal import regression_r2, retrieval_recall, with_both
 from embedpipe.evaluate.metrics import knn_distances
 from embedpipe.evaluate.sources import MissingGroundTruth
-from embedpipe.models.heads import ProjectionHead
 from embedpipe.models.identity import weights_identity
-from embedpipe.models.registry import ModelEntry
-from embedpipe.models.signal_encoders import build_signal_encoder
 from embedpipe.train.checkpoint import WEIGHTS_NAME
 from embedpipe.train.data import load_examples
 from embedpipe.train.pairs_signal import IMAGE_SIGNAL_KIND, ImageSignalTask
+from embedpipe.train.signal_towers import image_tower, signal_tower, untrained_task
 
 
 def scalar_targets(images_uri: str, image_ids: list[str]) -> dict[str, np.ndarray]:
@@ -54,20 +52,16 @@ def scalar_targets(images_uri: str, image_ids: list[str]) -> dict[str, np.ndarra
 
 
 class TrainedTowers:
-    """A checkpoint's image head (taking raw frozen embeddings) and signal encoder."""
+    """A checkpoint's image tower (a head taking raw frozen embeddings, or a fine-tuned
+    open_clip visual tower taking pixels) and signal encoder."""
 
     def __init__(self, directory: str):
         config = json.loads(Path(directory, "config.json").read_text())
         if config.get("kind") != IMAGE_SIGNAL_KIND:
             raise ValueError(f"{directory}: not an image_signal checkpoint")
         weights = load_file(str(Path(directory, WEIGHTS_NAME)))
-        head = config["image"]["head"]
-        self.head = ProjectionHead(
-            head["in_dim"], head["depth"], head["width"], head["out_dim"], head["activation"]
-        )
-        self.head.load_state_dict(_part(weights, "image_head."))
-        self.encoder = build_signal_encoder(ModelEntry.model_validate(config["signal"]["entry"]))
-        self.encoder.load_state_dict(_part(weights, "signal."))
+        self.head = image_tower(config, weights)
+        self.encoder = signal_tower(config, weights)
         self.head.eval()
         self.encoder.eval()
         self.config = config
@@ -85,10 +79,6 @@ def carried_entries(config: dict) -> dict[str, dict]:
     return {entry.pop("name"): entry}
 
 
-def _part(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
-
-
 @torch.no_grad()
 def _embed(towers, task: ImageSignalTask, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from embedpipe.embed.signals import padded_batch
@@ -97,7 +87,7 @@ def _embed(towers, task: ImageSignalTask, rows: np.ndarray) -> tuple[np.ndarray,
     for start in range(0, len(rows), 256):
         chunk = [int(r) for r in rows[start : start + 256]]
         values, lengths = padded_batch(task.signals, chunk)
-        images.append(towers.image(task.matrix[chunk]))
+        images.append(towers.image(task.image_inputs(chunk)))
         signals.append(towers.signal(values, lengths))
     return torch.cat(images).numpy(), torch.cat(signals).numpy()
 
@@ -150,17 +140,10 @@ def evaluate_image_signal(
     config = config or EvaluateSettings()
     trained = TrainedTowers(checkpoint_uri)
     train_config = TrainSettings(**trained.config["train"])
-    entry = ModelEntry.model_validate(trained.config["image"]["backbone"]["entry"])
     examples = load_examples(images_uri, train_config, splits_uri)
-    untrained = ImageSignalTask(
-        entry,
-        train_config,
-        examples,
-        images_uri,
-        trained.config["image"]["embeddings"],
-        torch.device("cpu"),
-        {},
-        carried_entries(trained.config),  # a config file's signal encoder: no config needed
+    # a config file's signal encoder travels in the checkpoint: no config file needed
+    untrained = untrained_task(
+        trained.config, train_config, examples, images_uri, models=carried_entries(trained.config)
     )
     untrained.module.eval()
     rows = _selected(images_uri, select_uri, examples)

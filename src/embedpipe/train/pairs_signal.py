@@ -116,7 +116,11 @@ def usable_signals(rows: SignalRows, encoder: SignalEncoder) -> np.ndarray:
     return usable
 
 
-def build_encoder(config: TrainSettings, models: dict | None) -> tuple[ModelEntry, SignalEncoder]:
+def build_encoder(
+    config: TrainSettings, models: dict | None, embed_dim: int = 0
+) -> tuple[ModelEntry, SignalEncoder]:
+    """The signal encoder and its entry; from random weights with ``embed_dim`` (when
+    given), its output projection is sized to that instead of the entry's."""
     try:
         entry = get_entry(config.signal_model, models)
     except ModelError as error:
@@ -127,6 +131,8 @@ def build_encoder(config: TrainSettings, models: dict | None) -> tuple[ModelEntr
         )
     torch.manual_seed(config.seed)
     if config.signal_weights in ("", "random"):
+        if embed_dim:
+            entry = entry.model_copy(update={"embed_dim": embed_dim})
         return entry, build_signal_encoder(entry)
     from embedpipe.models.backends.signal import SignalBackend
 
@@ -248,6 +254,10 @@ class ImageSignalTask(TaskDefaults):
         # each weight used once per sample: a lower bound for the signal encoder, which
         # applies its weights at every slice or position
         return 6.0 * sum(p.numel() for p in self.module.parameters())
+
+    def image_inputs(self, rows: list[int]) -> torch.Tensor:
+        """What ``module.image`` takes for ``rows``: their frozen embeddings."""
+        return self.matrix[rows]
 
     @torch.no_grad()
     def embed_rows(self, rows: np.ndarray, autocast) -> tuple[torch.Tensor, torch.Tensor]:

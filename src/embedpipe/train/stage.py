@@ -120,7 +120,13 @@ def train_model(
     try:
         torch.manual_seed(config.seed)
         options = loss_options(config, world)
-        if config.pairs == "image_signal":
+        if config.pairs == "image_signal" and config.mode == "finetune":
+            from embedpipe.train.signal_finetune import ImageSignalFinetuneTask
+
+            task = ImageSignalFinetuneTask(
+                entry, config, examples, images_uri, device, options, models=models
+            )
+        elif config.pairs == "image_signal":
             from embedpipe.train.pairs_signal import ImageSignalTask
 
             task = ImageSignalTask(
