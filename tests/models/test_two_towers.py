@@ -212,17 +212,16 @@ def test_a_checkpoint_of_another_signal_length_names_file_column_and_lengths(
 
 
 def test_an_image_tower_of_an_unknown_mode_is_refused_in_one_line(towers, tmp_path, capsys):
-    copy = tmp_path / "finetuned"
+    copy = tmp_path / "lora"
     shutil.copytree(towers["checkpoint"], copy)
     config = json.loads((copy / "config.json").read_text())
-    config["image"]["mode"] = "finetune"
+    config["image"]["mode"] = "lora"
     (copy / "config.json").write_text(json.dumps(config))
     error = one_line_error(
         capsys, "embed", towers["images"], "--out", str(tmp_path / "e"), "--weights", str(copy)
     )
     assert error == (
-        f"embedpipe embed: error: {copy}: an image tower of mode 'finetune'; only head-mode "
-        "image towers (a projection head on a frozen backbone) load here"
+        f"embedpipe embed: error: {copy}: an image tower of unknown mode 'lora'"
     ), error
     # its signal tower still loads
     out = tmp_path / "s"

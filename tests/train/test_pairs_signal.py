@@ -192,7 +192,11 @@ def test_evaluation_untrained_and_trained_side_by_side(paired, trained):
 
 
 def _numpy_ridge(train_x, train_y, test_x, alpha):
-    """Ridge with an unpenalised intercept, in closed form."""
+    """Ridge with an unpenalised intercept on features standardised on the training rows,
+    in closed form."""
+    spread = train_x.std(0)
+    spread[spread == 0] = 1.0
+    train_x, test_x = (train_x - train_x.mean(0)) / spread, (test_x - train_x.mean(0)) / spread
     mean_x, mean_y = train_x.mean(0), train_y.mean()
     centred = train_x - mean_x
     gram = centred.T @ centred + alpha * np.eye(train_x.shape[1])

@@ -10,9 +10,9 @@ positives in clip_benchmark are all its captions).
 
 Regression probes predict each scalar target (redshift, ...) from an embedding source
 (``image``, ``signal``, or ``both`` concatenated) with a k-nearest-neighbour regressor
-(cosine, uniform weights) and a Ridge probe (least squares at alpha 0), fit on the
-training rows and scored by R² on the held-out rows: ``<target>_r2`` per embedding source
-and probe.
+(cosine, uniform weights) and a Ridge probe (least squares at alpha 0) on features
+standardised on the training rows, both fit on the training rows and scored by R² on the
+held-out rows: ``<target>_r2`` per embedding source and probe.
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ def probe_predictions(
     from sklearn.neighbors import KNeighborsRegressor
 
     if probe == "ridge":
-        return regression_probe(train, values, test, alpha)
+        # standardised on the training rows: an untrained tower's embeddings can sit in a
+        # cone so narrow that a fixed penalty alone would flatten every prediction
+        shift, spread = train.mean(0), train.std(0)
+        spread[spread == 0] = 1.0
+        return regression_probe((train - shift) / spread, values, (test - shift) / spread, alpha)
     model = KNeighborsRegressor(n_neighbors=min(k, len(train)), metric="cosine")
     return model.fit(train, values).predict(test)
 

@@ -30,7 +30,13 @@ from embedpipe.models.identity import weights_identity
 from embedpipe.train.checkpoint import WEIGHTS_NAME
 from embedpipe.train.data import load_examples
 from embedpipe.train.pairs_signal import IMAGE_SIGNAL_KIND, ImageSignalTask
-from embedpipe.train.signal_towers import image_tower, signal_tower, untrained_task
+from embedpipe.train.signal_towers import (
+    FINETUNE_IMAGE_MODE,
+    image_mode,
+    image_tower,
+    signal_tower,
+    untrained_task,
+)
 
 
 def scalar_targets(images_uri: str, image_ids: list[str]) -> dict[str, np.ndarray]:
@@ -214,7 +220,10 @@ def check_baselines(checkpoint: str, sources: list) -> None:
     from embedpipe.evaluate.sources import EmbeddingsSource
 
     config = json.loads(Path(checkpoint, "config.json").read_text())
-    backbone = config["image"]["backbone"]["entry"]["name"]
+    if image_mode(config) == FINETUNE_IMAGE_MODE:  # the tower is the model it fine-tunes
+        backbone = config["image"]["entry"]["name"]
+    else:
+        backbone = config["image"]["backbone"]["entry"]["name"]
     for source in sources:
         if getattr(source, "weights", "") == checkpoint:
             continue

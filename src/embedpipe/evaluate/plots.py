@@ -133,7 +133,7 @@ def prediction_plot(
 def signal_plot(values: np.ndarray, width: float = 1.6, height: float = 0.9) -> str:
     """A small line plot of one signal, for a report's list of anomalies."""
     plt, figure = _figure(width, height)
-    axes = figure.add_axes((0, 0, 1, 1))
+    axes = figure.add_subplot()
     axes.plot(np.arange(len(values)), values, linewidth=0.7)
     axes.set_axis_off()
     return _png(plt, figure)

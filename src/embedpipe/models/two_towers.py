@@ -13,8 +13,10 @@ and ``model.safetensors`` with the image head's tensors under ``image_head.`` (i
 standardisation folded in, so it takes the backbone's embeddings as ``embed`` writes
 them) and the signal encoder's under ``signal.``. The image tower is the backbone, then
 the head (a ``HeadOnBackbone``, as a head checkpoint loads); the signal tower is the
-encoder. Only head-mode image towers are loaded here; another ``image.mode`` is refused
-in one line.
+encoder. A fine-tuned image tower (``"image": {"mode": "finetune", "entry": {open_clip
+entry}, "weights": start weights}``, its visual state under ``image.``) is that open_clip
+model with its visual tower replaced (an image-only model: its text tower was never
+trained). Another ``image.mode`` is refused in one line.
 
 A published two-tower model (``embedpipe publish``) is the image tower's transformers
 folder with the signal tower in its ``signal_encoder/`` subfolder, a plain signal
@@ -35,8 +37,8 @@ from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME
 from embedpipe.models.registry import ModelEntry, ModelError
 
 IMAGE_SIGNAL_KIND = "image_signal"
-IMAGE_HEAD_PREFIX, SIGNAL_PREFIX = "image_head.", "signal."
-HEAD_MODE = "head"
+IMAGE_HEAD_PREFIX, SIGNAL_PREFIX, IMAGE_PREFIX = "image_head.", "signal.", "image."
+HEAD_MODE, FINETUNE_MODE = "head", "finetune"
 SIGNAL_TOWER_DIR = "signal_encoder"  # a published two-tower folder's signal tower
 LOCAL_DIR = "local-dir:"
 
@@ -81,8 +83,27 @@ def image_tower_record(config: dict[str, Any], where: str) -> dict[str, Any]:
     return {**backbone_of(image), "head": image["head"]}
 
 
+def image_mode(config: dict[str, Any], where: str) -> str:
+    mode = _section(config, "image", where).get("mode", HEAD_MODE)
+    if mode not in (HEAD_MODE, FINETUNE_MODE):
+        raise ModelError(f"{where}: an image tower of unknown mode '{mode}'")
+    return mode
+
+
+def finetuned_entry(config: dict[str, Any], where: str) -> ModelEntry:
+    """A fine-tuned image tower's open_clip entry, image-only."""
+    try:
+        entry = ModelEntry.model_validate(_section(config, "image", where)["entry"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelError(f"{where}: unreadable image tower in config.json: {error}") from None
+    return entry.model_copy(update={"text": False})
+
+
 def image_tower_entry(config: dict[str, Any], where: str) -> ModelEntry:
-    """The image tower's entry: its backbone's, named ``BACKBONE+head``, of the head's size."""
+    """The image tower's entry: its backbone's, named ``BACKBONE+head``, of the head's size;
+    a fine-tuned tower's own (image-only)."""
+    if image_mode(config, where) == FINETUNE_MODE:
+        return finetuned_entry(config, where)
     record = image_tower_record(config, where)
     try:
         backbone = ModelEntry.model_validate(record["entry"])
@@ -191,6 +212,8 @@ def load_tower(entry: ModelEntry, directory: str, source: str, device: str, toke
             )
         transform = SignalBackend().eval_transform(carried, encoder)
         return LoadedModel(carried, encoder.to(device).eval(), transform, source)
+    if image_mode(config, source) == FINETUNE_MODE:
+        return load_finetuned_tower(directory, config, source, device)
     head, record = load_image_head(directory, config)
     backbone_entry = ModelEntry.model_validate(record["entry"])
     backbone = load_model(backbone_entry, record["weights"], device, tokenizer_dir, record["seed"])
@@ -203,6 +226,19 @@ def load_tower(entry: ModelEntry, directory: str, source: str, device: str, toke
         tokenizer_dir,
         backbone_entry=backbone_entry,
     )
+
+
+def load_finetuned_tower(directory: str, config: dict[str, Any], source: str, device: str):
+    """The fine-tuned image tower as an open_clip model (a ``LoadedModel``): the entry's
+    architecture built offline, its visual state from the checkpoint."""
+    from embedpipe.models.loading import RANDOM_WEIGHTS, LoadedModel, load_model
+
+    entry = finetuned_entry(config, source)
+    seed = int((config.get("train") or {}).get("seed", 0))
+    model = load_model(entry, RANDOM_WEIGHTS, "cpu", seed=seed)
+    state = tower_state(directory, IMAGE_PREFIX)
+    _load_strict(model.module.visual, state, f"{directory} (image tower)")
+    return LoadedModel(entry, model.module.to(device).eval(), model.transform, source)
 
 
 def _local_folder(weights: str) -> str | None:

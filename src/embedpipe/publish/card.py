@@ -16,7 +16,6 @@ from embedpipe.core.schemas import DEDUP_KIND
 UNKNOWN = "unknown (not given to `embedpipe publish`)"
 CLASSIFICATION_METRICS = ("acc", "top1", "top5", "mean_per_class_recall", "per_class")
 IMAGE_SIGNAL = "image_signal"
-HEAD_KINDS = ("head", IMAGE_SIGNAL)  # published as a transformers head on a backbone
 
 
 @dataclass
@@ -35,6 +34,16 @@ class CardInputs:
     metrics: list[tuple[str, str, float]] = field(default_factory=list)  # dataset, metric, value
     lineage: list[dict[str, Any]] = field(default_factory=list)
     signal: dict[str, Any] = field(default_factory=dict)  # image_signal: the signal tower
+    image_form: str = "head"  # image_signal: its image tower as a head or fine-tuned open_clip
+
+
+def _as_head(inputs: CardInputs) -> bool:
+    """Published as a transformers head on a backbone (a head, or a head image tower)."""
+    return inputs.kind == "head" or (inputs.kind == IMAGE_SIGNAL and inputs.image_form == "head")
+
+
+def _shared_dim(inputs: CardInputs) -> Any:
+    return inputs.head.get("out_dim") if inputs.head else inputs.entry.get("embed_dim")
 
 
 def _metrics_of(uri: str, models: list, identity: str) -> dict:
@@ -133,14 +142,17 @@ def _header(inputs: CardInputs, config: PublishSettings) -> str:
                 metric_value=value,
             )
         )
-    if inputs.kind in HEAD_KINDS:
+    if _as_head(inputs):
         library, pipeline_tag = "transformers", "image-feature-extraction"
         base_tags = ["embedpipe", "projection-head", inputs.entry.get("name", "")]
-        if inputs.kind == IMAGE_SIGNAL:
-            base_tags += ["image-signal", (inputs.signal.get("entry") or {}).get("name", "")]
+    elif inputs.kind == IMAGE_SIGNAL:  # a fine-tuned open_clip image tower: image-only
+        library, pipeline_tag = "open_clip", "image-feature-extraction"
+        base_tags = ["embedpipe", "open_clip", inputs.entry.get("name", "")]
     else:
         library, pipeline_tag = "open_clip", "zero-shot-image-classification"
         base_tags = ["embedpipe", "open_clip", "clip"]
+    if inputs.kind == IMAGE_SIGNAL:
+        base_tags += ["image-signal", (inputs.signal.get("entry") or {}).get("name", "")]
     tags = list(dict.fromkeys(t for t in [*base_tags, *config.tags] if t))
     data = ModelCardData(
         library_name=library,
@@ -250,7 +262,7 @@ def _takes(inputs: CardInputs, out_dim: Any) -> str:
 
 def _usage(inputs: CardInputs) -> list[str]:
     pushed = bool(inputs.repo_id)
-    if inputs.kind in HEAD_KINDS:
+    if _as_head(inputs):
         out_dim = inputs.head.get("out_dim")
         model_id = inputs.repo_id or "PATH"
         said = "the Hub repo" if pushed else "replace PATH with this model's folder"
@@ -283,10 +295,14 @@ def _usage(inputs: CardInputs) -> list[str]:
         ]
     where = f"hf-hub:{inputs.repo_id}" if pushed else "local-dir:PATH"
     said = "" if pushed else "  # replace PATH with this model's folder"
+    texts = bool(inputs.entry.get("text"))
+    takes = _takes(inputs, inputs.entry.get("embed_dim"))
     return [
-        _takes(inputs, inputs.entry.get("embed_dim")).replace(
+        takes.replace(
             "embedding per picture.", "embedding per picture, and texts in the same space."
-        ),
+        )
+        if texts
+        else takes,
         "",
         "```python",
         "import open_clip",
@@ -294,22 +310,35 @@ def _usage(inputs: CardInputs) -> list[str]:
         "from PIL import Image",
         "",
         f'model, _, preprocess = open_clip.create_model_and_transforms("{where}"){said}',
-        f'tokenizer = open_clip.get_tokenizer("{where}")',
+        *([f'tokenizer = open_clip.get_tokenizer("{where}")'] if texts else []),
         "model.eval()",
         'image = preprocess(Image.open("IMAGE.jpg")).unsqueeze(0)  # replace IMAGE.jpg with '
         "your picture",
         "with torch.no_grad():",
         "    embedding = model.encode_image(image, normalize=True)",
-        '    text = model.encode_text(tokenizer(["a photo of a bird"]), normalize=True)',
+        *(
+            ['    text = model.encode_text(tokenizer(["a photo of a bird"]), normalize=True)']
+            if texts
+            else []
+        ),
         "```",
         "",
+        *(
+            []
+            if texts
+            else [
+                "Only the image tower was trained: the text tower open_clip builds beside it "
+                "holds its untrained start weights; use `encode_image`.",
+                "",
+            ]
+        ),
         f"With embedpipe: `embedpipe embed IMAGES --weights {where} --out EMBEDDINGS` "
         "(no registry entry needed).",
     ]
 
 
 def _backbone_section(inputs: CardInputs) -> list[str]:
-    if inputs.kind not in HEAD_KINDS:
+    if not _as_head(inputs):
         return []
     entry, head = inputs.entry, inputs.head
     weights = inputs.backbone_weights or entry.get("pretrained") or "unknown"
@@ -335,14 +364,20 @@ def _signal_length(signal: dict[str, Any]) -> str:
 
 
 def _two_towers_described(inputs: CardInputs) -> str:
-    signal = inputs.signal
+    signal, entry = inputs.signal, inputs.entry
+    image = (
+        f"the image tower of the frozen backbone `{entry.get('name')}` and a projection "
+        f"head, {inputs.head.get('in_dim')} -> {inputs.head.get('out_dim')}, in one "
+        "transformers model"
+        if _as_head(inputs)
+        else f"the image tower of the open_clip `{entry.get('architecture')}` model "
+        f"`{entry.get('name')}`, fine-tuned, in open_clip's layout"
+    )
     return (
         f"a pair of towers trained together (embedpipe's image_signal training) so that "
         f"each image lands next to its own signal in one shared "
-        f"{inputs.head.get('out_dim')}-d space: an image tower (the image tower of the "
-        f"frozen backbone `{inputs.entry.get('name')}` and a projection head, "
-        f"{inputs.head.get('in_dim')} -> {inputs.head.get('out_dim')}, in one transformers "
-        f"model) and a signal tower (the signal encoder "
+        f"{_shared_dim(inputs)}-d space: an image tower ({image}) and a signal tower (the "
+        "signal encoder "
         f"`{(signal.get('entry') or {}).get('name')}` over {_signal_length(signal)} of the "
         f"column `{signal.get('column')}`, in `{signal.get('folder')}/`)"
     )
@@ -367,7 +402,7 @@ def _signal_section(inputs: CardInputs) -> list[str]:
         f"- takes {_signal_length(signal)} (the images dataset's column `{column}`), each "
         "standardised on its own; returns one L2-normalised "
         f"{entry.get('embed_dim')}-d embedding per signal, in the image tower's space "
-        f"(shared dimension {inputs.head.get('out_dim')})",
+        f"(shared dimension {_shared_dim(inputs)})",
         f"- embed signals with embedpipe (the encoder is embedpipe's, pure torch): "
         f"`embedpipe embed-signal IMAGES --column {column} --weights PATH/{folder} "
         f"--out EMBEDDINGS`{fetched}, no --model needed; an image's and a signal's "

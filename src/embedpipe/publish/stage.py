@@ -43,7 +43,9 @@ from embedpipe.models.identity import MODEL_KEYS, checkpoint_identity
 from embedpipe.models.loading import RANDOM_WEIGHTS, LoadedModel, fetch_weights, load_model
 from embedpipe.models.registry import ModelEntry, ModelError
 from embedpipe.models.two_towers import (
+    FINETUNE_MODE,
     IMAGE_SIGNAL_KIND,
+    image_mode,
     image_tower_record,
     is_two_towers_config,
 )
@@ -103,7 +105,8 @@ def _identity(directory: str, uri: str) -> str:
 
 
 def _training_settings(config: dict[str, Any]) -> dict[str, Any]:
-    rest = {key: value for key, value in config.items() if key not in MODEL_KEYS}
+    # "inputs" is the resume check's fingerprint of the training data: not a setting
+    rest = {k: v for k, v in config.items() if k not in MODEL_KEYS and k != "inputs"}
     return rest["train"] if set(rest) == {"train"} and isinstance(rest["train"], dict) else rest
 
 
@@ -242,9 +245,34 @@ def _stage_head(
     return card_inputs, staged.difference
 
 
+def _stage_finetuned_towers(
+    directory: str, saved: dict, config: PublishSettings, staging: Path, images: list
+) -> tuple[card.CardInputs, float]:
+    """A fine-tuned image tower in open_clip's layout (as a fine-tune publishes), the
+    signal tower in ``signal_encoder/``."""
+    with tempfile.TemporaryDirectory(prefix="embedpipe-image-tower-") as folder:
+        finetuned = two_towers_form.write_finetuned_checkpoint(directory, saved, folder)
+        inputs, image_difference = _stage_open_clip(folder, finetuned, config, staging, images)
+    signal = two_towers_form.stage_signal_tower(directory, staging, OPEN_CLIP_CONFIG, config.device)
+    signal_parameters, signal_bytes = _size(signal.state)
+    inputs.kind, inputs.image_form = IMAGE_SIGNAL_KIND, "open_clip"
+    for dtype, size in signal_bytes.items():
+        inputs.bytes_by_dtype[dtype] = inputs.bytes_by_dtype.get(dtype, 0) + size
+    inputs.training = _training_settings(saved)
+    inputs.signal = {
+        **signal.record,
+        "entry": signal.entry.model_dump(mode="json"),
+        "parameters": signal_parameters,
+    }
+    inputs.parameters += signal_parameters
+    return inputs, two_towers_form.worst(image_difference, signal.difference)
+
+
 def _stage_two_towers(
     directory: str, saved: dict, config: PublishSettings, staging: Path, images: list
 ) -> tuple[card.CardInputs, float]:
+    if image_mode(saved, directory) == FINETUNE_MODE:
+        return _stage_finetuned_towers(directory, saved, config, staging, images)
     staged = two_towers_form.stage_two_towers(
         directory, config.device, config.tokenizer_dir, staging, images
     )
@@ -323,7 +351,7 @@ def publish_checkpoint(
             config_name = CONFIG_NAME
         elif is_two_towers_config(saved):
             inputs, difference = _stage_two_towers(directory, saved, config, staging, images)
-            config_name = CONFIG_NAME
+            config_name = CONFIG_NAME if inputs.image_form == "head" else OPEN_CLIP_CONFIG
         else:
             inputs, difference = _stage_open_clip(directory, saved, config, staging, images)
             config_name = OPEN_CLIP_CONFIG

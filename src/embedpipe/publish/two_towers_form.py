@@ -24,6 +24,7 @@ from embedpipe.models.loading import load_model
 from embedpipe.models.registry import ModelEntry
 from embedpipe.models.two_towers import (
     SIGNAL_TOWER_DIR,
+    load_finetuned_tower,
     load_image_head,
     read_two_towers,
     write_signal_tower,
@@ -83,10 +84,28 @@ def stage_two_towers(
             normalized=record["normalized"],
         )
         image = stage_head(folder, device, tokenizer_dir, staging, images)
+    signal = stage_signal_tower(directory, staging, CONFIG_NAME, device)
+    # NaN (a broken tower) must not hide behind the other tower's number
+    difference = worst(image.difference, signal.difference)
+    return StagedTowers(image, signal.entry, signal.record, signal.state, difference)
+
+
+@dataclass
+class StagedSignal:
+    entry: ModelEntry
+    record: dict[str, Any]  # what the top config records of the signal tower
+    state: dict[str, torch.Tensor]
+    difference: float
+
+
+def stage_signal_tower(directory: str, staging: Path, top_config: str, device: str):
+    """The signal tower of the checkpoint at ``directory`` into ``staging/signal_encoder``,
+    recorded in the published model's ``top_config`` (``config.json`` of a head form,
+    ``open_clip_config.json`` of open_clip's layout), checked by reloading it."""
     tower = staging / SIGNAL_TOWER_DIR
     entry = write_signal_tower(directory, tower)
     described = json.loads((tower / CONFIG_NAME).read_text(encoding="utf-8"))
-    signal = {
+    record = {
         "folder": SIGNAL_TOWER_DIR,
         "entry": entry.name,
         "architecture": entry.architecture,
@@ -94,12 +113,35 @@ def stage_two_towers(
         "column": described["column"],
         "signal_length": described["signal_length"],
     }
-    top = staging / CONFIG_NAME
+    top = staging / top_config
     published = json.loads(top.read_text(encoding="utf-8"))
-    published[SIGNAL_RECORD] = signal
+    published[SIGNAL_RECORD] = record
     top.write_text(json.dumps(published, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     state = load_file(str(tower / WEIGHTS_NAME))
-    differences = (image.difference, _signal_difference(directory, tower, entry, device))
-    # NaN (a broken tower) must not hide behind the other tower's number
-    difference = max(differences) if all(d == d for d in differences) else float("nan")
-    return StagedTowers(image, entry, signal, state, difference)
+    difference = _signal_difference(directory, tower, entry, device)
+    return StagedSignal(entry, record, state, difference)
+
+
+def write_finetuned_checkpoint(directory: str, config: dict[str, Any], out: str) -> dict:
+    """A fine-tuned image tower as a fine-tuned open_clip checkpoint in ``out`` (its
+    ``config.json`` returned): the whole model, its visual tower from ``directory``, so it
+    publishes in open_clip's layout as any fine-tune does."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    model = load_finetuned_tower(directory, config, directory, "cpu")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
+    save_file(state, str(Path(out, WEIGHTS_NAME)))
+    saved = {
+        "kind": "finetune",
+        "entry": model.entry.model_dump(mode="json"),
+        "model_cfg": dict(open_clip.get_model_config(model.entry.architecture) or {}),
+        "train": config.get("train") or {},
+    }
+    Path(out, CONFIG_NAME).write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    return saved
+
+
+def worst(*differences: float) -> float:
+    """The largest difference, NaN when any is (a broken tower must not hide)."""
+    return max(differences) if all(d == d for d in differences) else float("nan")
