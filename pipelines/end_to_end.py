@@ -165,6 +165,9 @@ def summary(outputs: dict[str, str]) -> list[str]:
     ]
 
 
+SOURCE_ORDER = ("image", "signal", "both")
+
+
 def signal_summary(runs: dict[str, dict]) -> list[str]:
     """Images paired with signals: cross-modal recall@1 and each scalar target's R²
     (Ridge probe) from each modality's embeddings, untrained -> trained."""
@@ -178,7 +181,7 @@ def signal_summary(runs: dict[str, dict]) -> list[str]:
     )
     for target in targets:
         parts = []
-        for source in regression:
+        for source in sorted(regression, key=SOURCE_ORDER.index):
             before, after = (
                 runs.get(model, {})
                 .get("regression", {})
