@@ -10,6 +10,7 @@ def train(
     settings: dict,
     overrides: dict,
     model_entry: str,
+    models: str,
     model: Output[Model],
     metrics: Output[Metrics],
     report: Output[HTML],
@@ -20,9 +21,12 @@ def train(
     absent where no mining ran (images paired with signals).
 
     ``model_entry`` is the registry entry of ``[train].model`` (the head's backbone in head
-    mode) as JSON, resolved when the pipeline is compiled. Every GPU the pod has is used
-    (torchrun) when ``nproc_per_node`` asks for more than one process.
+    mode) as JSON, resolved when the pipeline is compiled; ``models`` the config's
+    ``[models.NAME]`` entries as JSON (e.g. a signal encoder of its own). Every GPU the
+    pod has is used (torchrun) when ``nproc_per_node`` asks for more than one process.
     """
+    import json
+
     from embedpipe.config import stage_settings
     from embedpipe.models.registry import ModelEntry
     from embedpipe.train.inputs import TrainInputs
@@ -33,7 +37,7 @@ def train(
     entry = ModelEntry.model_validate_json(model_entry)
     mined = negatives.path if negatives is not None else ""
     inputs = TrainInputs(images.path, splits.path, mined, embeddings.path)
-    launch_training(inputs.for_mode(config.mode), model.path, config, entry)
+    launch_training(inputs.for_mode(config.mode), model.path, config, entry, json.loads(models))
     record_training_outputs(model, metrics, report.path, config, entry.name)
 
 

@@ -1,5 +1,6 @@
 """train: images, splits, mined negatives and embeddings -> a trained model (or head)."""
 
+import json
 from typing import NamedTuple
 
 from kfp import dsl
@@ -46,7 +47,10 @@ def add_train_step(graph: Graph, after=None, overrides=None, **inputs):
         )
     else:
         model_entry = get_entry(cfg.model, settings.models).model_dump_json()
-        task = graph.step("train", "train", overrides=given, **inputs, model_entry=model_entry)
+        models = json.dumps(settings.models, sort_keys=True)
+        task = graph.step(
+            "train", "train", overrides=given, **inputs, model_entry=model_entry, models=models
+        )
     return task.after(after) if after is not None else task
 
 
