@@ -341,3 +341,22 @@ def test_a_head_trains_validates_and_saves_with_bf16_weights(
     assert result.best_value is not None and 0.0 <= result.best_value <= 1.0
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
+
+
+def test_a_global_batch_past_the_training_rows_under_ddp_is_one_line():
+    """Two processes need a full slice each, or the features' all-gather waits forever
+    on the rank that got fewer rows: refused before any step, naming the flag."""
+    from types import SimpleNamespace
+
+    from embedpipe.config import ConfigError, TrainSettings
+    from embedpipe.train.distributed import World
+    from embedpipe.train.loop import Loop
+
+    task = SimpleNamespace(train_rows=np.arange(23))
+    config = TrainSettings(batch_size=16, steps=1)
+    expected = (
+        r"batch_size: 16 per process x 2 processes is more than the 23 training rows; "
+        r"lower --batch-size to 11 or fewer"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        Loop(task, config, "unused", World(0, 2, 0), torch.device("cpu"), None, {})

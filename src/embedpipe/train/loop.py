@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from embedpipe.config import TrainSettings
+from embedpipe.config import ConfigError, TrainSettings
 from embedpipe.models.precision import TRAINING, precision_for
 from embedpipe.train import checkpoint as ckpt
 from embedpipe.train.distributed import World
@@ -150,6 +150,13 @@ class Loop:
         self.settings_json = settings_json
         self.global_batch = config.batch_size * world.size
         self.train_rows = task.train_rows
+        if world.size > 1 and len(self.train_rows) < self.global_batch:
+            # every process must get a full slice, or the feature all-gather hangs
+            raise ConfigError(
+                f"batch_size: {config.batch_size} per process x {world.size} processes is "
+                f"more than the {len(self.train_rows)} training rows; lower --batch-size to "
+                f"{len(self.train_rows) // world.size} or fewer"
+            )
         micro = batches_per_epoch(len(self.train_rows), self.global_batch)
         self.steps_per_epoch = max(1, micro // config.accumulation)
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
