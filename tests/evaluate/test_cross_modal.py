@@ -40,12 +40,12 @@ def test_regression_r2_matches_closed_form_and_brute_force():
     fit, score = train & known, test & known
     for source, matrix in with_both(image, signal).items():
         x, y = matrix[fit], target[fit]
-        mean_x, mean_y = x.mean(0), y.mean()
-        weights = np.linalg.solve(
-            (x - mean_x).T @ (x - mean_x) + np.eye(x.shape[1]), (x - mean_x).T @ (y - mean_y)
-        )
-        ridge = (matrix[score] - mean_x) @ weights + mean_y
+        scaled = (x - x.mean(0)) / x.std(0)  # the Ridge probe standardises on the fit rows
+        mean_y = y.mean()
+        weights = np.linalg.solve(scaled.T @ scaled + np.eye(x.shape[1]), scaled.T @ (y - mean_y))
+        ridge = ((matrix[score] - x.mean(0)) / x.std(0)) @ weights + mean_y
         assert ours[source]["ridge"]["redshift_r2"] == pytest.approx(r2(target[score], ridge))
+        x = matrix[fit]
         unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
         near = np.argsort(-(unit(matrix[score]) @ unit(x).T), axis=1)[:, :5]
         knn = y[near].mean(1)

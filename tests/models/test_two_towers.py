@@ -220,9 +220,9 @@ def test_an_image_tower_of_an_unknown_mode_is_refused_in_one_line(towers, tmp_pa
     error = one_line_error(
         capsys, "embed", towers["images"], "--out", str(tmp_path / "e"), "--weights", str(copy)
     )
-    assert error == (
-        f"embedpipe embed: error: {copy}: an image tower of unknown mode 'lora'"
-    ), error
+    assert error == (f"embedpipe embed: error: {copy}: an image tower of unknown mode 'lora'"), (
+        error
+    )
     # its signal tower still loads
     out = tmp_path / "s"
     run("embed-signal", towers["images"], "--column", "spectrum", "--out", str(out),

@@ -489,7 +489,8 @@ def test_the_train_component_trains_in_two_processes_the_same_way(
         images=artifact(demo_images), splits=artifact(demo_splits), negatives=artifact(""),
         embeddings=artifact(demo_embeddings),
         settings=head_train(nproc_per_node=2, val_every=0).model_dump(mode="json"),
-        overrides={}, model_entry=backbone_entry.model_dump_json(), model=artifact(out),
+        overrides={}, model_entry=backbone_entry.model_dump_json(), models="{}",
+        model=artifact(out),
         metrics=metrics, report=artifact(tmp_path / "report.html"),
     )  # fmt: skip
     assert logged["steps"] == 6

@@ -125,7 +125,7 @@ class SignalEvaluation:
     runs: list[TowersRun]
 
 
-def _selected(images_uri: str, select_uri: str, examples) -> np.ndarray:
+def _selected(select_uri: str, examples) -> np.ndarray:
     usable = np.isin(examples.split, ("train", "val"))
     if select_uri:
         kept = set(datasets.read_table(select_uri, columns=["image_id"])["image_id"].to_pylist())
@@ -152,7 +152,7 @@ def evaluate_image_signal(
         trained.config, train_config, examples, images_uri, models=carried_entries(trained.config)
     )
     untrained.module.eval()
-    rows = _selected(images_uri, select_uri, examples)
+    rows = _selected(select_uri, examples)
     held_out = examples.split[rows] == "val"
     if held_out.sum() < 2:
         raise MissingGroundTruth(
