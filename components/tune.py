@@ -16,6 +16,7 @@ def tune(
     combine_settings: dict,
     combine_overrides: dict,
     model_entry: str,
+    models: str,
     study: Output[Artifact],
     trials: Output[Dataset],
     best: Output[Artifact],
@@ -30,7 +31,7 @@ def tune(
     [mine] overrides with the best filters on top, for the step that re-mines with them.
 
     ``study`` holds the SQLite study, each trial's model (runs/), its negatives (mined/)
-    and the report's PNGs.
+    and the report's PNGs; ``models`` is the config's ``[models.NAME]`` entries as JSON.
     """
     import json
     import shutil
@@ -60,6 +61,7 @@ def tune(
         **inputs.keywords(),
         mine=mine,
         combine=combine,
+        models=json.loads(models),
     )
     table = datasets.read_table(f"{study.path}/trials")
     datasets.write_table(trials.path, table, "tune_trials")

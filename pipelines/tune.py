@@ -13,6 +13,7 @@ negatives the final training takes. Such a pipeline has [mine] and [combine] sta
 parameters ``mine`` and ``combine``), which are left out otherwise.
 """
 
+import json
 from typing import NamedTuple
 
 from kfp import dsl
@@ -82,7 +83,9 @@ def add_tune_step(graph: Graph, after=None, **inputs):
         cfg = settings.train
         task = place(
             graph.parts.tune(
-                **common, model_entry=get_entry(cfg.model, settings.models).model_dump_json()
+                **common,
+                model_entry=get_entry(cfg.model, settings.models).model_dump_json(),
+                models=json.dumps(settings.models, sort_keys=True),
             ),
             settings.cluster,
             cache=True,

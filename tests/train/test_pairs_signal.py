@@ -322,3 +322,30 @@ def test_a_baseline_made_by_another_model_is_refused(paired, trained, tmp_path):
         evaluate_models(
             sources, paired["splits"], str(tmp_path / "out"), EvaluateSettings(), paired["images"]
         )
+
+
+def test_tuning_trains_with_a_signal_encoder_of_the_config_file(paired, backbone, tmp_path):
+    """`[train].signal_model` naming a `[models.NAME]` table reaches every trial."""
+    from embedpipe.config import TuneSettings
+    from embedpipe.tune.study import tune_model
+
+    arch = {"signal_length": 0, "channels": [8, 16], "kernel_size": 5, "stride": 2}
+    own = {"library": "signal", "architecture": "signal_cnn", "embed_dim": 16, "arch": arch}
+    tune = TuneSettings(
+        n_trials=1, space={"lr": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}}
+    )
+    result = tune_model(
+        paired["images"],
+        str(tmp_path / "study"),
+        tune,
+        settings(signal_model="my_cnn", steps=10, val_every=10),
+        backbone,
+        splits_uri=paired["splits"],
+        embeddings_uri=paired["embeddings"],
+        models={"my_cnn": own},
+    )
+    assert result.trials_complete == 1, result
+    trial = next((tmp_path / "study" / "runs").iterdir())
+    config = json.loads((trial / "config.json").read_text())
+    assert config["signal"]["entry"]["name"] == "my_cnn"
+    assert config["signal"]["entry"]["arch"]["channels"] == [8, 16]

@@ -320,6 +320,7 @@ def run_tune(args: argparse.Namespace, settings: Settings) -> None:
         **inputs.keywords(),
         mine=settings.mine,
         combine=settings.combine,
+        models=settings.models,
     )
     _print_result(result)
 

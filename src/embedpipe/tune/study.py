@@ -234,10 +234,18 @@ def mine_trial_negatives(mining: Mining, out_uri: str, mine_params: dict[str, An
 
 class _Objective:
     def __init__(
-        self, out_uri, tune, train, space, entry: ModelEntry, inputs: TrainInputs, mining=None
+        self,
+        out_uri,
+        tune,
+        train,
+        space,
+        entry: ModelEntry,
+        inputs: TrainInputs,
+        mining=None,
+        models: dict | None = None,
     ):
         self.out_uri, self.tune, self.train, self.space = out_uri, tune, train, space
-        self.entry, self.inputs, self.mining = entry, inputs, mining
+        self.entry, self.inputs, self.mining, self.models = entry, inputs, mining, models
         self.run_now = 0
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -271,7 +279,13 @@ class _Objective:
                 trial.set_user_attr(NEGATIVES_COUNT_ATTR, negatives_count(negatives))
                 inputs = replace(inputs, negatives=negatives)
             train_model(
-                inputs.images, out, config, self.entry, **inputs.keywords(), on_validation=report
+                inputs.images,
+                out,
+                config,
+                self.entry,
+                **inputs.keywords(),
+                on_validation=report,
+                models=self.models,
             )
             summary = storage.read_json(datasets.side_path(out, ckpt.METRICS_NAME))
             skipped = (summary.get("result") or {}).get("skipped", {}).get("validation")
@@ -302,6 +316,7 @@ def tune_model(
     *,
     mine: MineSettings | None = None,
     combine: CombineSettings | None = None,
+    models: dict | None = None,
 ) -> TuneResult:
     """Run (or resume) the study in ``out_uri`` (a local folder) and write its outputs.
     The study holds the output's lock, so a second tune of the same folder stops at once
@@ -309,7 +324,8 @@ def tune_model(
 
     A space with ``mine.KEY`` filters re-mines each trial's negatives from ``splits_uri``
     and ``embeddings_uri`` with ``mine`` (and ``combine``; their defaults when None) and
-    the trial's values on top; ``embeddings_uri`` reaches training only in head mode."""
+    the trial's values on top; ``embeddings_uri`` reaches training only in head mode;
+    ``models``: the config file's ``[models.NAME]`` entries (e.g. a signal encoder)."""
     started = time.perf_counter()
     if storage.is_s3(out_uri):
         raise ConfigError(
@@ -338,7 +354,7 @@ def tune_model(
     if requeued or done:
         log.info("resuming the study in %s: %d trials done, %d to rerun", out_uri, done, requeued)
     inputs = TrainInputs(images_uri, splits_uri, negatives_uri, embeddings_uri, captions_uri)
-    objective = _Objective(out_uri, tune, train, space, entry, inputs, mining)
+    objective = _Objective(out_uri, tune, train, space, entry, inputs, mining, models)
 
     def stop_when_too_many_fail(study: optuna.Study, _trial) -> None:
         if len(_counted(study)["failed"]) > tune.max_failed_trials:
