@@ -85,3 +85,15 @@ def test_tuning_signals_compiles_without_negatives_and_refuses_mine_keys(tmp_pat
     )
     with pytest.raises(ConfigError, match=r"mine.margin: images paired with signals"):
         check_search(searching_mine, settings.train)
+
+
+def test_a_config_file_signal_encoder_is_refused_for_the_cluster_trainer():
+    from embedpipe.config import ConfigError, TrainSettings
+    from embedpipe.kube.objects import check_cluster_model
+
+    train = TrainSettings(
+        model="clip_vitb32", pairs="image_signal", signal_column="spectrum", signal_model="mine"
+    )
+    with pytest.raises(ConfigError, match=r"\[train\].signal_model 'mine' is a \[models\] entry"):
+        check_cluster_model(train, {"mine": {"library": "signal"}})
+    check_cluster_model(train, {})  # registry encoders travel

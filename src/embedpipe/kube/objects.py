@@ -211,8 +211,13 @@ def as_dict(model: Any) -> dict[str, Any]:
 def check_cluster_model(train: TrainSettings, config_models: dict[str, Any]) -> None:
     """Pods on the cluster run ``embedpipe train`` with the packaged model registry: a
     model defined in the config's [models] is unknown there."""
-    if train.model in (config_models or {}):
-        raise ConfigError(
-            f"[train].model {train.model!r} is a [models] entry of the config, which the "
-            "cluster's `embedpipe train` does not read; use a model of the packaged registry"
-        )
+    own = config_models or {}
+    named = [("model", train.model)]
+    if train.pairs == "image_signal":
+        named.append(("signal_model", train.signal_model))
+    for key, name in named:
+        if name in own:
+            raise ConfigError(
+                f"[train].{key} {name!r} is a [models] entry of the config, which the "
+                "cluster's `embedpipe train` does not read; use a model of the packaged registry"
+            )
