@@ -51,8 +51,15 @@ def build_pipeline(settings: Settings):
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description=describe(
-            "Images -> preprocess -> hard negatives -> training -> evaluation before and "
-            "after -> a published model",
+            "Images -> preprocess -> "
+            + ("hard negatives -> " if "mine" in own_stages else "")
+            + "training -> evaluation before and after -> a published model"
+            + (
+                ""
+                if "mine" in own_stages
+                else " (images paired with signals: the mine, "
+                "combine and to_hf parameters are not used)"
+            ),
             {stage: settings.section(stage) for stage in own_stages},
         ),
         pipeline_root=settings.cluster.pipeline_root or None,

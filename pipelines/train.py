@@ -70,24 +70,34 @@ def build_pipeline(settings: Settings):
     def train_pipeline(
         images_uri: str,
         splits_uri: str,
-        negatives_uri: str,
         embeddings_uri: str,
+        negatives_uri: str = "",  # images paired with signals take none
         train: dict = {},  # noqa: B006 (KFP reads the defaults from the signature)
     ) -> Outputs:
         graph = Graph.of(settings, STAGES, {"train": train})
+        mined = {} if signal_pairs(settings) else {"negatives": import_dataset(negatives_uri)}
         task = add_train_step(
             graph,
             graph.check(),
             images=import_dataset(images_uri),
             splits=import_dataset(splits_uri),
-            negatives=import_dataset(negatives_uri),
             embeddings=import_dataset(embeddings_uri),
+            **mined,
         )
         return Outputs(model=task.outputs["model"], report=task.outputs["report"])
 
     return train_pipeline
 
 
+def signal_pairs(settings: Settings) -> bool:
+    """Images paired with signals: trained without mined negatives."""
+    return settings.train.pairs == "image_signal"
+
+
 def run_arguments(settings: Settings) -> dict:
-    """Inputs from [paths], or else from the latest local preprocess and mine runs."""
-    return local_inputs(settings, LOCAL_OUTPUTS)
+    """Inputs from [paths], or else from the latest local preprocess and mine runs (no
+    mine run for images paired with signals)."""
+    wanted = dict(LOCAL_OUTPUTS)
+    if signal_pairs(settings):
+        del wanted["negatives"]
+    return local_inputs(settings, wanted)

@@ -26,6 +26,8 @@ def test_the_signals_config_compiles_without_mining(tmp_path):
     }  # fmt: skip
     train_settings = tasks["train"]["inputs"]["parameters"]["settings"]["runtimeValue"]
     assert train_settings["constant"]["pairs"] == "image_signal"
+    alone = read_pipeline_spec(tmp_path / "train.yaml")["root"]["dag"]["tasks"]
+    assert "negatives" not in alone["train"]["inputs"]["artifacts"]  # the train pipeline too
 
 
 def test_the_image_demo_keeps_its_mining_steps(tmp_path):

@@ -22,14 +22,16 @@ from safetensors.torch import load_file
 
 from embedpipe.config import EvaluateSettings, TrainSettings
 from embedpipe.core import datasets, storage
+from embedpipe.core.finite import check_embeddings
 from embedpipe.core.schemas import EVALUATION_KIND, IMAGES_KIND
 from embedpipe.evaluate.cross_modal import regression_r2, retrieval_recall, with_both
 from embedpipe.evaluate.metrics import knn_distances
 from embedpipe.evaluate.sources import MissingGroundTruth
 from embedpipe.models.identity import weights_identity
+from embedpipe.models.precision import INFERENCE, Precision, precision_for
 from embedpipe.train.checkpoint import WEIGHTS_NAME
 from embedpipe.train.data import load_examples
-from embedpipe.train.pairs_signal import IMAGE_SIGNAL_KIND, ImageSignalTask
+from embedpipe.train.pairs_signal import IMAGE_SIGNAL_KIND
 from embedpipe.train.signal_towers import (
     FINETUNE_IMAGE_MODE,
     image_mode,
@@ -72,11 +74,22 @@ class TrainedTowers:
         self.encoder.eval()
         self.config = config
 
+    def placed(self, device: torch.device, precision: Precision) -> TrainedTowers:
+        """On ``device`` with the weights ``precision`` asks for."""
+        self.head = precision.cast(self.head.to(device))
+        self.encoder = precision.cast(self.encoder.to(device))
+        return self
+
     def image(self, vectors: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(vectors).float(), dim=-1)
 
     def signal(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.encoder(values, lengths).float(), dim=-1)
+
+
+def anomaly_neighbours(config: EvaluateSettings, held_out: np.ndarray) -> int:
+    """``anomaly_neighbors``, or every other held-out image when there are fewer."""
+    return min(config.anomaly_neighbors, int(held_out.sum()) - 1)
 
 
 def carried_entries(config: dict) -> dict[str, dict]:
@@ -86,16 +99,29 @@ def carried_entries(config: dict) -> dict[str, dict]:
 
 
 @torch.no_grad()
-def _embed(towers, task: ImageSignalTask, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _embed_both(
+    models: dict, task, rows: np.ndarray, batch: int, precision: Precision, device: torch.device
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each model's (image, signal) embeddings of ``rows``: every chunk's inputs (decoded
+    pixels or frozen embeddings, padded signals) made once and fed to both models."""
     from embedpipe.embed.signals import padded_batch
 
-    images, signals = [], []
-    for start in range(0, len(rows), 256):
-        chunk = [int(r) for r in rows[start : start + 256]]
+    dtype = precision.weights
+    out: dict[str, tuple[list, list]] = {name: ([], []) for name in models}
+    for start in range(0, len(rows), batch):
+        chunk = [int(r) for r in rows[start : start + batch]]
         values, lengths = padded_batch(task.signals, chunk)
-        images.append(towers.image(task.image_inputs(chunk)))
-        signals.append(towers.signal(values, lengths))
-    return torch.cat(images).numpy(), torch.cat(signals).numpy()
+        inputs = task.image_inputs(chunk).to(device)
+        inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
+        values, lengths = values.to(device, dtype), lengths.to(device)
+        for name, towers in models.items():
+            with precision.autocasting(device):
+                out[name][0].append(towers.image(inputs).float().cpu())
+                out[name][1].append(towers.signal(values, lengths).float().cpu())
+    return {
+        name: (torch.cat(images).numpy(), torch.cat(signals).numpy())
+        for name, (images, signals) in out.items()
+    }
 
 
 @dataclass
@@ -139,19 +165,29 @@ def evaluate_image_signal(
     splits_uri: str,
     config: EvaluateSettings | None = None,
     select_uri: str = "",
+    embeddings_uri: str = "",
 ) -> SignalEvaluation:
     """The untrained towers (rebuilt from the training's settings and seed) and the
     trained ones, on the held-out (val) rows of ``splits_uri`` (those of ``select_uri``
-    only, when given); probes fit on its training rows."""
+    only, when given); probes fit on its training rows. A head's image tower reads the
+    frozen embeddings of ``embeddings_uri`` (default: those the training recorded), on
+    ``[evaluate].device`` with its precision and batch size."""
+    from embedpipe.embed.runtime import resolve_device
+
     config = config or EvaluateSettings()
-    trained = TrainedTowers(checkpoint_uri)
+    device = resolve_device(config.device)
+    precision = precision_for(config.precision, device, INFERENCE)
+    trained = TrainedTowers(checkpoint_uri).placed(device, precision)
     train_config = TrainSettings(**trained.config["train"])
     examples = load_examples(images_uri, train_config, splits_uri)
+    recorded = trained.config
+    if embeddings_uri and image_mode(recorded) != FINETUNE_IMAGE_MODE:
+        recorded = {**recorded, "image": {**recorded["image"], "embeddings": embeddings_uri}}
     # a config file's signal encoder travels in the checkpoint: no config file needed
     untrained = untrained_task(
-        trained.config, train_config, examples, images_uri, models=carried_entries(trained.config)
+        recorded, train_config, examples, images_uri, device, carried_entries(recorded)
     )
-    untrained.module.eval()
+    precision.cast(untrained.module.eval())
     rows = _selected(select_uri, examples)
     held_out = examples.split[rows] == "val"
     if held_out.sum() < 2:
@@ -166,8 +202,11 @@ def evaluate_image_signal(
         for name, values in scalar_targets(images_uri, examples.image_ids).items()
     }
     runs = []
-    for name, towers in (("untrained", untrained.module), ("trained", trained)):
-        image, signal = _embed(towers, untrained, rows)
+    towers = {"untrained": untrained.module, "trained": trained}
+    embedded = _embed_both(towers, untrained, rows, config.batch_size, precision, device)
+    for name, (image, signal) in embedded.items():
+        check_embeddings(torch.from_numpy(image), f"{name} image tower", checkpoint_uri)
+        check_embeddings(torch.from_numpy(signal), f"{name} signal tower", checkpoint_uri)
         metrics = retrieval_recall(
             torch.from_numpy(image[held_out]),
             torch.from_numpy(signal[held_out]),
@@ -187,7 +226,7 @@ def evaluate_image_signal(
         anomaly = {}
         for modality, vectors in (("image", image), ("signal", signal)):
             scores = np.full(len(rows), np.nan)
-            neighbours = min(config.anomaly_neighbors, int(held_out.sum()) - 1)
+            neighbours = anomaly_neighbours(config, held_out)
             scores[held_out] = knn_distances(torch.from_numpy(vectors[held_out]), neighbours)
             anomaly[modality] = scores
             metrics[f"{modality}_anomaly_knn_distance"] = float(np.nanmean(scores))
@@ -213,13 +252,15 @@ def evaluate_image_signal(
     )
 
 
-def check_baselines(checkpoint: str, sources: list) -> None:
+def check_baselines(checkpoint: str, sources: list) -> str:
     """Beside an image_signal checkpoint, only the embeddings its image tower started
-    from may be given (the end-to-end pipeline's baseline): the untrained towers are
-    rebuilt from the checkpoint's settings on those embeddings."""
+    from may be given (the end-to-end pipeline's baseline): the towers of a head read
+    them (returned; "" when none is given), the untrained ones rebuilt from the
+    checkpoint's settings."""
     from embedpipe.evaluate.sources import EmbeddingsSource
 
     config = json.loads(Path(checkpoint, "config.json").read_text())
+    given = ""
     if image_mode(config) == FINETUNE_IMAGE_MODE:  # the tower is the model it fine-tunes
         backbone = config["image"]["entry"]["name"]
     else:
@@ -238,6 +279,8 @@ def check_baselines(checkpoint: str, sources: list) -> None:
                 f"--embeddings {source.embeddings}: made by {made_by}, but the image tower "
                 f"of {checkpoint} starts from {backbone}'s embeddings"
             )
+        given = source.embeddings
+    return given
 
 
 def image_signal_checkpoints(sources: list) -> list[str]:
@@ -299,6 +342,7 @@ def write_evaluation(
     images_uri: str,
     config: EvaluateSettings,
     select_uri: str = "",
+    embeddings_uri: str = "",
 ) -> dict[str, dict[str, float]]:
     """Evaluate one image_signal checkpoint (``metadata_uri``: the splits it trained with)
     and write ``metrics.json`` (per model: ``metrics`` with the retrieval recalls,
@@ -307,7 +351,9 @@ def write_evaluation(
     from embedpipe.evaluate.signal_report import render_signal_report
     from embedpipe.evaluate.stage import CONFUSION_NAME, METRICS_NAME, REPORT_NAME
 
-    evaluation = evaluate_image_signal(images_uri, checkpoint, metadata_uri, config, select_uri)
+    evaluation = evaluate_image_signal(
+        images_uri, checkpoint, metadata_uri, config, select_uri, embeddings_uri
+    )
     identity = weights_identity(checkpoint)
     payload = {
         "models": [

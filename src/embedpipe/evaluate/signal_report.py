@@ -73,6 +73,8 @@ def _projections(evaluation, config) -> str:
 def _anomalies(evaluation, config, images_uri: str) -> str:
     """Per model and modality, the held-out images whose embedding lies farthest from its
     nearest neighbours (their picture, and their signal drawn small)."""
+    from embedpipe.evaluate.image_signal import anomaly_neighbours
+
     top = {}
     for run in evaluation.runs:
         for modality, scores in run.anomaly.items():
@@ -86,7 +88,7 @@ def _anomalies(evaluation, config, images_uri: str) -> str:
     signals = _signals(images_uri, evaluation.signal_column, wanted)
     parts = [
         f"<h2>Most anomalous held-out images, per modality (mean distance to the "
-        f"{config.anomaly_neighbors} nearest)</h2>"
+        f"{anomaly_neighbours(config, evaluation.held_out)} nearest)</h2>"
     ]
     for (model, modality), rows in top.items():
         run = next(run for run in evaluation.runs if run.name == model)

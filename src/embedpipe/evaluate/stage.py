@@ -323,9 +323,15 @@ def evaluate_models(
     if two_towers := image_signal.image_signal_checkpoints(sources):  # pairs image_signal
         if len(two_towers) > 1:
             raise MissingGroundTruth("evaluate: give one image_signal checkpoint at a time")
-        image_signal.check_baselines(two_towers[0], sources)
+        baseline = image_signal.check_baselines(two_towers[0], sources)
         models = image_signal.write_evaluation(
-            two_towers[0], metadata_uri, out_uri, images_uri or metadata_uri, config, select_uri
+            two_towers[0],
+            metadata_uri,
+            out_uri,
+            images_uri or metadata_uri,
+            config,
+            select_uri,
+            baseline,
         )
         seconds = round(time.perf_counter() - started, 3)
         rows = sum(int(values["held_out_images"]) for values in models.values())

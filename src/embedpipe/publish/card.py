@@ -328,7 +328,7 @@ def _usage(inputs: CardInputs) -> list[str]:
             if texts
             else [
                 "Only the image tower was trained: the text tower open_clip builds beside it "
-                "holds its untrained start weights; use `encode_image`.",
+                "holds random weights; use `encode_image`, not `encode_text`.",
                 "",
             ]
         ),

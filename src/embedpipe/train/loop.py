@@ -152,10 +152,15 @@ class Loop:
         self.train_rows = task.train_rows
         if world.size > 1 and len(self.train_rows) < self.global_batch:
             # every process must get a full slice, or the feature all-gather hangs
+            fits = len(self.train_rows) // world.size
+            remedy = (
+                f"lower --batch-size to {fits} or fewer"
+                if fits
+                else "train in fewer processes (--nproc-per-node)"
+            )
             raise ConfigError(
                 f"batch_size: {config.batch_size} per process x {world.size} processes is "
-                f"more than the {len(self.train_rows)} training rows; lower --batch-size to "
-                f"{len(self.train_rows) // world.size} or fewer"
+                f"more than the {len(self.train_rows)} training rows; {remedy}"
             )
         micro = batches_per_epoch(len(self.train_rows), self.global_batch)
         self.steps_per_epoch = max(1, micro // config.accumulation)
