@@ -31,7 +31,7 @@ from embedpipe.models.identity import weights_identity
 from embedpipe.models.precision import INFERENCE, Precision, precision_for
 from embedpipe.train.checkpoint import WEIGHTS_NAME
 from embedpipe.train.data import load_examples
-from embedpipe.train.pairs_signal import IMAGE_SIGNAL_KIND
+from embedpipe.train.pairs_signal import IMAGE_SIGNAL_KIND, object_codes
 from embedpipe.train.signal_towers import (
     FINETUNE_IMAGE_MODE,
     image_mode,
@@ -108,10 +108,10 @@ def _embed_both(
 
     dtype = precision.weights
     out: dict[str, tuple[list, list]] = {name: ([], []) for name in models}
-    for start in range(0, len(rows), batch):
-        chunk = [int(r) for r in rows[start : start + batch]]
-        values, lengths = padded_batch(task.signals, chunk)
-        inputs = task.image_inputs(chunk).to(device)
+    chunks = [rows[start : start + batch].tolist() for start in range(0, len(rows), batch)]
+    for chunk, inputs in task.input_batches(chunks):  # one loader over every chunk
+        values, lengths = padded_batch(task.signals, chunk.tolist())
+        inputs = inputs.to(device)
         inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
         values, lengths = values.to(device, dtype), lengths.to(device)
         for name, towers in models.items():
@@ -194,9 +194,7 @@ def evaluate_image_signal(
         raise MissingGroundTruth(
             f"{splits_uri}: fewer than two held-out images with a usable signal to evaluate"
         )
-    keys = examples.concept_keys()
-    object_ids = {key: n for n, key in enumerate(sorted(set(keys)))}
-    objects = np.array([object_ids[keys[row]] for row in rows.tolist()])
+    objects = object_codes(examples, rows)
     targets = {
         name: values[rows]
         for name, values in scalar_targets(images_uri, examples.image_ids).items()

@@ -33,6 +33,7 @@ from embedpipe.train import losses
 from embedpipe.train.data import Examples
 from embedpipe.train.finetune import init_scale
 from embedpipe.train.head import embeddings_backbone, load_embeddings, standardization
+from embedpipe.train.nested import OVERALL_RECALL, prefix
 from embedpipe.train.optim import param_groups
 from embedpipe.train.task import TaskDefaults
 
@@ -161,7 +162,132 @@ def cross_modal_recall(
     return metrics
 
 
-class ImageSignalTask(TaskDefaults):
+def at_least_fp32(features: torch.Tensor) -> torch.Tensor:
+    """bf16 features in float32 for the loss; float32 and float64 as they are."""
+    return features if features.dtype in (torch.float32, torch.float64) else features.float()
+
+
+def object_codes(examples: Examples, rows: np.ndarray) -> np.ndarray:
+    """A number per row naming its object (its concept), as recall's positives need."""
+    keys = examples.concept_keys()
+    codes = {key: n for n, key in enumerate(sorted(set(keys)))}
+    return np.array([codes[keys[row]] for row in rows.tolist()])
+
+
+class SignalPairTask(TaskDefaults):
+    """What both image_signal tasks share: the signals of the example rows, validation on
+    held-out objects, the cross-modal loss and the signal tower's part of a checkpoint.
+    A task sets ``module`` (``image``, ``signal``, ``encoder``, ``logit_scale``, ``logit_bias``)
+    and ``loss``, and yields ``(rows, image inputs)`` from ``input_batches``."""
+
+    nested_dims: tuple[int, ...] = ()  # prefixes validated besides the whole embedding
+
+    def use_signals(self, images_uri: str, encoder: SignalEncoder, present=None) -> None:
+        """Load the rows' signals; rows without a usable one (or not ``present``) take no
+        part; the train and held-out rows follow."""
+        config, examples = self.config, self.examples
+        self.signals = load_signals(images_uri, config.signal_column, examples)
+        usable = usable_signals(self.signals, encoder)
+        if not usable[examples.split == "train"].any():
+            raise ConfigError(
+                f"signal_column: no training image of {images_uri} has a usable "
+                f"'{config.signal_column}' signal for {self.signal_entry.name}"
+            )
+        if present is not None:
+            usable &= present
+        examples.split = np.where(usable, examples.split, "unused")
+        self.train_rows = examples.rows("train")
+        self.queries = examples.rows("val")
+        self.candidates = self.queries
+
+    def validation_problem(self) -> str:
+        if len(self.queries) < 2:
+            return "the splits hold fewer than two val rows with a signal to validate on"
+        if max(self.config.val_k) > len(self.queries):
+            return (
+                f"val_k: {max(self.config.val_k)} is more than the {len(self.queries)} "
+                "held-out signals"
+            )
+        return ""
+
+    def loss_from(self, features: tuple, batch: dict) -> torch.Tensor:
+        image, signal, _, scale, bias = features
+        labels = torch.from_numpy(self.examples.labels[batch["rows"].numpy()]).to(self.device)
+        return self.loss(
+            at_least_fp32(image),
+            at_least_fp32(signal),
+            at_least_fp32(scale),
+            bias,
+            labels=labels,
+            negative_features=None,
+        )
+
+    def input_batches(self, chunks: list[list[int]]) -> Iterator:
+        raise NotImplementedError
+
+    def image_inputs(self, rows: list[int]) -> torch.Tensor:
+        """What ``module.image`` takes for ``rows``."""
+        ((_, inputs),) = list(self.input_batches([rows]))
+        return inputs
+
+    @torch.no_grad()
+    def embed_rows(self, rows: np.ndarray, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+        images, signals = [], []
+        size = self.config.batch_size
+        chunks = [rows[s : s + size].tolist() for s in range(0, len(rows), size)]
+        for chunk_rows, inputs in self.input_batches(chunks):
+            values, lengths = padded_batch(self.signals, chunk_rows.tolist())
+            with autocast():
+                images.append(self.module.image(inputs.to(self.device)).cpu())
+                signals.append(
+                    self.module.signal(values.to(self.device), lengths.to(self.device)).cpu()
+                )
+        return torch.cat(images).float(), torch.cat(signals).float()
+
+    def evaluate(self, autocast) -> dict[str, float]:
+        if not len(self.queries):
+            return {}
+        self.module.eval()
+        try:
+            image, signal = self.embed_rows(self.queries, autocast)
+        finally:
+            self.module.train()
+        objects = object_codes(self.examples, self.queries)
+        ks = self.config.val_k
+        metrics = cross_modal_recall(image, signal, objects, ks, "val_")
+        for dim in self.nested_dims:
+            if dim < image.shape[1]:
+                found = cross_modal_recall(
+                    prefix(image, dim), prefix(signal, dim), objects, ks, "val_"
+                )
+                metrics |= {f"{k}_dim{dim}": v for k, v in found.items() if OVERALL_RECALL.match(k)}
+        return metrics
+
+    def signal_weights(self) -> dict[str, torch.Tensor]:
+        """The signal tower's tensors (``signal.*``) and the learnt logit scale."""
+        state = {
+            f"signal.{k}": v.detach().clone() for k, v in self.module.encoder.state_dict().items()
+        }
+        state["logit_scale"] = self.module.logit_scale.detach().clone()
+        return state
+
+    def training_weights(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_training_weights(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state, strict=True)
+
+    def signal_record(self) -> dict:
+        """The checkpoint's ``"signal"`` block: the encoder's whole entry, its start
+        weights and the column it read."""
+        return {
+            "entry": self.signal_entry.model_dump(mode="json"),
+            "weights": self.config.signal_weights,
+            "column": self.config.signal_column,
+        }
+
+
+class ImageSignalTask(SignalPairTask):
     """Batches of example rows: each image's frozen embedding and its own signal."""
 
     def __init__(
@@ -183,17 +309,9 @@ class ImageSignalTask(TaskDefaults):
                 f"model: {embeddings_uri} holds embeddings of {manifest['model']}, "
                 f"not of {entry.name}"
             )
-        self.signals = load_signals(images_uri, config.signal_column, examples)
-        usable = usable_signals(self.signals, encoder)
-        if not usable[examples.split == "train"].any():
-            raise ConfigError(
-                f"signal_column: no training image of {images_uri} has a usable "
-                f"'{config.signal_column}' signal for {self.signal_entry.name}"
-            )
-        examples.split = np.where(present & usable, examples.split, "unused")
+        self.use_signals(images_uri, encoder, present)
         self.embeddings_uri, self.manifest = embeddings_uri, manifest
         self.matrix = torch.from_numpy(matrix)
-        self.train_rows = examples.rows("train")
         in_dim, out_dim = matrix.shape[1], self.signal_entry.embed_dim
         if config.out_dim and config.out_dim != out_dim:
             raise ConfigError(
@@ -214,19 +332,7 @@ class ImageSignalTask(TaskDefaults):
             shift,
             spread,
         ).to(device)
-        self.queries = examples.rows("val")
-        self.candidates = self.queries
         self.loss = losses.get_loss(config.loss, **loss_options)
-
-    def validation_problem(self) -> str:
-        if len(self.queries) < 2:
-            return "the splits hold fewer than two val rows with a signal to validate on"
-        if max(self.config.val_k) > len(self.queries):
-            return (
-                f"val_k: {max(self.config.val_k)} is more than the {len(self.queries)} "
-                "held-out signals"
-            )
-        return ""
 
     def param_groups(self) -> list[dict]:
         new = {name for name, _ in self.module.named_parameters()}
@@ -245,54 +351,19 @@ class ImageSignalTask(TaskDefaults):
     def features_of(self, forward: nn.Module, batch: dict) -> tuple:
         return forward(batch["first"], batch["values"], batch["lengths"])
 
-    def loss_from(self, features: tuple, batch: dict) -> torch.Tensor:
-        image, signal, _, scale, bias = features
-        labels = torch.from_numpy(self.examples.labels[batch["rows"].numpy()]).to(self.device)
-        return self.loss(image, signal, scale, bias, labels=labels, negative_features=None)
-
     def flops_per_sample(self, batch: dict) -> float:
         # each weight used once per sample: a lower bound for the signal encoder, which
         # applies its weights at every slice or position
         return 6.0 * sum(p.numel() for p in self.module.parameters())
 
-    def image_inputs(self, rows: list[int]) -> torch.Tensor:
-        """What ``module.image`` takes for ``rows``: their frozen embeddings."""
-        return self.matrix[rows]
-
-    @torch.no_grad()
-    def embed_rows(self, rows: np.ndarray, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-        images, signals = [], []
-        for start in range(0, len(rows), 256):
-            chunk = [int(r) for r in rows[start : start + 256]]
-            values, lengths = padded_batch(self.signals, chunk)
-            with autocast():
-                images.append(self.module.image(self.matrix[chunk].to(self.device)).cpu())
-                signals.append(
-                    self.module.signal(values.to(self.device), lengths.to(self.device)).cpu()
-                )
-        return torch.cat(images).float(), torch.cat(signals).float()
-
-    def evaluate(self, autocast) -> dict[str, float]:
-        if not len(self.queries):
-            return {}
-        image, signal = self.embed_rows(self.queries, autocast)
-        keys = self.examples.concept_keys()
-        ids = {key: n for n, key in enumerate(sorted(set(keys)))}
-        objects = np.array([ids[keys[row]] for row in self.queries.tolist()])
-        return cross_modal_recall(image, signal, objects, self.config.val_k, "val_")
+    def input_batches(self, chunks: list[list[int]]) -> Iterator:
+        """(rows, their frozen embeddings) per list of rows."""
+        for rows in chunks:
+            yield torch.tensor(rows), self.matrix[rows]
 
     def weights(self) -> dict[str, torch.Tensor]:
         state = {f"image_head.{k}": v for k, v in self.module.folded_head().items()}
-        for key, value in self.module.encoder.state_dict().items():
-            state[f"signal.{key}"] = value.detach().clone()
-        state["logit_scale"] = self.module.logit_scale.detach().clone()
-        return state
-
-    def training_weights(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
-
-    def load_training_weights(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state, strict=True)
+        return state | self.signal_weights()
 
     def checkpoint_config(self) -> dict:
         return {
@@ -302,9 +373,5 @@ class ImageSignalTask(TaskDefaults):
                 "head": self.head.config,
                 "embeddings": self.embeddings_uri,
             },
-            "signal": {
-                "entry": self.signal_entry.model_dump(mode="json"),
-                "weights": self.config.signal_weights,
-                "column": self.config.signal_column,
-            },
+            "signal": self.signal_record(),
         }

@@ -34,22 +34,15 @@ from embedpipe.train.data import (
     collate_rows,
 )
 from embedpipe.train.finetune import build, init_scale
-from embedpipe.train.nested import OVERALL_RECALL, nested_loss, prefix
+from embedpipe.train.nested import nested_loss
 from embedpipe.train.optim import param_groups
 from embedpipe.train.pairs_signal import (
     IMAGE_SIGNAL_KIND,
+    SignalPairTask,
+    at_least_fp32,
     build_encoder,
-    cross_modal_recall,
-    load_signals,
-    usable_signals,
 )
 from embedpipe.train.signal_towers import FINETUNE_IMAGE_MODE
-from embedpipe.train.task import TaskDefaults
-
-
-def at_least_fp32(features: torch.Tensor) -> torch.Tensor:
-    """bf16 features in float32 for the loss; float32 and float64 as they are."""
-    return features if features.dtype in (torch.float32, torch.float64) else features.float()
 
 
 class SignalFinetuneModule(nn.Module):
@@ -96,7 +89,7 @@ def signal_entry_for(config: TrainSettings, embed_dim: int, models: dict | None)
     return entry, encoder
 
 
-class ImageSignalFinetuneTask(TaskDefaults):
+class ImageSignalFinetuneTask(SignalPairTask):
     """Batches of example rows: each image's pixels and its own signal."""
 
     def __init__(
@@ -117,17 +110,8 @@ class ImageSignalFinetuneTask(TaskDefaults):
             )
         model, _ = build(entry, config, str(device))  # only its visual tower is kept
         self.signal_entry, encoder = signal_entry_for(config, entry.embed_dim, models)
-        self.signals = load_signals(images_uri, config.signal_column, examples)
-        usable = usable_signals(self.signals, encoder)
-        if not usable[examples.split == "train"].any():
-            raise ConfigError(
-                f"signal_column: no training image of {images_uri} has a usable "
-                f"'{config.signal_column}' signal for {self.signal_entry.name}"
-            )
-        examples.split = np.where(usable, examples.split, "unused")
-        self.train_rows = examples.rows("train")
-        self.queries = examples.rows("val")
-        self.candidates = self.queries
+        self.use_signals(images_uri, encoder)
+        self.nested_dims = config.nested_dims
         self.module = SignalFinetuneModule(
             model.module.visual,
             encoder.to(device),
@@ -143,16 +127,6 @@ class ImageSignalFinetuneTask(TaskDefaults):
             losses.get_loss(config.loss, **loss_options), config.nested_dims, entry.embed_dim
         )
 
-    def validation_problem(self) -> str:
-        if len(self.queries) < 2:
-            return "the splits hold fewer than two val rows with a signal to validate on"
-        if max(self.config.val_k) > len(self.queries):
-            return (
-                f"val_k: {max(self.config.val_k)} is more than the {len(self.queries)} "
-                "held-out signals"
-            )
-        return ""
-
     def param_groups(self) -> list[dict]:
         # The visual tower is pretrained (tower_lr); the signal encoder and the logit scale
         # and bias start here (lr).
@@ -160,7 +134,7 @@ class ImageSignalFinetuneTask(TaskDefaults):
         new = {name for name in new if not name.startswith("visual.")}
         return param_groups(self.module, new, self.config)
 
-    def pixel_batches(self, micro_batches: list[list[int]]) -> Iterator:
+    def input_batches(self, micro_batches: list[list[int]]) -> Iterator:
         """(rows, pixels) per list of rows, decoded in the loader's workers; an image that
         does not decode is one line naming it."""
         loader = DataLoader(
@@ -176,7 +150,7 @@ class ImageSignalFinetuneTask(TaskDefaults):
             raise UndecodableImage.from_loader(error) from None
 
     def batches(self, epoch: int, micro_batches: list[list[int]]) -> Iterator[dict]:
-        for rows, pixels in self.pixel_batches(micro_batches):
+        for rows, pixels in self.input_batches(micro_batches):
             values, lengths = padded_batch(self.signals, rows.tolist())
             yield {
                 "rows": rows,
@@ -188,18 +162,6 @@ class ImageSignalFinetuneTask(TaskDefaults):
     def features_of(self, forward: nn.Module, batch: dict) -> tuple:
         return forward(batch["pixels"], batch["values"], batch["lengths"])
 
-    def loss_from(self, features: tuple, batch: dict) -> torch.Tensor:
-        image, signal, _, scale, bias = features
-        labels = torch.from_numpy(self.examples.labels[batch["rows"].numpy()]).to(self.device)
-        return self.loss(
-            at_least_fp32(image),
-            at_least_fp32(signal),
-            at_least_fp32(scale),
-            bias,
-            labels=labels,
-            negative_features=None,
-        )
-
     def flops_per_sample(self, batch: dict) -> float:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -208,61 +170,14 @@ class ImageSignalFinetuneTask(TaskDefaults):
             self.module(batch["pixels"][:1], batch["values"][:1], batch["lengths"][:1])
         return 3.0 * counter.get_total_flops()
 
-    def image_inputs(self, rows: list[int]) -> torch.Tensor:
-        """What ``module.image`` takes for ``rows``: their decoded pixels."""
-        ((_, pixels),) = list(self.pixel_batches([rows]))
-        return pixels
-
-    @torch.no_grad()
-    def embed_rows(self, rows: np.ndarray, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-        images, signals = [], []
-        size = self.config.batch_size
-        chunks = [rows[s : s + size].tolist() for s in range(0, len(rows), size)]
-        for chunk_rows, pixels in self.pixel_batches(chunks):
-            values, lengths = padded_batch(self.signals, chunk_rows.tolist())
-            with autocast():
-                images.append(self.module.image(pixels.to(self.device)).cpu())
-                signals.append(
-                    self.module.signal(values.to(self.device), lengths.to(self.device)).cpu()
-                )
-        return torch.cat(images).float(), torch.cat(signals).float()
-
-    def evaluate(self, autocast) -> dict[str, float]:
-        if not len(self.queries):
-            return {}
-        self.module.eval()
-        try:
-            image, signal = self.embed_rows(self.queries, autocast)
-        finally:
-            self.module.train()
-        keys = self.examples.concept_keys()
-        ids = {key: n for n, key in enumerate(sorted(set(keys)))}
-        objects = np.array([ids[keys[row]] for row in self.queries.tolist()])
-        ks = self.config.val_k
-        metrics = cross_modal_recall(image, signal, objects, ks, "val_")
-        for dim in self.config.nested_dims:
-            if dim < image.shape[1]:
-                found = cross_modal_recall(
-                    prefix(image, dim), prefix(signal, dim), objects, ks, "val_"
-                )
-                metrics |= {f"{k}_dim{dim}": v for k, v in found.items() if OVERALL_RECALL.match(k)}
-        return metrics
-
     def weights(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for prefix_name, part in (("image.", self.module.visual), ("signal.", self.module.encoder)):
-            for key, value in part.state_dict().items():
-                state[prefix_name + key] = value.detach().clone()
-        state["logit_scale"] = self.module.logit_scale.detach().clone()
+        state = {
+            f"image.{k}": v.detach().clone() for k, v in self.module.visual.state_dict().items()
+        }
+        state |= self.signal_weights()
         if self.module.logit_bias is not None:
             state["logit_bias"] = self.module.logit_bias.detach().clone()
         return state
-
-    def training_weights(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
-
-    def load_training_weights(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state, strict=True)
 
     def checkpoint_config(self) -> dict:
         return {
@@ -272,9 +187,5 @@ class ImageSignalFinetuneTask(TaskDefaults):
                 "entry": self.entry.model_dump(mode="json"),
                 "weights": self.config.weights,
             },
-            "signal": {
-                "entry": self.signal_entry.model_dump(mode="json"),
-                "weights": self.config.signal_weights,
-                "column": self.config.signal_column,
-            },
+            "signal": self.signal_record(),
         }
