@@ -5,14 +5,12 @@ checkpoint, so ``embed --weights local-dir:DIR`` writes the checkpoint's embeddi
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME
+from embedpipe.models.backends.base import WEIGHTS_NAME, folder_config
 from embedpipe.models.registry import ModelEntry, ModelError
 
 HEAD_MODEL_TYPE = "embedpipe_head"
@@ -21,15 +19,8 @@ HEAD_KEYS = ("in_dim", "depth", "width", "out_dim", "activation", "normalize")
 
 def read_head_config(folder: str) -> dict[str, Any] | None:
     """``folder/config.json`` when it is a published head's, else None."""
-    path = Path(folder, CONFIG_NAME)
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    published = isinstance(config, dict) and config.get("model_type") == HEAD_MODEL_TYPE
-    return config if published else None
+    config = folder_config(folder)
+    return config if config and config.get("model_type") == HEAD_MODEL_TYPE else None
 
 
 def head_entry(config: dict[str, Any], name: str, source: str) -> ModelEntry:

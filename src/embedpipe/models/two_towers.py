@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME
+from embedpipe.models.backends.base import CONFIG_NAME, WEIGHTS_NAME, folder_config
 from embedpipe.models.registry import ModelEntry, ModelError
 
 IMAGE_SIGNAL_KIND = "image_signal"
@@ -49,13 +49,7 @@ def is_two_towers_config(config: Any) -> bool:
 
 def read_two_towers(directory: str) -> dict[str, Any] | None:
     """``directory/config.json`` of an image_signal checkpoint (a local folder), else None."""
-    path = Path(directory, CONFIG_NAME)
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    config = folder_config(directory)
     return config if is_two_towers_config(config) else None
 
 

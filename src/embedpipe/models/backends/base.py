@@ -1,5 +1,6 @@
 """What a model library must provide, and the checkpoint file names backends share."""
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,19 @@ WEIGHTS_NAME = "model.safetensors"
 EMBEDPIPE_NAME = "embedpipe.json"  # beside a Hugging Face save_pretrained folder
 
 Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def folder_config(folder: str) -> dict | None:
+    """``folder/config.json`` as a JSON object, or None where it is missing or unreadable
+    (a folder of another kind)."""
+    path = Path(folder, CONFIG_NAME)
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 @dataclass(frozen=True)
