@@ -37,6 +37,24 @@ def report(run: Callable[[], int]) -> None:
     print(json.dumps({"items": items, "seconds": seconds, "peak_mb": peak_mb}))
 
 
+def compare(script: str, runs: dict[str, str], source: Path, workdir: Path, unit: str) -> None:
+    """Measure each of ``runs`` (name -> mode, the baseline first) into a fresh
+    ``workdir/out-MODE`` and print seconds, peak memory and speed against the baseline."""
+    results = {}
+    for name, mode in runs.items():
+        out = workdir / f"out-{mode}"
+        shutil.rmtree(out, ignore_errors=True)
+        results[name] = measure(script, mode, source, out)
+    base = next(iter(results.values()))
+    print(f"\n{'run':40s} {unit:>7s} {'seconds':>8s} {'peak MiB':>9s} {'x baseline':>10s}")
+    for name, figures in results.items():
+        speed = base["seconds"] / figures["seconds"]
+        print(
+            f"{name:40s} {figures['items']:7d} {figures['seconds']:8.2f} "
+            f"{figures['peak_mb']:9.0f} {speed:10.2f}"
+        )
+
+
 FOLDERS = [
     (shape, concept) for c, shape in enumerate(SHAPES) for concept in concept_names(c, len(COLOURS))
 ]

@@ -126,20 +126,8 @@ def main() -> None:
     print(f"cpus: {os.cpu_count()}; generating {args.rows} rows under {folder} ...", flush=True)
     generate(folder, args.rows)
     source = folder / "data"
-    results = {}
-    for name, mode in (("baseline (numpy + PIL loop, one file)", "baseline"),
-                       ("embedpipe ingest", "embedpipe")):  # fmt: skip
-        out = Path(args.workdir) / f"out-{mode}"
-        shutil.rmtree(out, ignore_errors=True)
-        results[name] = harness.measure(__file__, mode, source, out)
-    base = next(iter(results.values()))
-    print(f"\n{'run':40s} {'rows':>7s} {'seconds':>8s} {'peak MiB':>9s} {'x baseline':>10s}")
-    for name, figures in results.items():
-        speed = base["seconds"] / figures["seconds"]
-        print(
-            f"{name:40s} {figures['items']:7d} {figures['seconds']:8.2f} "
-            f"{figures['peak_mb']:9.0f} {speed:10.2f}"
-        )
+    runs = {"baseline (numpy + PIL loop, one file)": "baseline", "embedpipe ingest": "embedpipe"}
+    harness.compare(__file__, runs, source, Path(args.workdir), "rows")
 
 
 if __name__ == "__main__":

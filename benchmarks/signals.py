@@ -76,20 +76,11 @@ def main() -> None:
         shutil.rmtree(source, ignore_errors=True)
         generate_signal_demo(str(source), spec)
         (source / ".complete").write_text("")
-    results = {}
-    for name, mode in (("baseline (ingest, then pandas merge)", "baseline"),
-                       ("embedpipe ingest --signals", "embedpipe")):  # fmt: skip
-        out = Path(args.workdir) / f"out-{mode}"
-        shutil.rmtree(out, ignore_errors=True)
-        results[name] = harness.measure(__file__, mode, source, out)
-    base = next(iter(results.values()))
-    print(f"\n{'run':40s} {'images':>7s} {'seconds':>8s} {'peak MiB':>9s} {'x baseline':>10s}")
-    for name, figures in results.items():
-        speed = base["seconds"] / figures["seconds"]
-        print(
-            f"{name:40s} {figures['items']:7d} {figures['seconds']:8.2f} "
-            f"{figures['peak_mb']:9.0f} {speed:10.2f}"
-        )
+    runs = {
+        "baseline (ingest, then pandas merge)": "baseline",
+        "embedpipe ingest --signals": "embedpipe",
+    }
+    harness.compare(__file__, runs, source, Path(args.workdir), "images")
 
 
 if __name__ == "__main__":
