@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from embedpipe.config import EvaluateSettings, TrainSettings
 from embedpipe.core import datasets, storage
@@ -29,16 +28,16 @@ from embedpipe.evaluate.metrics import knn_distances
 from embedpipe.evaluate.sources import MissingGroundTruth
 from embedpipe.models.identity import weights_identity
 from embedpipe.models.precision import INFERENCE, Precision, precision_for
-from embedpipe.train.checkpoint import WEIGHTS_NAME
+from embedpipe.models.two_towers import (
+    FINETUNE_MODE,
+    image_mode,
+    load_finetuned_tower,
+    load_image_head,
+    load_signal_encoder,
+)
 from embedpipe.train.data import load_examples
 from embedpipe.train.pairs_signal import IMAGE_SIGNAL_KIND, object_codes
-from embedpipe.train.signal_towers import (
-    FINETUNE_IMAGE_MODE,
-    image_mode,
-    image_tower,
-    signal_tower,
-    untrained_task,
-)
+from embedpipe.train.signal_towers import untrained_task
 
 
 def scalar_targets(images_uri: str, image_ids: list[str]) -> dict[str, np.ndarray]:
@@ -67,9 +66,11 @@ class TrainedTowers:
         config = json.loads(Path(directory, "config.json").read_text())
         if config.get("kind") != IMAGE_SIGNAL_KIND:
             raise ValueError(f"{directory}: not an image_signal checkpoint")
-        weights = load_file(str(Path(directory, WEIGHTS_NAME)))
-        self.head = image_tower(config, weights)
-        self.encoder = signal_tower(config, weights)
+        if image_mode(config, directory) == FINETUNE_MODE:  # pixels in
+            self.head = load_finetuned_tower(directory, config, directory, "cpu").module.visual
+        else:  # raw frozen embeddings in
+            self.head, _ = load_image_head(directory, config)
+        _, self.encoder = load_signal_encoder(directory, config)
         self.head.eval()
         self.encoder.eval()
         self.config = config
@@ -181,7 +182,7 @@ def evaluate_image_signal(
     train_config = TrainSettings(**trained.config["train"])
     examples = load_examples(images_uri, train_config, splits_uri)
     recorded = trained.config
-    if embeddings_uri and image_mode(recorded) != FINETUNE_IMAGE_MODE:
+    if embeddings_uri and image_mode(recorded, checkpoint_uri) != FINETUNE_MODE:
         recorded = {**recorded, "image": {**recorded["image"], "embeddings": embeddings_uri}}
     # a config file's signal encoder travels in the checkpoint: no config file needed
     untrained = untrained_task(
@@ -259,7 +260,7 @@ def check_baselines(checkpoint: str, sources: list) -> str:
 
     config = json.loads(Path(checkpoint, "config.json").read_text())
     given = ""
-    if image_mode(config) == FINETUNE_IMAGE_MODE:  # the tower is the model it fine-tunes
+    if image_mode(config, checkpoint) == FINETUNE_MODE:  # the tower is the model it fine-tunes
         backbone = config["image"]["entry"]["name"]
     else:
         backbone = config["image"]["backbone"]["entry"]["name"]

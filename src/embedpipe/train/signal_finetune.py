@@ -25,6 +25,7 @@ from embedpipe.config import ConfigError, TrainSettings
 from embedpipe.embed.signals import padded_batch
 from embedpipe.models.registry import ModelEntry
 from embedpipe.models.signal_encoders import SignalEncoder
+from embedpipe.models.two_towers import FINETUNE_MODE
 from embedpipe.train import losses
 from embedpipe.train.data import (
     Examples,
@@ -42,7 +43,6 @@ from embedpipe.train.pairs_signal import (
     at_least_fp32,
     build_encoder,
 )
-from embedpipe.train.signal_towers import FINETUNE_IMAGE_MODE
 
 
 class SignalFinetuneModule(nn.Module):
@@ -183,7 +183,7 @@ class ImageSignalFinetuneTask(SignalPairTask):
         return {
             "kind": IMAGE_SIGNAL_KIND,
             "image": {
-                "mode": FINETUNE_IMAGE_MODE,
+                "mode": FINETUNE_MODE,
                 "entry": self.entry.model_dump(mode="json"),
                 "weights": self.config.weights,
             },
