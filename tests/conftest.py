@@ -117,6 +117,22 @@ def lock_held_elsewhere(out: Path):
         holder.wait()
 
 
+def killed_after_a_checkpoint(monkeypatch, train, error=KeyboardInterrupt) -> None:
+    """Run ``train()`` dying right after it saves its first checkpoint, as kill -9 would."""
+    from embedpipe.train.loop import Loop
+
+    saved = Loop.save_last
+
+    def save_then_die(self):
+        saved(self)
+        raise error
+
+    monkeypatch.setattr(Loop, "save_last", save_then_die)
+    with pytest.raises(error):
+        train()
+    monkeypatch.setattr(Loop, "save_last", saved)
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "data"

@@ -10,13 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import head_train
+from conftest import head_train, killed_after_a_checkpoint
 from safetensors.torch import load_file
 from test_train import backbone_entry, demo_embeddings, demo_splits  # noqa: F401
 
 from embedpipe.config import ConfigError, TrainSettings
 from embedpipe.train import checkpoint as ckpt
-from embedpipe.train.loop import Loop
 from embedpipe.train.stage import train_model
 
 
@@ -52,16 +51,10 @@ def test_a_cached_run_resumes_mid_epoch_to_the_same_weights(
     config = head_train(steps=6, checkpoint_every=3, micro_batch=4, val_every=0)
     inputs = dict(splits_uri=demo_splits, embeddings_uri=demo_embeddings)
     train_model(demo_images, str(tmp_path / "whole"), config, backbone_entry, **inputs)
-    saved = Loop.save_last
-
-    def save_then_die(self):
-        saved(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Loop, "save_last", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_model(demo_images, str(tmp_path / "cut"), config, backbone_entry, **inputs)
-    monkeypatch.setattr(Loop, "save_last", saved)
+    killed_after_a_checkpoint(
+        monkeypatch,
+        lambda: train_model(demo_images, str(tmp_path / "cut"), config, backbone_entry, **inputs),
+    )
     ((step, _),) = ckpt.complete_checkpoints(str(tmp_path / "cut"), "last")
     assert step == 3
     resumed = train_model(demo_images, str(tmp_path / "cut"), config, backbone_entry, **inputs)
@@ -79,16 +72,12 @@ def test_a_run_resumes_with_another_micro_batch_to_the_weights_of_the_whole_run(
     inputs = dict(splits_uri=demo_splits, embeddings_uri=demo_embeddings)
     whole_config = head_train(steps=6, checkpoint_every=3, micro_batch=0, val_every=0)
     train_model(demo_images, str(tmp_path / "whole"), whole_config, backbone_entry, **inputs)
-    saved = Loop.save_last
-
-    def save_then_die(self):
-        saved(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Loop, "save_last", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_model(demo_images, str(tmp_path / "cut"), whole_config, backbone_entry, **inputs)
-    monkeypatch.setattr(Loop, "save_last", saved)
+    killed_after_a_checkpoint(
+        monkeypatch,
+        lambda: train_model(
+            demo_images, str(tmp_path / "cut"), whole_config, backbone_entry, **inputs
+        ),
+    )
     cached_config = head_train(steps=6, checkpoint_every=3, micro_batch=4, val_every=0)
     resumed = train_model(
         demo_images, str(tmp_path / "cut"), cached_config, backbone_entry, **inputs

@@ -256,22 +256,17 @@ def test_a_killed_nested_run_resumes_mid_epoch_to_the_same_weights(
     galaxies, micro_entry, monkeypatch
 ):
     from embedpipe.train import checkpoint as ckpt
-    from embedpipe.train.loop import Loop
 
     root = galaxies["root"]
     config = settings(steps=5, checkpoint_every=4, val_every=0, nested_dims=(16,), micro_batch=8)
     common = dict(splits_uri=galaxies["splits"])
     train_model(galaxies["images"], str(root / "whole"), config, micro_entry, **common)
-    saved = Loop.save_last
+    from conftest import killed_after_a_checkpoint
 
-    def save_then_die(self):
-        saved(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Loop, "save_last", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_model(galaxies["images"], str(root / "cut"), config, micro_entry, **common)
-    monkeypatch.setattr(Loop, "save_last", saved)
+    killed_after_a_checkpoint(
+        monkeypatch,
+        lambda: train_model(galaxies["images"], str(root / "cut"), config, micro_entry, **common),
+    )
     ((step, folder),) = ckpt.complete_checkpoints(str(root / "cut"), "last")
     state = torch.load(f"{folder}/training_state.pt", weights_only=True)
     assert step == 4 and state["epoch"] == 1 and state["position"] == 1  # mid-epoch

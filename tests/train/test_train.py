@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import head_train, lock_held_elsewhere
+from conftest import head_train, killed_after_a_checkpoint, lock_held_elsewhere
 from safetensors.torch import load_file
 
 from embedpipe.cli import main
@@ -15,7 +15,7 @@ from embedpipe.config import ConfigError, SplitSettings, TrainSettings, load_set
 from embedpipe.core import datasets
 from embedpipe.models.registry import ModelEntry
 from embedpipe.train import checkpoint as ckpt
-from embedpipe.train.loop import Loop, metric_line
+from embedpipe.train.loop import metric_line
 from embedpipe.train.stage import train_model
 
 
@@ -153,16 +153,10 @@ def test_a_killed_run_resumes_mid_epoch_to_the_same_weights(
     whole = train_model(demo_images, str(tmp_path / "whole"), config, backbone_entry, **inputs)
     assert whole.steps == 9
 
-    saved = Loop.save_last
-
-    def save_then_die(self):
-        saved(self)
-        raise Crash  # dies right after the step-4 checkpoint, as kill -9 would
-
-    monkeypatch.setattr(Loop, "save_last", save_then_die)
-    with pytest.raises(Crash):
-        train_model(demo_images, str(tmp_path / "cut"), config, backbone_entry, **inputs)
-    monkeypatch.setattr(Loop, "save_last", saved)
+    cut = str(tmp_path / "cut")  # dies right after the step-4 checkpoint
+    killed_after_a_checkpoint(
+        monkeypatch, lambda: train_model(demo_images, cut, config, backbone_entry, **inputs), Crash
+    )
     ((step, folder),) = ckpt.complete_checkpoints(str(tmp_path / "cut"), "last")
     state = torch.load(f"{folder}/training_state.pt", weights_only=True)
     per_epoch = 326 // 16  # training rows of the demo split // batch
